@@ -1,0 +1,31 @@
+"""gsm_lightning: learnable Generalized Structured Matrices (GBLR + Gaudi masks) for any backbone.
+
+The math (``masks``, ``layer``, ``flops``, ``conversion``) is plain PyTorch and importing this
+package does not import Lightning; the Lightning parts (``GSMModule``, callbacks, data, CLI) are
+loaded on first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .conversion import GSMReport, gsmify, select_linear_layers
+from .flops import model_flops
+from .layer import GBLRLinear
+from .masks import boxcar_mask, gaudi_mask
+
+__version__ = "0.1.0"
+
+__all__ = ["GBLRLinear", "gsmify", "select_linear_layers", "GSMReport", "model_flops", "gaudi_mask", "boxcar_mask",
+           "__version__"]
+
+_LAZY = {
+    "GSMModule": "gsm_lightning.module",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gsm_lightning' has no attribute {name!r}")

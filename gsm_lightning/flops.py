@@ -1,0 +1,67 @@
+"""Analytic FLOPs (multiply-adds per token) of GBLR structures, in plain PyTorch.
+
+A component of rank ``r`` with integer widths ``W_in`` and ``W_out`` costs
+``r * (W_in + W_out)`` multiply-adds per token when it is *active*
+(``W_in > 0`` and ``W_out > 0``); a dense ``in x out`` layer costs ``in * out``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["grid_widths", "structure_flops", "project_widths_to_budget", "model_flops"]
+
+
+def grid_widths(widths: Tensor, in_features: int, out_features: int) -> Tensor:
+    """Integer widths ``(2, K)`` (row 0 input, row 1 output) on the grid, clamped to ``[0, n]``."""
+    n = torch.tensor([[in_features], [out_features]], device=widths.device, dtype=widths.dtype)
+    return torch.round(widths.detach().clamp(0, 1) * n).to(torch.int64)
+
+
+def structure_flops(int_widths: Tensor, in_features: int, out_features: int, rank: int = 1) -> int:
+    """Multiply-adds per token of a structure given integer widths ``(2, K)``."""
+    active = (int_widths[0] > 0) & (int_widths[1] > 0)
+    return int(rank * (int_widths[0] + int_widths[1])[active].sum().item())
+
+
+def _grid_cost(widths: Tensor, in_features: int, out_features: int, rank: int) -> Tensor:
+    """Cost of (..., 2, K) width fractions, batched over leading dims."""
+    wi = torch.round(widths[..., 0, :].clamp(0, 1) * in_features)
+    wo = torch.round(widths[..., 1, :].clamp(0, 1) * out_features)
+    active = (wi > 0) & (wo > 0)
+    return rank * ((wi + wo) * active).sum(-1)
+
+
+def project_widths_to_budget(
+    widths: Tensor, in_features: int, out_features: int, rank: int, budget_flops: float, iters: int = 60
+) -> Tensor:
+    """Shift all widths down by the smallest ``tau >= 0`` (then clamp to [0, 1]) so that the
+    grid cost is at most ``budget_flops``.  Returns new widths; unchanged if already within budget."""
+    w = widths.detach().clamp(0, 1)
+    if float(_grid_cost(w, in_features, out_features, rank)) <= budget_flops:
+        return w
+    lo, hi = 0.0, 1.0  # cost(hi) == 0 <= budget
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if float(_grid_cost((w - mid).clamp(0, 1), in_features, out_features, rank)) <= budget_flops:
+            hi = mid
+        else:
+            lo = mid
+    return (w - hi).clamp(0, 1)
+
+
+def model_flops(model: nn.Module) -> dict[str, float]:
+    """FLOPs of every GBLR layer of ``model`` against the dense layers they replace.
+
+    Returns ``{"flops", "dense_flops", "ratio"}`` summed over GBLR layers (per token, FLOPs-weighted
+    ratio).  ``ratio`` is 1.0 when the model has no GBLR layer.
+    """
+    from .layer import GBLRLinear
+
+    flops = dense = 0
+    for m in model.modules():
+        if isinstance(m, GBLRLinear):
+            flops += m.flops()
+            dense += m.dense_flops()
+    return {"flops": float(flops), "dense_flops": float(dense), "ratio": flops / dense if dense else 1.0}

@@ -1,0 +1,598 @@
+"""``GBLRLinear``: a linear layer whose weight is a Generalized Block-Low-Rank matrix.
+
+    W = sum_k (m_out_k * U_k)(m_in_k * V_k)^T,   U_k: out x r,  V_k: in x r
+
+with one Gaudi mask per side and component (see :mod:`gsm_lightning.masks`).
+Plain PyTorch: usable without Lightning.
+
+Conventions: ``widths`` and ``locations`` are ``(2, K)`` fractions in [0, 1];
+row 0 is the input side, row 1 the output side (as in the reference code).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .flops import grid_widths, project_widths_to_budget, structure_flops
+from .masks import boxcar_mask, gaudi_mask
+
+__all__ = ["GBLRLinear"]
+
+WidthInit = Literal["splr", "full"] | float
+LocationInit = Literal["zero", "uniform", "random"]
+ForwardMode = Literal["auto", "lowrank", "dense"]
+
+_WIDTH_INITS = ("splr", "full")
+_LOCATION_INITS = ("zero", "uniform", "random")
+_FORWARD_MODES = ("auto", "lowrank", "dense")
+
+
+class GBLRLinear(nn.Module):
+    """Linear layer ``y = x W^T + b`` with a learnable GBLR weight.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: learn an additive bias.
+        rank_per_component: rank ``r`` of each component (1 in the paper).
+        num_components: number of components ``K``; default ``min(in, out) // r``.
+        sigma: Gaussian bandwidth of the masks; ``None``/``inf`` = pure Dirichlet (hard boxcar on the grid).
+        width_init: ``"splr"`` (equal cost to dense), ``"full"`` (all widths 1) or a float in (0, 1].
+        location_init: ``"zero"``, ``"uniform"`` (evenly spaced) or ``"random"``.
+        init_std: std of the trunc-normal dense matrix whose SVD initialises the factors.
+        forward_mode: ``"auto"`` picks the cheaper of masked low-rank and materialised dense per call.
+
+    Shapes: input ``(*, in_features)``, output ``(*, out_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        rank_per_component: int = 1,
+        num_components: int | None = None,
+        sigma: float | None = None,
+        width_init: WidthInit = "splr",
+        location_init: LocationInit = "zero",
+        init_std: float = 0.02,
+        forward_mode: ForwardMode = "auto",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if int(in_features) < 1 or int(out_features) < 1:
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        r = int(rank_per_component)
+        if r < 1 or r > min(in_features, out_features):
+            raise ValueError(
+                f"rank_per_component must be in [1, min(in_features, out_features)] = [1, {min(in_features, out_features)}], got {rank_per_component}"
+            )
+        k = min(in_features, out_features) // r if num_components is None else int(num_components)
+        if k < 0:
+            raise ValueError(f"num_components must be >= 0, got {num_components}")
+        if not (isinstance(width_init, (int, float)) and not isinstance(width_init, bool)) and width_init not in _WIDTH_INITS:
+            raise ValueError(f"unknown width_init {width_init!r}; expected one of {_WIDTH_INITS} or a float in (0, 1]")
+        if isinstance(width_init, (int, float)) and not 0 < float(width_init) <= 1:
+            raise ValueError(f"a numeric width_init must be in (0, 1], got {width_init}")
+        if location_init not in _LOCATION_INITS:
+            raise ValueError(f"unknown location_init {location_init!r}; expected one of {_LOCATION_INITS}")
+        if forward_mode not in _FORWARD_MODES:
+            raise ValueError(f"unknown forward_mode {forward_mode!r}; expected one of {_FORWARD_MODES}")
+        if not init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {init_std}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.rank_per_component = r
+        self.width_init = width_init
+        self.location_init = location_init
+        self.init_std = float(init_std)
+        self.forward_mode = forward_mode
+        self.weight_in = nn.Parameter(torch.empty(k, r, self.in_features, **factory))
+        self.weight_out = nn.Parameter(torch.empty(k, r, self.out_features, **factory))
+        self.widths = nn.Parameter(torch.empty(2, k, device=device, dtype=torch.float32))
+        self.locations = nn.Parameter(torch.empty(2, k, device=device, dtype=torch.float32))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.register_buffer("sigma", torch.tensor(math.inf, device=device))
+        self.register_buffer("frozen", torch.tensor(False, device=device))
+        self.set_sigma(sigma)
+        self._mask_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @property
+    def num_components(self) -> int:
+        return self.weight_in.shape[0]
+
+    @property
+    def is_frozen(self) -> bool:
+        return bool(self.frozen)
+
+    def reset_parameters(self) -> None:
+        """Random init (SVD of a trunc-normal dense matrix) and ``width_init``/``location_init`` structure."""
+        with torch.no_grad():
+            dense = torch.empty(self.out_features, self.in_features, device=self.weight_in.device, dtype=torch.float32)
+            nn.init.trunc_normal_(dense, std=self.init_std, a=-2 * self.init_std, b=2 * self.init_std)
+            self._set_factors_from_dense(dense)
+            self.widths.copy_(self._initial_widths())
+            self.locations.copy_(self._initial_locations())
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
+            self.frozen.fill_(False)
+        self.widths.requires_grad_(True)
+        self.locations.requires_grad_(True)
+        self.invalidate_cache()
+
+    def _set_factors_from_dense(self, dense: Tensor) -> None:
+        """Split ``dense`` (out x in) by SVD into the K rank-r components, largest singular values first.
+        Components beyond the matrix rank get small random factors."""
+        k, r = self.num_components, self.rank_per_component
+        u, s, vh = torch.linalg.svd(dense.float(), full_matrices=False)
+        n_sv = min(k * r, s.numel())
+        sq = s[:n_sv].sqrt()
+        w_out = torch.empty(k * r, self.out_features, device=dense.device)
+        w_in = torch.empty(k * r, self.in_features, device=dense.device)
+        w_out[:n_sv] = (u[:, :n_sv] * sq).t()
+        w_in[:n_sv] = sq[:, None] * vh[:n_sv]
+        if n_sv < k * r:
+            std = math.sqrt(self.init_std)
+            nn.init.trunc_normal_(w_out[n_sv:], std=std * 0.1, a=-0.2 * std, b=0.2 * std)
+            nn.init.trunc_normal_(w_in[n_sv:], std=std * 0.1, a=-0.2 * std, b=0.2 * std)
+        self.weight_out.copy_(w_out.view(k, r, self.out_features))
+        self.weight_in.copy_(w_in.view(k, r, self.in_features))
+
+    def _initial_widths(self) -> Tensor:
+        k, r, n_in, n_out = self.num_components, self.rank_per_component, self.in_features, self.out_features
+        widths = torch.ones(2, k, device=self.widths.device)
+        if isinstance(self.width_init, (int, float)):
+            widths.fill_(float(self.width_init))
+        elif self.width_init == "splr" and k > 0:
+            ratio = n_in * n_out / (k * r * (n_in + n_out))  # dense cost / full-width GBLR cost
+            if ratio < 1:
+                n_full = int(0.5 * ratio * k)
+                widths[:, n_full:] = 0.5 * ratio / (1 - 0.5 * ratio)
+        return widths
+
+    def _initial_locations(self) -> Tensor:
+        k = self.num_components
+        if self.location_init == "uniform":
+            loc = torch.arange(k, device=self.locations.device, dtype=torch.float32) / max(k, 1)
+            return loc.expand(2, k).clone()
+        if self.location_init == "random":
+            return torch.rand(2, k, device=self.locations.device)
+        return torch.zeros(2, k, device=self.locations.device)
+
+    def set_sigma(self, sigma: float | None) -> None:
+        """Set the Gaussian bandwidth of the masks (``None`` or ``inf`` for pure Dirichlet)."""
+        value = math.inf if sigma is None else float(sigma)
+        if not value > 0:
+            raise ValueError(f"sigma must be > 0 (or None/inf for a pure Dirichlet mask), got {sigma}")
+        self.sigma.fill_(value)
+
+    # ----------------------------------------------------------------- masks
+    def invalidate_cache(self) -> None:
+        """Drop cached masks (done automatically when widths, locations or sigma change in place)."""
+        self._mask_cache = None
+
+    def _cache_key(self) -> tuple:
+        return (
+            self.widths._version,
+            self.locations._version,
+            self.sigma._version,
+            self.frozen._version,
+            self.num_components,
+            self.widths.data_ptr(),
+            self.locations.data_ptr(),
+            self.weight_in.device,
+            self.weight_in.dtype,
+        )
+
+    def masks(self) -> tuple[Tensor, Tensor]:
+        """Input masks ``(K, in)`` and output masks ``(K, out)`` in the weights' dtype.
+
+        Frozen layers use exact integer boxcars; otherwise Gaudi masks with straight-through
+        rounding.  Masks are cached when no gradient to the structure is needed."""
+        needs_grad = (
+            not self.is_frozen
+            and torch.is_grad_enabled()
+            and (self.widths.requires_grad or self.locations.requires_grad)
+        )
+        if not needs_grad and self._mask_cache is not None and self._mask_cache[0] == self._cache_key():
+            return self._mask_cache[1]
+        dtype = self.weight_in.dtype
+        if self.is_frozen:
+            m_in = boxcar_mask(self.widths[0], self.locations[0], self.in_features, dtype)
+            m_out = boxcar_mask(self.widths[1], self.locations[1], self.out_features, dtype)
+        else:
+            self._check_finite()
+            sigma = float(self.sigma)
+            m_in = gaudi_mask(self.widths[0], self.locations[0], self.in_features, sigma).to(dtype)
+            m_out = gaudi_mask(self.widths[1], self.locations[1], self.out_features, sigma).to(dtype)
+        if not needs_grad:
+            m_in, m_out = m_in.detach(), m_out.detach()
+            self._mask_cache = (self._cache_key(), (m_in, m_out))
+        return m_in, m_out
+
+    def _check_finite(self) -> None:
+        if not (torch.isfinite(self.widths).all() and torch.isfinite(self.locations).all()):
+            name = getattr(self, "_gsm_name", None) or "GBLRLinear"
+            raise FloatingPointError(
+                f"non-finite widths or locations in layer '{name}' ({self.in_features}->{self.out_features}); "
+                "lower the structure learning rate or check the loss for NaN"
+            )
+
+    def masked_factors(self) -> tuple[Tensor, Tensor]:
+        """Masked factors ``V_m`` ``(K*r, in)`` and ``U_m`` ``(K*r, out)``."""
+        m_in, m_out = self.masks()
+        k, r = self.num_components, self.rank_per_component
+        v = (self.weight_in * m_in.unsqueeze(1)).reshape(k * r, self.in_features)
+        u = (self.weight_out * m_out.unsqueeze(1)).reshape(k * r, self.out_features)
+        return v, u
+
+    # --------------------------------------------------------------- forward
+    def _use_dense(self, tokens: int) -> bool:
+        if self.forward_mode != "auto":
+            return self.forward_mode == "dense"
+        kr = self.num_components * self.rank_per_component
+        lowrank = tokens * kr * (self.in_features + self.out_features)
+        dense = kr * self.in_features * self.out_features + tokens * self.in_features * self.out_features
+        return dense < lowrank
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"GBLRLinear expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        v, u = self.masked_factors()
+        tokens = x.numel() // self.in_features if self.in_features else 0
+        if self._use_dense(tokens):
+            return F.linear(x, u.t() @ v, self.bias)
+        return F.linear(F.linear(x, v), u.t(), self.bias)
+
+    def to_dense(self) -> Tensor:
+        """The weight ``W`` ``(out, in)`` as a dense matrix (differentiable)."""
+        v, u = self.masked_factors()
+        return u.t() @ v
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with the merged dense weight (and bias)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight_in.device, dtype=self.weight_in.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.to_dense())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    # -------------------------------------------------------------- analysis
+    def int_widths(self) -> Tensor:
+        """Widths on the integer grid ``(2, K)`` (row 0 input, row 1 output)."""
+        return grid_widths(self.widths, self.in_features, self.out_features)
+
+    def int_locations(self) -> Tensor:
+        """Locations on the integer grid ``(2, K)``, reduced modulo the side length."""
+        n = torch.tensor([[self.in_features], [self.out_features]], device=self.locations.device)
+        return torch.remainder(torch.round(self.locations.detach() * n).to(torch.int64), n)
+
+    def active_components(self) -> Tensor:
+        """Boolean ``(K,)``: both widths are at least one grid step."""
+        w = self.int_widths()
+        return (w[0] > 0) & (w[1] > 0)
+
+    def effective_rank(self) -> int:
+        """Upper bound on rank(W): active components times rank per component."""
+        return int(self.active_components().sum()) * self.rank_per_component
+
+    def flops(self) -> int:
+        """Multiply-adds per token of the structured product (bias excluded)."""
+        return structure_flops(self.int_widths(), self.in_features, self.out_features, self.rank_per_component)
+
+    def dense_flops(self) -> int:
+        """Multiply-adds per token of the dense layer of the same shape."""
+        return self.in_features * self.out_features
+
+    def flops_ratio(self) -> float:
+        return self.flops() / self.dense_flops()
+
+    def params(self) -> int:
+        """Nonzero parameters of the structured weight (= flops()) plus the bias."""
+        return self.flops() + (self.out_features if self.bias is not None else 0)
+
+    def structure(self) -> dict[str, Any]:
+        """The integer structure: shape, rank, widths and locations per component, frozen flag."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank_per_component": self.rank_per_component,
+            "num_components": self.num_components,
+            "frozen": self.is_frozen,
+            "widths": self.int_widths().tolist(),
+            "locations": self.int_locations().tolist(),
+        }
+
+    def extra_repr(self) -> str:
+        sigma = float(self.sigma)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"rank_per_component={self.rank_per_component}, num_components={self.num_components}, "
+            f"sigma={'inf' if math.isinf(sigma) else f'{sigma:g}'}, frozen={self.is_frozen}"
+        )
+
+    # ---------------------------------------------------------------- freeze
+    def _resize(self, k: int) -> None:
+        """Re-allocate all per-component parameters for ``k`` components (values undefined)."""
+        r, dev, dt = self.rank_per_component, self.weight_in.device, self.weight_in.dtype
+        self.weight_in = nn.Parameter(torch.empty(k, r, self.in_features, device=dev, dtype=dt))
+        self.weight_out = nn.Parameter(torch.empty(k, r, self.out_features, device=dev, dtype=dt))
+        self.widths = nn.Parameter(torch.empty(2, k, device=dev, dtype=torch.float32))
+        self.locations = nn.Parameter(torch.empty(2, k, device=dev, dtype=torch.float32))
+        self.invalidate_cache()
+
+    @torch.no_grad()
+    def freeze_structure(self) -> "GBLRLinear":
+        """Switch to hard integer boxcars, drop inactive components, stop structure gradients.
+
+        Widths and locations are snapped to the grid; the factors are zeroed outside their masks so
+        the frozen layer is exactly the integer-boxcar GBLR matrix.  Returns ``self``.
+        Note: parameters are replaced, so rebuild optimizers afterwards."""
+        if self.is_frozen:
+            return self
+        self._check_finite()
+        n = torch.tensor([[self.in_features], [self.out_features]], device=self.widths.device)
+        w_int, l_int = self.int_widths(), self.int_locations()
+        keep = ((w_int[0] > 0) & (w_int[1] > 0)).nonzero().flatten()
+        w_in, w_out = self.weight_in[keep].clone(), self.weight_out[keep].clone()
+        widths = (w_int[:, keep].float() / n)
+        locations = (l_int[:, keep].float() / n)
+        self._resize(keep.numel())
+        self.weight_in.copy_(w_in)
+        self.weight_out.copy_(w_out)
+        self.widths.copy_(widths)
+        self.locations.copy_(locations)
+        self.widths.requires_grad_(False)
+        self.locations.requires_grad_(False)
+        self.frozen.fill_(True)
+        m_in, m_out = self.masks()
+        self.weight_in.mul_(m_in.unsqueeze(1))
+        self.weight_out.mul_(m_out.unsqueeze(1))
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Rebuild the layer for the incoming structure (number of components, frozen flag) before
+        loading, and refuse checkpoints of another shape with a clear error."""
+        name = prefix.rstrip(".") or "GBLRLinear"
+        w_in = state_dict.get(prefix + "weight_in")
+        w_out = state_dict.get(prefix + "weight_out")
+        if w_in is not None and w_out is not None:
+            if w_in.dim() != 3 or w_out.dim() != 3:
+                raise RuntimeError(f"checkpoint for GBLR layer '{name}' has factors of unexpected rank: {tuple(w_in.shape)}, {tuple(w_out.shape)}")
+            got = (w_in.shape[1], w_in.shape[2], w_out.shape[2])
+            want = (self.rank_per_component, self.in_features, self.out_features)
+            if got != want:
+                raise RuntimeError(
+                    f"checkpoint for GBLR layer '{name}' has rank_per_component/in/out = {got}, but the layer is {want}: "
+                    "the checkpoint belongs to another architecture"
+                )
+            if w_in.shape[0] != self.num_components:
+                self._resize(w_in.shape[0])
+            frozen = state_dict.get(prefix + "frozen")
+            if frozen is not None:
+                structure_grad = not bool(frozen)
+                self.widths.requires_grad_(structure_grad)
+                self.locations.requires_grad_(structure_grad)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.invalidate_cache()
+
+    # ------------------------------------------------------------ builders
+    @classmethod
+    def _from_factors(
+        cls,
+        u: Tensor,
+        v: Tensor,
+        widths: Tensor,
+        locations: Tensor,
+        bias: Tensor | None = None,
+        **kwargs: Any,
+    ) -> "GBLRLinear":
+        """Build from full-length factors ``u`` ``(K, r, out)``, ``v`` ``(K, r, in)`` and integer
+        widths/locations ``(2, K)``; the layer uses hard Dirichlet masks (sigma=None)."""
+        k, r, n_out = u.shape
+        n_in = v.shape[-1]
+        kwargs.setdefault("sigma", None)
+        layer = cls(n_in, n_out, bias=bias is not None, rank_per_component=r, num_components=k,
+                    device=u.device, dtype=u.dtype, **kwargs)
+        n = torch.tensor([[n_in], [n_out]], device=u.device, dtype=torch.float32)
+        with torch.no_grad():
+            layer.weight_out.copy_(u)
+            layer.weight_in.copy_(v)
+            layer.widths.copy_(widths.float() / n)
+            layer.locations.copy_(locations.float() / n)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        layer.invalidate_cache()
+        return layer
+
+    @classmethod
+    def from_low_rank(cls, u: Tensor, v: Tensor, bias: Tensor | None = None, **kwargs: Any) -> "GBLRLinear":
+        """Exact GBLR form of ``W = u @ v`` (``u``: out x rank, ``v``: rank x in): ``rank`` full-width components."""
+        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0]:
+            raise ValueError(f"expected u (out x rank) and v (rank x in), got {tuple(u.shape)} and {tuple(v.shape)}")
+        rank = u.shape[1]
+        widths = torch.tensor([[v.shape[1]], [u.shape[0]]]).expand(2, rank)
+        return cls._from_factors(u.t().unsqueeze(1), v.unsqueeze(1), widths, torch.zeros(2, rank), bias, **kwargs)
+
+    @classmethod
+    def low_rank(cls, in_features: int, out_features: int, rank: int, bias: bool = True, **kwargs: Any) -> "GBLRLinear":
+        """A randomly initialised rank-``rank`` layer: ``rank`` full-width components, the rest absent."""
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+        return cls(in_features, out_features, bias=bias, num_components=rank, width_init="full", **kwargs)
+
+    @classmethod
+    def from_blocks(
+        cls,
+        in_features: int,
+        out_features: int,
+        blocks: Sequence[tuple[int, int, Tensor]],
+        rank: int | None = None,
+        bias: Tensor | None = None,
+        **kwargs: Any,
+    ) -> "GBLRLinear":
+        """Exact GBLR form of a matrix made of dense blocks ``(row0, col0, block)`` (cyclic placement).
+
+        Each block is split by SVD into ``rank`` (default: full, ``min`` of its shape) rank-1
+        components whose boxcars cover exactly the block.  With ``rank`` below the block rank the
+        block is truncated to its best rank-``rank`` approximation."""
+        us, vs, ws, ls = [], [], [], []
+        for row0, col0, blk in blocks:
+            bo, bi = blk.shape
+            if bo > out_features or bi > in_features:
+                raise ValueError(f"block of shape {(bo, bi)} does not fit a {out_features}x{in_features} matrix")
+            rk = min(bo, bi) if rank is None else min(rank, bo, bi)
+            ub, sb, vbh = torch.linalg.svd(blk.float(), full_matrices=False)
+            sq = sb[:rk].sqrt()
+            rows = (torch.arange(bo) + row0) % out_features
+            cols = (torch.arange(bi) + col0) % in_features
+            u = torch.zeros(rk, out_features)
+            v = torch.zeros(rk, in_features)
+            u[:, rows] = (ub[:, :rk] * sq).t()
+            v[:, cols] = sq[:, None] * vbh[:rk]
+            us.append(u)
+            vs.append(v)
+            ws.append(torch.tensor([[bi], [bo]]).expand(2, rk))
+            ls.append(torch.tensor([[col0 % in_features], [row0 % out_features]]).expand(2, rk))
+        u, v = torch.cat(us).unsqueeze(1), torch.cat(vs).unsqueeze(1)
+        dtype = blocks[0][2].dtype if blocks else torch.float32
+        return cls._from_factors(u.to(dtype), v.to(dtype), torch.cat(ws, 1), torch.cat(ls, 1), bias, **kwargs)
+
+    @classmethod
+    def from_block_diagonal(cls, blocks: Sequence[Tensor], bias: Tensor | None = None, **kwargs: Any) -> "GBLRLinear":
+        """Exact GBLR form of ``torch.block_diag(*blocks)``."""
+        placed, r0, c0 = [], 0, 0
+        for blk in blocks:
+            placed.append((r0, c0, blk))
+            r0, c0 = r0 + blk.shape[0], c0 + blk.shape[1]
+        return cls.from_blocks(c0, r0, placed, bias=bias, **kwargs)
+
+    @classmethod
+    def from_block_sparse(
+        cls, dense: Tensor, block_size: tuple[int, int], block_mask: Tensor, bias: Tensor | None = None, **kwargs: Any
+    ) -> "GBLRLinear":
+        """Exact GBLR form of ``dense`` restricted to the blocks where ``block_mask`` (grid of
+        ``block_size`` tiles) is true; other blocks are zero."""
+        return cls.from_block_low_rank(dense, block_size, rank=None, block_mask=block_mask, bias=bias, **kwargs)
+
+    @classmethod
+    def from_block_low_rank(
+        cls,
+        dense: Tensor,
+        block_size: tuple[int, int],
+        rank: int | None,
+        block_mask: Tensor | None = None,
+        bias: Tensor | None = None,
+        **kwargs: Any,
+    ) -> "GBLRLinear":
+        """GBLR form of ``dense`` cut into ``block_size`` tiles, each kept at rank ``rank`` (exact
+        when every tile has rank <= ``rank``; Monarch matrices are of this form up to a row permutation)."""
+        n_out, n_in = dense.shape
+        bo, bi = block_size
+        if n_out % bo or n_in % bi:
+            raise ValueError(f"block_size {block_size} must divide the matrix shape {tuple(dense.shape)}")
+        grid = (n_out // bo, n_in // bi)
+        if block_mask is None:
+            block_mask = torch.ones(grid, dtype=torch.bool)
+        if tuple(block_mask.shape) != grid:
+            raise ValueError(f"block_mask must have the block grid shape {grid}, got {tuple(block_mask.shape)}")
+        blocks = [
+            (i * bo, j * bi, dense[i * bo:(i + 1) * bo, j * bi:(j + 1) * bi])
+            for i, j in block_mask.nonzero().tolist()
+        ]
+        return cls.from_blocks(n_in, n_out, blocks, rank=rank, bias=bias, **kwargs)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        budget: float = 1.0,
+        rank_per_component: int = 1,
+        num_components: int | None = None,
+        fit_steps: int = 300,
+        fit_lr: float = 5e-3,
+        structure_lr: float | None = None,
+        transpose: bool | None = None,
+        **kwargs: Any,
+    ) -> "GBLRLinear":
+        """Convert a pretrained dense layer (``nn.Linear`` or HF ``Conv1D``) at a FLOPs ``budget``.
+
+        The SVD of the weight is split into rank-r components (widths 1, evenly spaced locations).
+        If that costs more than ``budget * in * out`` multiply-adds, factors and masks are fitted for
+        ``fit_steps`` AdamW steps to minimise ``||W_hat - W||_F^2 / ||W||_F^2`` with Dirichlet masks
+        and straight-through rounding, projecting the widths onto the budget after every step.
+        With a budget of at least the full SVD cost (always at ``budget=1.0`` when ``K r (in+out)
+        <= in out``, and by convention at ``budget=1.0`` otherwise) the conversion is lossless."""
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1] (fraction of the dense layer's FLOPs), got {budget}")
+        weight = linear.weight.detach()
+        if transpose is None:
+            transpose = type(linear).__name__ == "Conv1D"  # HF GPT-2 Conv1D stores (in, out)
+        if transpose:
+            weight = weight.t()
+        n_out, n_in = weight.shape
+        bias = getattr(linear, "bias", None)
+        kwargs.setdefault("sigma", None)
+        kwargs.setdefault("location_init", "uniform")
+        layer = cls(n_in, n_out, bias=bias is not None, rank_per_component=rank_per_component,
+                    num_components=num_components, width_init="full", device=weight.device, dtype=weight.dtype, **kwargs)
+        with torch.no_grad():
+            layer._set_factors_from_dense(weight.float())
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        layer.invalidate_cache()
+        if budget < 1.0:
+            layer.fit_to(weight, budget, steps=fit_steps, lr=fit_lr, structure_lr=structure_lr)
+        return layer
+
+    def fit_to(
+        self, weight: Tensor, budget: float, steps: int = 300, lr: float = 5e-3, structure_lr: float | None = None
+    ) -> float:
+        """Fit factors and structure to a dense ``weight`` (out x in) under a FLOPs ``budget``;
+        returns the final relative squared error."""
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        target = weight.detach().float()
+        budget_flops = budget * self.dense_flops()
+        norm = target.pow(2).sum().clamp_min(1e-30)
+        structure_lr = 20.0 / min(self.in_features, self.out_features) if structure_lr is None else structure_lr
+        opt = torch.optim.AdamW(
+            [
+                {"params": [self.weight_in, self.weight_out], "lr": lr, "weight_decay": 0.0},
+                {"params": [self.widths, self.locations], "lr": structure_lr, "weight_decay": 0.0},
+            ],
+            betas=(0.0, 0.999),
+        )
+        sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.01, total_iters=max(steps, 1))
+        self._project_to_budget(budget_flops)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = (self.to_dense().float() - target).pow(2).sum() / norm
+            loss.backward()
+            opt.step()
+            sched.step()
+            self._project_to_budget(budget_flops)
+        with torch.no_grad():
+            return float((self.to_dense().float() - target).pow(2).sum() / norm)
+
+    @torch.no_grad()
+    def _project_to_budget(self, budget_flops: float) -> None:
+        self.widths.copy_(
+            project_widths_to_budget(self.widths, self.in_features, self.out_features, self.rank_per_component, budget_flops)
+        )
+        self.locations.copy_(torch.remainder(self.locations, 1.0))
