@@ -12,8 +12,9 @@ sum of dense FLOPs (not a plain mean of widths).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
