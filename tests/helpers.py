@@ -1,0 +1,57 @@
+"""Small shared builders for the Lightning tests: real sklearn digits, a tiny MLP, a seeded sampler."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from lightning.pytorch import Callback
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Random permutation drawn from ``seed + epoch`` (Lightning calls ``set_epoch``)."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def digits_loaders(n_train: int = 512, batch_size: int = 64):
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16
+    y = torch.tensor(d.target)
+    train = TensorDataset(x[:n_train], y[:n_train])
+    val = TensorDataset(x[1400:1600], y[1400:1600])
+    return (DataLoader(train, batch_size=batch_size, sampler=EpochSeededSampler(n_train)),
+            DataLoader(val, batch_size=200))
+
+
+def mlp(hidden: int = 96) -> nn.Module:
+    return nn.Sequential(nn.Linear(64, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 10))
+
+
+def adamw(lr: float = 3e-3):
+    """A picklable optimizer factory (works with ddp_spawn)."""
+    return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.05)
+
+
+class LossRecorder(Callback):
+    """Records (global_step, loss) of every training batch."""
+
+    def __init__(self) -> None:
+        self.losses: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append((trainer.global_step, float(outputs["loss"])))
