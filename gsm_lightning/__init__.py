@@ -22,6 +22,11 @@ __all__ = ["GBLRLinear", "gsmify", "select_linear_layers", "GSMReport", "model_f
 
 _LAZY = {
     "GSMModule": "gsm_lightning.module",
+    "StructureMonitor": "gsm_lightning.callbacks",
+    "StructureVisualizer": "gsm_lightning.callbacks",
+    "StructureReport": "gsm_lightning.callbacks",
+    "count_flops": "gsm_lightning.flop_count",
+    "gblr_flop_counting": "gsm_lightning.flop_count",
 }
 
 

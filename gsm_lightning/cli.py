@@ -14,18 +14,15 @@ from lightning.pytorch.cli import LightningCLI
 
 from .module import GSMModule
 
-__all__ = ["GSMLightningCLI", "main"]
+__all__ = ["GSMLightningCLI", "build_cli", "main"]
 
 
 class GSMLightningCLI(LightningCLI):
-    """LightningCLI whose ``model.num_classes`` follows ``data.num_classes`` unless set explicitly."""
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+    """LightningCLI over :class:`GSMModule` (``model:``) and any LightningDataModule (``data:`` with ``class_path``)."""
 
 
-def main(args: Any = None, run: bool = True) -> GSMLightningCLI:
-    """Entry point of ``gsm-lightning`` and ``python -m gsm_lightning``."""
+def build_cli(args: Any = None, run: bool = True) -> GSMLightningCLI:
+    """Build (and by default run) the CLI; ``args`` as for LightningCLI (list, dict or None for sys.argv)."""
     return GSMLightningCLI(
         GSMModule,
         LightningDataModule,
@@ -34,6 +31,11 @@ def main(args: Any = None, run: bool = True) -> GSMLightningCLI:
         args=args,
         run=run,
     )
+
+
+def main(args: Any = None) -> None:
+    """Entry point of ``gsm-lightning`` and ``python -m gsm_lightning``."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ row 0 is the input side, row 1 the output side (as in the reference code).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -159,8 +160,12 @@ class GBLRLinear(nn.Module):
         elif self.width_init == "splr" and k > 0:
             ratio = n_in * n_out / (k * r * (n_in + n_out))  # dense cost / full-width GBLR cost
             if ratio < 1:
+                # Reference: the first int(0.5 ratio K) components at full width, the rest at
+                # 0.5 ratio / (1 - 0.5 ratio).  Solving for the remaining width instead makes the
+                # cost exactly ``in * out`` also when 0.5 ratio K is not an integer (the reference
+                # truncation can undershoot by more than one grid step per component).
                 n_full = int(0.5 * ratio * k)
-                widths[:, n_full:] = 0.5 * ratio / (1 - 0.5 * ratio)
+                widths[:, n_full:] = (ratio * k - n_full) / (k - n_full)
         return widths
 
     def _initial_locations(self) -> Tensor:
@@ -185,7 +190,10 @@ class GBLRLinear(nn.Module):
         self._mask_cache = None
 
     def _cache_key(self) -> tuple:
+        # Masks cached under torch.inference_mode are inference tensors that autograd cannot save,
+        # so they must not be reused outside it (e.g. a validation loop followed by training).
         return (
+            torch.is_inference_mode_enabled(),
             self.widths._version,
             self.locations._version,
             self.sigma._version,
@@ -251,6 +259,11 @@ class GBLRLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"GBLRLinear expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        if self.is_frozen:
+            from .flop_count import frozen_forward, is_flop_counting  # flop_count imports this module
+
+            if is_flop_counting():  # FlopCounterMode sees the true structured cost of a frozen layer
+                return frozen_forward(self, x)
         v, u = self.masked_factors()
         tokens = x.numel() // self.in_features if self.in_features else 0
         if self._use_dense(tokens):
@@ -337,7 +350,7 @@ class GBLRLinear(nn.Module):
         self.invalidate_cache()
 
     @torch.no_grad()
-    def freeze_structure(self) -> "GBLRLinear":
+    def freeze_structure(self) -> GBLRLinear:
         """Switch to hard integer boxcars, drop inactive components, stop structure gradients.
 
         Widths and locations are snapped to the grid; the factors are zeroed outside their masks so
@@ -401,7 +414,7 @@ class GBLRLinear(nn.Module):
         locations: Tensor,
         bias: Tensor | None = None,
         **kwargs: Any,
-    ) -> "GBLRLinear":
+    ) -> GBLRLinear:
         """Build from full-length factors ``u`` ``(K, r, out)``, ``v`` ``(K, r, in)`` and integer
         widths/locations ``(2, K)``; the layer uses hard Dirichlet masks (sigma=None)."""
         k, r, n_out = u.shape
@@ -413,15 +426,15 @@ class GBLRLinear(nn.Module):
         with torch.no_grad():
             layer.weight_out.copy_(u)
             layer.weight_in.copy_(v)
-            layer.widths.copy_(widths.float() / n)
-            layer.locations.copy_(locations.float() / n)
+            layer.widths.copy_(widths.to(u.device).float() / n)
+            layer.locations.copy_(locations.to(u.device).float() / n)
             if bias is not None:
                 layer.bias.copy_(bias)
         layer.invalidate_cache()
         return layer
 
     @classmethod
-    def from_low_rank(cls, u: Tensor, v: Tensor, bias: Tensor | None = None, **kwargs: Any) -> "GBLRLinear":
+    def from_low_rank(cls, u: Tensor, v: Tensor, bias: Tensor | None = None, **kwargs: Any) -> GBLRLinear:
         """Exact GBLR form of ``W = u @ v`` (``u``: out x rank, ``v``: rank x in): ``rank`` full-width components."""
         if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0]:
             raise ValueError(f"expected u (out x rank) and v (rank x in), got {tuple(u.shape)} and {tuple(v.shape)}")
@@ -430,7 +443,7 @@ class GBLRLinear(nn.Module):
         return cls._from_factors(u.t().unsqueeze(1), v.unsqueeze(1), widths, torch.zeros(2, rank), bias, **kwargs)
 
     @classmethod
-    def low_rank(cls, in_features: int, out_features: int, rank: int, bias: bool = True, **kwargs: Any) -> "GBLRLinear":
+    def low_rank(cls, in_features: int, out_features: int, rank: int, bias: bool = True, **kwargs: Any) -> GBLRLinear:
         """A randomly initialised rank-``rank`` layer: ``rank`` full-width components, the rest absent."""
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
@@ -445,24 +458,33 @@ class GBLRLinear(nn.Module):
         rank: int | None = None,
         bias: Tensor | None = None,
         **kwargs: Any,
-    ) -> "GBLRLinear":
+    ) -> GBLRLinear:
         """Exact GBLR form of a matrix made of dense blocks ``(row0, col0, block)`` (cyclic placement).
 
         Each block is split by SVD into ``rank`` (default: full, ``min`` of its shape) rank-1
         components whose boxcars cover exactly the block.  With ``rank`` below the block rank the
         block is truncated to its best rank-``rank`` approximation."""
-        us, vs, ws, ls = [], [], [], []
+        blocks = list(blocks)
+        dtype = blocks[0][2].dtype if blocks else (bias.dtype if bias is not None else torch.float32)
+        device = blocks[0][2].device if blocks else (bias.device if bias is not None else None)
+        svd_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        us = [torch.zeros(0, out_features, device=device, dtype=svd_dtype)]
+        vs = [torch.zeros(0, in_features, device=device, dtype=svd_dtype)]
+        ws = [torch.zeros(2, 0, dtype=torch.int64)]
+        ls = [torch.zeros(2, 0, dtype=torch.int64)]
         for row0, col0, blk in blocks:
+            if blk.dim() != 2:
+                raise ValueError(f"blocks must be 2-D matrices, got shape {tuple(blk.shape)}")
             bo, bi = blk.shape
             if bo > out_features or bi > in_features:
                 raise ValueError(f"block of shape {(bo, bi)} does not fit a {out_features}x{in_features} matrix")
             rk = min(bo, bi) if rank is None else min(rank, bo, bi)
-            ub, sb, vbh = torch.linalg.svd(blk.float(), full_matrices=False)
+            ub, sb, vbh = torch.linalg.svd(blk.to(device=device, dtype=svd_dtype), full_matrices=False)
             sq = sb[:rk].sqrt()
-            rows = (torch.arange(bo) + row0) % out_features
-            cols = (torch.arange(bi) + col0) % in_features
-            u = torch.zeros(rk, out_features)
-            v = torch.zeros(rk, in_features)
+            rows = (torch.arange(bo, device=device) + row0) % out_features
+            cols = (torch.arange(bi, device=device) + col0) % in_features
+            u = torch.zeros(rk, out_features, device=device, dtype=svd_dtype)
+            v = torch.zeros(rk, in_features, device=device, dtype=svd_dtype)
             u[:, rows] = (ub[:, :rk] * sq).t()
             v[:, cols] = sq[:, None] * vbh[:rk]
             us.append(u)
@@ -470,11 +492,10 @@ class GBLRLinear(nn.Module):
             ws.append(torch.tensor([[bi], [bo]]).expand(2, rk))
             ls.append(torch.tensor([[col0 % in_features], [row0 % out_features]]).expand(2, rk))
         u, v = torch.cat(us).unsqueeze(1), torch.cat(vs).unsqueeze(1)
-        dtype = blocks[0][2].dtype if blocks else torch.float32
         return cls._from_factors(u.to(dtype), v.to(dtype), torch.cat(ws, 1), torch.cat(ls, 1), bias, **kwargs)
 
     @classmethod
-    def from_block_diagonal(cls, blocks: Sequence[Tensor], bias: Tensor | None = None, **kwargs: Any) -> "GBLRLinear":
+    def from_block_diagonal(cls, blocks: Sequence[Tensor], bias: Tensor | None = None, **kwargs: Any) -> GBLRLinear:
         """Exact GBLR form of ``torch.block_diag(*blocks)``."""
         placed, r0, c0 = [], 0, 0
         for blk in blocks:
@@ -485,7 +506,7 @@ class GBLRLinear(nn.Module):
     @classmethod
     def from_block_sparse(
         cls, dense: Tensor, block_size: tuple[int, int], block_mask: Tensor, bias: Tensor | None = None, **kwargs: Any
-    ) -> "GBLRLinear":
+    ) -> GBLRLinear:
         """Exact GBLR form of ``dense`` restricted to the blocks where ``block_mask`` (grid of
         ``block_size`` tiles) is true; other blocks are zero."""
         return cls.from_block_low_rank(dense, block_size, rank=None, block_mask=block_mask, bias=bias, **kwargs)
@@ -499,7 +520,7 @@ class GBLRLinear(nn.Module):
         block_mask: Tensor | None = None,
         bias: Tensor | None = None,
         **kwargs: Any,
-    ) -> "GBLRLinear":
+    ) -> GBLRLinear:
         """GBLR form of ``dense`` cut into ``block_size`` tiles, each kept at rank ``rank`` (exact
         when every tile has rank <= ``rank``; Monarch matrices are of this form up to a row permutation)."""
         n_out, n_in = dense.shape
@@ -529,7 +550,7 @@ class GBLRLinear(nn.Module):
         structure_lr: float | None = None,
         transpose: bool | None = None,
         **kwargs: Any,
-    ) -> "GBLRLinear":
+    ) -> GBLRLinear:
         """Convert a pretrained dense layer (``nn.Linear`` or HF ``Conv1D``) at a FLOPs ``budget``.
 
         The SVD of the weight is split into rank-r components (widths 1, evenly spaced locations).
@@ -547,6 +568,9 @@ class GBLRLinear(nn.Module):
             weight = weight.t()
         n_out, n_in = weight.shape
         bias = getattr(linear, "bias", None)
+        if "width_init" in kwargs:
+            raise ValueError("width_init does not apply to from_linear/init='pretrained': widths start full and are "
+                             "fitted to the budget")
         kwargs.setdefault("sigma", None)
         kwargs.setdefault("location_init", "uniform")
         layer = cls(n_in, n_out, bias=bias is not None, rank_per_component=rank_per_component,
@@ -556,8 +580,21 @@ class GBLRLinear(nn.Module):
             if bias is not None:
                 layer.bias.copy_(bias.detach())
         layer.invalidate_cache()
-        if budget < 1.0:
-            layer.fit_to(weight, budget, steps=fit_steps, lr=fit_lr, structure_lr=structure_lr)
+        if budget < 1.0 and layer.flops() > budget * layer.dense_flops():
+            svd_state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+            fit_error = layer.fit_to(weight, budget, steps=fit_steps, lr=fit_lr, structure_lr=structure_lr)
+            # Fall back to the best equal-cost truncated SVD (a GBLR special case) if the fit is worse.
+            n_full = min(layer.num_components,
+                         int(budget * layer.dense_flops() // (layer.rank_per_component * (n_in + n_out))))
+            with torch.no_grad():
+                svd_state["widths"][:, n_full:] = 0.0
+                trunc = cls(n_in, n_out, bias=bias is not None, rank_per_component=rank_per_component,
+                            num_components=layer.num_components, device=weight.device, dtype=weight.dtype)
+                trunc.load_state_dict(svd_state)
+                w = weight.float()
+                trunc_error = float((trunc.to_dense().float() - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
+            if n_full > 0 and trunc_error < fit_error:
+                layer.load_state_dict(svd_state)
         return layer
 
     def fit_to(

@@ -85,6 +85,8 @@ def gaudi_mask(
         width = quantize_ste(width, n)
         location = quantize_ste(location, n)
     spec = gaudi_spectrum(width, location, n, sigma)
+    if spec.numel() == 0:  # no component (K = 0): the FFT backends reject empty batches
+        return spec.real[..., :1].expand(*spec.shape[:-1], n).contiguous()
     return torch.fft.irfft(spec, n=n, dim=-1, norm="forward")
 
 

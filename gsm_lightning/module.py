@@ -162,8 +162,8 @@ class GSMModule(LightningModule):
         else:
             from torchmetrics.text import Perplexity
 
-            self.val_ppl = Perplexity()
-            self.test_ppl = Perplexity()
+            self.val_ppl = Perplexity(ignore_index=-100)
+            self.test_ppl = Perplexity(ignore_index=-100)
 
     # ---------------------------------------------------------- structure
     @property
@@ -194,20 +194,22 @@ class GSMModule(LightningModule):
         return out
 
     def _unpack(self, batch: Any) -> tuple[Any, Tensor]:
-        if self.task == "lm":
-            if isinstance(batch, dict):
-                ids = batch["input_ids"]
-                return ids, batch.get("labels", ids)
-            if isinstance(batch, (tuple, list)):
-                return batch[0], batch[1] if len(batch) > 1 else batch[0]
-            return batch, batch
-        x, y = batch[0], batch[1]
-        return x, y
+        """(inputs, targets) with targets aligned to the model's outputs.
+
+        Classification: ``(images, labels)``.  LM: ``(input_ids, labels)`` with labels already shifted
+        (``labels[:, t]`` is the target of ``logits[:, t]``, as the WikiText data module yields), or a
+        HF-style dict / bare ``input_ids`` tensor whose labels are the inputs shifted by one here."""
+        if self.task != "lm":
+            return batch[0], batch[1]
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return batch[0], batch[1]
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        labels = batch.get("labels", ids) if isinstance(batch, dict) else ids
+        return ids[:, :-1], labels[:, 1:]
 
     def _loss(self, logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
         if self.task == "lm":
-            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), y[:, 1:].reshape(-1),
-                                   ignore_index=-100)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100)
         return F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -238,7 +240,7 @@ class GSMModule(LightningModule):
             self.log(f"{stage}/acc_top5", top5)
         else:
             ppl = getattr(self, f"{stage}_ppl")
-            ppl(logits[:, :-1].float(), y[:, 1:])
+            ppl(logits.float(), y)
             self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")
         return loss
 
@@ -250,9 +252,7 @@ class GSMModule(LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if isinstance(x, dict):
-            x = x["input_ids"]
-        return self(x)
+        return self(x["input_ids"] if isinstance(x, dict) else x)
 
     # --------------------------------------------------------- optimizers
     def configure_optimizers(self) -> Any:

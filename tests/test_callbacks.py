@@ -1,0 +1,333 @@
+"""Structure callbacks: what a real (tiny) fit writes to TensorBoard, CSV and the report files."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+
+from gsm_lightning.callbacks import (
+    LAYER_GROUPS,
+    StructureMonitor,
+    StructureReport,
+    StructureVisualizer,
+    flops_by_group,
+    flops_chart,
+    footprint,
+    footprint_grid,
+    footprint_image,
+    format_structure_table,
+    layer_group,
+    layer_stats,
+    structure_metrics,
+    structure_summary,
+    structure_table,
+)
+from gsm_lightning.layer import GBLRLinear
+from gsm_lightning.module import GSMModule
+from gsm_lightning.proximal import gblr_layers
+
+from .helpers import digits_loaders
+
+MAX_SIZE = 48
+
+
+def make_module() -> GSMModule:
+    module = GSMModule(
+        nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32), nn.GELU(), nn.Linear(32, 10)),
+        num_classes=10, budget=0.5, include=["0", "2"], phase1_epochs=1, prox_lambda=1.0, structure_lr=0.02,
+        optimizer=functools.partial(torch.optim.AdamW, lr=3e-3),  # picklable for ddp_spawn
+    )
+    module.example_input_array = torch.randn(4, 64)
+    return module
+
+
+def fit(tmp_path, logger, callbacks, epochs: int = 3):
+    module = make_module()
+    train, val = digits_loaders(n_train=256)
+    trainer = Trainer(max_epochs=epochs, logger=logger, callbacks=callbacks, accelerator="cpu", devices=1,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(tmp_path), log_every_n_steps=1)
+    trainer.fit(module, train, val)
+    return trainer, module
+
+
+@pytest.fixture(scope="module")
+def tb_run(tmp_path_factory):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp = tmp_path_factory.mktemp("tb")
+    torch.manual_seed(0)
+    report = StructureReport(print_table=False)
+    trainer, module = fit(tmp, TensorBoardLogger(str(tmp), name="tb"),
+                          [StructureMonitor(), StructureVisualizer(max_size=MAX_SIZE), report])
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    acc.Reload()
+    return trainer, module, acc, report
+
+
+def scalars(acc, tag):
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+# ------------------------------------------------------------------------------ real fit, TensorBoard
+def test_monitor_scalars(tb_run):
+    trainer, module, acc, _ = tb_run
+    ratio = scalars(acc, "structure/flops_ratio")
+    assert len(ratio) == 3  # one per epoch
+    assert all(0 < v <= 1.1 for _, v in ratio)
+    assert ratio[-1][1] == pytest.approx(module.flops_ratio())
+    assert [v for _, v in scalars(acc, "structure/phase")] == [1.0, 2.0, 2.0]
+    assert [v for _, v in scalars(acc, "structure/target")] == [0.5] * 3
+    assert [v for _, v in scalars(acc, "structure/sigma")] == [1.0]  # only while learning (sigma0 at epoch 0)
+    steps = [s for s, _ in ratio]
+    assert steps == sorted(steps) and steps[-1] == trainer.global_step
+    for name, layer in gblr_layers(module):
+        for stat in ("width_in", "width_out", "width_in_all", "width_out_all"):
+            values = [v for _, v in scalars(acc, f"structure/{name}/{stat}")]
+            assert len(values) == 3 and all(0 <= v <= 1 for v in values)
+        final = layer_stats(layer)
+        for stat in ("width_in", "width_out", "flops_ratio", "rank", "params"):
+            assert scalars(acc, f"structure/{name}/{stat}")[-1][1] == pytest.approx(final[stat], rel=1e-6)
+    assert scalars(acc, "structure/flops")[-1][1] == sum(m.flops() for _, m in gblr_layers(module))
+
+
+def test_visualizer_histograms_and_images(tb_run):
+    from PIL import Image
+
+    _, module, acc, _ = tb_run
+    tags = acc.Tags()
+    names = [n for n, _ in gblr_layers(module)]
+    for name, layer in gblr_layers(module):
+        for side in ("in", "out"):
+            hist = acc.Histograms(f"structure/{name}/widths_{side}")
+            assert len(hist) == 4  # train start + 3 epochs
+            h = hist[-1].histogram_value
+            assert 0 <= h.min <= h.max <= 1 and h.num == layer.num_components
+        images = acc.Images(f"structure/{name}/footprint")
+        assert len(images) == 4
+        last = images[-1]
+        assert max(last.width, last.height) <= MAX_SIZE
+        decoded = np.asarray(Image.open(io.BytesIO(last.encoded_image_string)), dtype=np.float64)
+        if decoded.ndim == 3:
+            decoded = decoded[..., 0]
+        want = footprint_image(layer, MAX_SIZE)[0].numpy() * 255
+        assert decoded.shape == want.shape
+        assert np.abs(decoded - want).max() <= 1.0
+        assert (decoded > 0).any()
+    assert "structure/footprint_grid" in tags["images"]
+    assert "structure/flops_by_type" in tags["images"]
+    assert len(names) == 2
+
+
+def test_report_files_match_layers(tb_run):
+    trainer, module, _, report = tb_run
+    json_path, csv_path = report.paths
+    assert os.path.dirname(json_path) == trainer.logger.log_dir
+    with open(json_path) as f:
+        data = json.load(f)
+    layers = dict(gblr_layers(module))
+    assert [r["name"] for r in data["layers"]] == list(layers)
+    for row in data["layers"]:
+        layer = layers[row["name"]]
+        assert row["flops"] == layer.flops() and row["dense_flops"] == layer.dense_flops()
+        assert row["params"] == layer.params() and row["active"] == int(layer.active_components().sum())
+        assert row["flops_ratio"] == pytest.approx(layer.flops_ratio())
+    g = sum(m.flops() for m in layers.values())
+    totals = data["totals"]
+    assert totals["gblr_layers"]["flops"] == g
+    assert totals["dense_linear_layers"] == {"layers": 1, "flops": 32 * 10, "params": 32 * 10 + 10}
+    assert totals["model"]["flops_per_token"] == g + 320
+    assert totals["model"]["dense_flops_per_token"] == 64 * 128 + 128 * 32 + 320
+    assert totals["model"]["stored_params"] == sum(p.numel() for p in module.parameters())
+    assert data["phase"] == 2 and data["target_flops_ratio"] == 0.5
+    assert "counted_per_token" in data["accounting"] and "not_counted" in data["accounting"]
+    fc = data["flop_counter"]  # 4 example rows through every linear layer, FLOPs = 2 x MACs
+    assert fc["flops"] == fc["analytic_flops"] == 2 * 4 * (g + 320)
+    assert fc["dense_flops"] == 2 * 4 * totals["model"]["dense_flops_per_token"]
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == [*layers, "TOTAL_GBLR", "TOTAL_MODEL_PER_TOKEN"]
+    assert int(rows[-2]["flops"]) == g and int(rows[0]["flops"]) == layers[rows[0]["name"]].flops()
+
+
+# ------------------------------------------------------------------------------ other loggers
+def test_step_interval_with_csv_logger_skips_pictures(tmp_path):
+    logger = CSVLogger(str(tmp_path), name="csv")
+    with pytest.warns(UserWarning, match="add_histogram"):
+        trainer, _ = fit(tmp_path, logger, [StructureMonitor("step", log_every_n_steps=3, log_per_layer=False),
+                                            StructureVisualizer(log_images=False, log_flops_chart=False)], epochs=2)
+    with open(os.path.join(logger.log_dir, "metrics.csv"), newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("structure/flops_ratio")]
+    assert trainer.global_step == 8
+    assert len(rows) == 2  # global steps 3 and 6
+    assert not any(k.startswith("structure/backbone") for k in rows[0])
+    assert [float(r["structure/phase"]) for r in rows] == [1.0, 2.0]
+
+
+def test_no_logger_writes_report_to_root_dir(tmp_path, capsys):
+    report = StructureReport(filename="layout")
+    with pytest.warns(UserWarning, match="no logger"):
+        fit(tmp_path, False, [StructureMonitor(), StructureVisualizer(), report], epochs=1)
+    assert report.paths == (str(tmp_path / "layout.json"), str(tmp_path / "layout.csv"))
+    assert all(os.path.isfile(p) for p in report.paths)
+    assert "backbone.0" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ pieces
+def hand_layer() -> GBLRLinear:
+    layer = GBLRLinear(10, 12, num_components=3)
+    with torch.no_grad():
+        layer.widths.copy_(torch.tensor([[4, 10, 3], [5, 2, 0]]) / torch.tensor([[10], [12]]))
+        layer.locations.copy_(torch.tensor([[8, 0, 2], [10, 1, 1]]) / torch.tensor([[10], [12]]))
+    return layer
+
+
+def test_footprint_counts_and_pooling():
+    layer = hand_layer()
+    want = torch.zeros(12, 10)
+    for (wi, wo), (li, lo) in zip([(4, 5), (10, 2), (3, 0)], [(8, 10), (0, 1), (2, 1)]):
+        rows, cols = (lo + torch.arange(wo)) % 12, (li + torch.arange(wi)) % 10
+        want[rows[:, None], cols[None, :]] += 1
+    fp = footprint(layer)
+    assert torch.equal(fp, want)
+    assert fp.max() == 2  # components 0 and 1 overlap
+    layer.freeze_structure()  # drops the inactive third component and zeroes the factors outside the masks
+    assert torch.equal(footprint(layer), want)
+    assert torch.equal(layer.to_dense() != 0, want > 0)
+    pooled = footprint(layer, max_size=6)
+    assert pooled.shape == (6, 5)  # aspect ratio kept
+    torch.testing.assert_close(pooled, torch.nn.functional.adaptive_avg_pool2d(want[None], (6, 5))[0])
+    img = footprint_image(layer, 6)
+    assert img.shape == (1, 6, 5) and torch.equal(img[0] > 0, pooled > 0) and img.max() == 1
+
+
+def test_footprint_grid_layout():
+    grid = footprint_grid([torch.ones(1, 4, 8), torch.ones(1, 8, 8), torch.ones(1, 2, 2)], tile=8, pad=1)
+    assert grid.shape == (1, 2 * 9 + 1, 2 * 9 + 1)
+    assert grid[0, 1:5, 1:9].eq(1).all() and grid[0, 5:9, 1:9].eq(0).all()  # 4x8 scaled to 4x8, rest black
+    assert grid[0, 10:18, 1:9].eq(1).all() and grid[0, 0].eq(0.5).all()
+    with pytest.raises(ValueError, match="at least one"):
+        footprint_grid([])
+
+
+def test_layer_stats_and_metrics():
+    layer = hand_layer()
+    st = layer_stats(layer)
+    assert st["active"] == 2 and st["components"] == 3 and st["rank"] == 2
+    assert st["width_in"] == pytest.approx((0.4 + 1.0) / 2) and st["width_out"] == pytest.approx((5 / 12 + 2 / 12) / 2)
+    assert st["width_in_all"] == pytest.approx((0.4 + 1.0 + 0.3) / 3)
+    assert st["flops"] == layer.flops() == 4 + 5 + 10 + 2 and st["flops_ratio"] == pytest.approx(21 / 120)
+    other = GBLRLinear(20, 8, width_init=0.5)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(12, 20), other)
+    m = structure_metrics(model, prefix="s")
+    assert m["s/flops_ratio"] == pytest.approx((21 + other.flops()) / (120 + 160))
+    assert m["s/0/width_in"] == st["width_in"] and "s/3/flops" in m and "s/phase" in m and m["s/phase"] == 1
+    assert "s/sigma" not in m  # pure Dirichlet (sigma = inf) everywhere
+    other.set_sigma(3.0)
+    assert structure_metrics(model, prefix="s")["s/sigma"] == 3.0  # over the finite sigmas of learning layers
+    assert "s/target" not in m
+    assert structure_metrics(nn.Linear(3, 3)) == {}
+    assert not any("/0/" in k for k in structure_metrics(model, per_layer=False))
+
+
+def test_structure_summary_counts_other_linear_layers():
+    gblr = GBLRLinear(16, 24, width_init=0.5).freeze_structure()
+    model = nn.Sequential(nn.Embedding(5, 16), gblr, nn.Linear(24, 6, bias=False))
+    s = structure_summary(model)
+    assert structure_table(model) == s["layers"]
+    t = s["totals"]["model"]
+    assert t["flops_per_token"] == gblr.flops() + 24 * 6 and t["dense_flops_per_token"] == 16 * 24 + 24 * 6
+    assert t["params"] == 5 * 16 + gblr.params() + 24 * 6
+    assert t["dense_params"] == 5 * 16 + 16 * 24 + 24 + 24 * 6
+    text = format_structure_table(s)
+    assert "model total" in text and f"{gblr.flops():,}" in text
+    s2 = structure_summary(model, example_input=torch.tensor([[0, 1, 2]]))
+    assert s2["flop_counter"]["flops"] == 2 * 3 * (gblr.flops() + 24 * 6)
+
+    from gsm_lightning.baselines import LowRankLinear
+
+    low = LowRankLinear(6, 8, rank=2)
+    s3 = structure_summary(nn.Sequential(model, low))
+    assert s3["totals"]["other_structured_layers"] == {"layers": 1, "flops": low.flops(), "dense_flops": 48,
+                                                       "params": low.params(), "dense_params": 48 + 8}
+    assert s3["totals"]["model"]["flops_per_token"] == gblr.flops() + 24 * 6 + low.flops()
+    assert s3["totals"]["model"]["params"] == t["params"] + low.params()
+
+
+def test_layer_groups():
+    cases = {
+        "blocks.0.attn.q": "query", "blocks.0.attn.k": "key", "blocks.0.attn.v": "value",
+        "encoder.layer.3.attention.self.query": "query", "encoder.layer.3.attention.output.dense": "attn_out",
+        "encoder.layer.3.intermediate.dense": "mlp_fc1", "encoder.layer.3.output.dense": "mlp_fc2",
+        "transformer.h.1.attn.c_attn": "qkv", "transformer.h.1.attn.c_proj": "attn_out",
+        "transformer.h.1.mlp.c_fc": "mlp_fc1", "transformer.h.1.mlp.c_proj": "mlp_fc2",
+        "blocks.2.attn.proj": "attn_out", "blocks.2.mlp.fc1": "mlp_fc1", "blocks.2.mlp.fc2": "mlp_fc2",
+        "layers.0.self_attn.out_proj": "attn_out", "model.layers.0.mlp.down_proj": "mlp_fc2",
+        "blocks.4.token_mlp.fc1": "token_mixing", "blocks.4.channel_mlp.fc2": "channel_mixing",
+        "blocks.4.mlp_tokens.fc2": "token_mixing", "blocks.4.mlp_channels.fc1": "channel_mixing",
+        "head": "other", "backbone.0": "other", "": "other",
+    }
+    for name, group in cases.items():
+        assert layer_group(name) == group, name
+        assert group in LAYER_GROUPS
+
+
+def test_flops_by_group_and_chart():
+    model = nn.Module()
+    model.attn = nn.Module()
+    model.attn.q = GBLRLinear(16, 16, width_init=0.5)
+    model.mlp = nn.Module()
+    model.mlp.fc1 = GBLRLinear(16, 32, width_init=0.25)
+    model.mlp.fc2 = GBLRLinear(32, 16, width_init=0.25)
+    groups = flops_by_group(model)
+    assert list(groups) == ["query", "mlp_fc1", "mlp_fc2"]
+    assert groups["query"] == {"flops": model.attn.q.flops(), "dense_flops": 256, "layers": 1}
+    fig = flops_chart(model)
+    bars = fig.axes[0].patches
+    assert sorted(b.get_height() for b in bars) == sorted([256, 512, 512] + [g["flops"] for g in groups.values()])
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="logging_interval"):
+        StructureMonitor("batch")
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        StructureMonitor("step", log_every_n_steps=0)
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        StructureVisualizer(every_n_epochs=0)
+    with pytest.raises(ValueError, match="max_size"):
+        StructureVisualizer(max_size=2)
+    with pytest.raises(ValueError, match="filename"):
+        StructureReport(filename="a/b")
+    with pytest.raises(ValueError, match="max_size"):
+        footprint(hand_layer(), max_size=0)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(tmp_path):
+    """Two CPU processes (gloo): rank 0 alone writes the report, TensorBoard gets the tags once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module = make_module()
+    train, val = digits_loaders(n_train=256)
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    trainer = Trainer(max_epochs=2, logger=logger, accelerator="cpu", devices=2, strategy="ddp_spawn",
+                      callbacks=[StructureMonitor(), StructureVisualizer(max_size=32), StructureReport(print_table=False)],
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train, val)
+    files = sorted(os.listdir(logger.log_dir))
+    assert "structure.json" in files and "structure.csv" in files
+    assert sum(f.startswith("events.out") for f in files) == 1
+    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("structure/phase")] == [1.0, 2.0]
+    assert len(acc.Images("structure/footprint_grid")) == 3
