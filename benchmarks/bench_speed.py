@@ -1,0 +1,354 @@
+"""Speed/memory benchmarks of GBLR layers against nn.Linear (CPU, torch.utils.benchmark).
+
+    python benchmarks/bench_speed.py            # full run, rewrites the speed section of BENCHMARKS.md
+    python benchmarks/bench_speed.py --quick    # small shapes, short timings (smoke test)
+
+Sections (see benchmarks/README.md for what exactly is measured):
+  P1  training step (forward + backward, structure learning: not frozen, sigma = 1) vs nn.Linear
+  P2  frozen inference: plain frozen GBLRLinear, CompactGBLR and the auto choice vs nn.Linear
+  MEM peak CPU memory allocated during one training step (torch.profiler memory events)
+  SC  scaling of mask computation and training step with n = in = out, K = n
+Every number written comes from this run; ratios are against nn.Linear measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from gsm_lightning.inference import CompactGBLR, optimize_inference  # noqa: E402
+from gsm_lightning.layer import GBLRLinear  # noqa: E402
+
+START, END = "<!-- speed:start -->", "<!-- speed:end -->"
+Timer = Callable[[Callable[[], Any], int], float]
+
+
+# ------------------------------------------------------------------------------------ structures
+def _scale_to_budget(f: np.ndarray, n: np.ndarray, target: float, r: int) -> np.ndarray:
+    """Integer widths round(clip(a f, 0, 1) n) with the largest a whose FLOPs stay <= target."""
+    def cost(a: float) -> tuple[float, np.ndarray]:
+        w = np.round(np.clip(a * f, 0, 1) * n[:, None])
+        act = (w[0] > 0) & (w[1] > 0)
+        return float(r * (w[0] + w[1])[act].sum()), w
+
+    lo, hi = 0.0, 1.0
+    while cost(hi)[0] < target and hi < 1e6:
+        hi *= 2
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cost(mid)[0] <= target else (lo, mid)
+    return cost(lo)[1].astype(np.int64)
+
+
+def learned_like(n_in: int, n_out: int, ratio: float, seed: int = 0, random_locations: bool = False,
+                 spread: float = 0.08, full_frac: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """(widths, locations) ``(2, K)`` ints, K = min(in, out): "learned-like" structure at ``ratio`` of dense FLOPs.
+
+    Width fractions f ~ Beta(0.5, 2) i.i.d. per side and component (many narrow, a few wide); the first
+    ``full_frac`` of the components get f = 1 on both sides (the full-width components of the 'splr'
+    init); widths = round(clip(a f, 0, 1) n) with a scalar a found by bisection so the FLOPs hit the
+    budget; locations = round(((N(0, spread) mod 1) n) (windows clustered around 0, where structure
+    learning starts, some wrapping around).  ``random_locations``: locations uniform on [0, n) instead."""
+    rng = np.random.default_rng(seed)
+    k = min(n_in, n_out)
+    n = np.array([n_in, n_out])
+    f = rng.beta(0.5, 2.0, size=(2, k))
+    f[:, : int(full_frac * k)] = 1.0
+    w = _scale_to_budget(f, n, ratio * n_in * n_out, 1)
+    loc = rng.random((2, k)) if random_locations else np.mod(rng.normal(0.0, spread, size=(2, k)), 1.0)
+    return w, np.mod(np.round(loc * n[:, None]).astype(np.int64), n[:, None])
+
+
+def block_low_rank(n_in: int, n_out: int, ratio: float, grid: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """A ``grid x grid`` block grid, every block holding r' rank-1 components spanning it exactly
+    (components share spans); r' = round(ratio * in * out / (grid * (in + out)))."""
+    rb = max(1, round(ratio * n_in * n_out / (grid * (n_in + n_out))))
+    bi, bo = n_in // grid, n_out // grid
+    i, o = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    li = np.repeat(i.reshape(-1) * bi, rb)
+    lo = np.repeat(o.reshape(-1) * bo, rb)
+    w = np.stack([np.full(li.size, bi), np.full(lo.size, bo)])
+    return w.astype(np.int64), np.stack([li, lo]).astype(np.int64)
+
+
+def build_frozen(n_in: int, n_out: int, widths: np.ndarray, locations: np.ndarray, seed: int = 0) -> GBLRLinear:
+    """Frozen GBLRLinear with the given integer structure and random factors."""
+    g = torch.Generator().manual_seed(seed)
+    k = widths.shape[1]
+    u = torch.randn(k, 1, n_out, generator=g) / n_out ** 0.5
+    v = torch.randn(k, 1, n_in, generator=g) / n_in ** 0.5
+    layer = GBLRLinear._from_factors(u, v, torch.as_tensor(widths), torch.as_tensor(locations), torch.zeros(n_out))
+    return layer.freeze_structure().eval()
+
+
+STRUCTURES: dict[str, Callable[[int, int, float], tuple[np.ndarray, np.ndarray]]] = {
+    "learned-like": lambda i, o, r: learned_like(i, o, r, seed=0),
+    "block-low-rank": block_low_rank,
+    "random-loc": lambda i, o, r: learned_like(i, o, r, seed=0, random_locations=True),
+}
+
+
+# --------------------------------------------------------------------------------------- timing
+def cpu_timer(min_run_time: float) -> Timer:
+    def run(fn: Callable[[], Any], threads: int) -> float:
+        t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+        return t.blocked_autorange(min_run_time=min_run_time).median
+    return run
+
+
+def peak_cpu_memory(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated (above the level at the start) during one call.
+
+    From torch.profiler with ``profile_memory=True``: every event's *self* CPU memory (allocations minus
+    frees inside the op; ``[memory]`` events are frees outside any op), summed in start-time order; the
+    peak of that running sum.  Op granularity: an op that allocates and frees a temporary counts net."""
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    level = peak = 0
+    for e in events:
+        level += e.self_cpu_memory_usage
+        peak = max(peak, level)
+    return int(peak)
+
+
+def train_step(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> Callable[[], None]:
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        x.grad = None
+        layer(x).backward(gy)
+    return step
+
+
+def learning_layer(n_in: int, n_out: int, device: Any = None) -> GBLRLinear:
+    """A GBLR layer in structure-learning mode: default 'splr' init, sigma = 1, not frozen."""
+    torch.manual_seed(0)
+    layer = GBLRLinear(n_in, n_out, sigma=1.0, device=device)
+    assert layer.widths.requires_grad and layer.locations.requires_grad and not layer.is_frozen
+    return layer
+
+
+# -------------------------------------------------------------------------------------- sections
+def bench_p1(shapes: list[tuple[int, int]], tokens: int, threads_list: list[int], timer: Timer,
+             device: Any = "cpu") -> tuple[list[str], list[str]]:
+    rows = ["| shape (in x out) | tokens | threads | nn.Linear (ms) | GBLRLinear (ms) | ratio | masks fwd+bwd (ms) | masked factors fwd+bwd (ms) |",
+            "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for (n_in, n_out), threads in ((s, t) for s in shapes for t in threads_list):
+        x = torch.randn(tokens, n_in, device=device, requires_grad=True)
+        gy = torch.randn(tokens, n_out, device=device)
+        lin = nn.Linear(n_in, n_out, device=device)
+        layer = learning_layer(n_in, n_out, device)
+        t_dense = timer(train_step(lin, x, gy), threads)
+        t_gblr = timer(train_step(layer, x, gy), threads)
+
+        def masks_step(layer: GBLRLinear = layer) -> None:
+            layer.widths.grad = layer.locations.grad = None
+            m_in, m_out = layer.masks()
+            (m_in.sum() + m_out.sum()).backward()
+
+        def factors_step(layer: GBLRLinear = layer) -> None:
+            for p in (layer.widths, layer.locations, layer.weight_in, layer.weight_out):
+                p.grad = None
+            v, u = layer.masked_factors()
+            (v.sum() + u.sum()).backward()
+
+        t_masks, t_fac = timer(masks_step, threads), timer(factors_step, threads)
+        rows.append(f"| {n_in} x {n_out} | {tokens} | {threads} | {t_dense * 1e3:.2f} | {t_gblr * 1e3:.2f} | {t_gblr / t_dense:.2f}x "
+                    f"| {t_masks * 1e3:.2f} | {t_fac * 1e3:.2f} |")
+        if t_gblr / t_dense > 1.3:
+            notes.append(f"{n_in}x{n_out} ({threads} threads): {t_gblr / t_dense:.2f}x dense (over the 1.3x target); masks fwd+bwd "
+                         f"{t_masks / t_gblr:.0%} of the step, mask + factor materialisation {t_fac / t_gblr:.0%}, "
+                         f"the rest ({max(0.0, 1 - t_fac / t_gblr):.0%}) is the two matmuls and their backward")
+        print(rows[-1], flush=True)
+    return rows, notes
+
+
+def bench_p2(shapes: list[tuple[int, int]], ratios: list[float], tokens_list: list[int], threads_list: list[int],
+             timer: Timer, structures: list[str], device: Any = "cpu", reps: int = 10) -> list[str]:
+    default_threads = torch.get_num_threads()
+    rows = ["| shape | structure | FLOPs | tokens | threads | nn.Linear (us) | frozen GBLRLinear | CompactGBLR | compact MACs | auto choice | auto |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n_in, n_out in shapes:
+        for ratio in ratios:
+            for sname in structures:
+                w, loc = STRUCTURES[sname](n_in, n_out, ratio)
+                layer = build_frozen(n_in, n_out, w, loc).to(device)
+                lin = layer.to_linear()
+                for tokens in tokens_list:
+                    compact = CompactGBLR.from_gblr(layer, tokens=tokens)
+                    x = torch.randn(tokens, n_in, device=device)
+                    for threads in threads_list:
+                        with torch.no_grad():
+                            err = float((compact(x) - lin(x)).abs().max() / lin(x).abs().max().clamp_min(1e-30))
+                            assert err < 1e-4, f"CompactGBLR mismatch {err}"
+                            t_d = timer(lambda lin=lin, x=x: lin(x), threads)
+                            t_g = timer(lambda layer=layer, x=x: layer(x), threads)
+                            t_c = timer(lambda compact=compact, x=x: compact(x), threads)
+                            torch.set_num_threads(threads)
+                            holder = nn.Sequential(layer)
+                            rep = optimize_inference(holder, mode="auto", tokens=tokens, reps=reps)
+                            choice = rep.layers[0].choice
+                        t_auto = t_c if choice == "compact" else t_d
+                        rows.append(f"| {n_in}x{n_out} | {sname} | {layer.flops_ratio():.2f} | {tokens} | {threads} | "
+                                    f"{t_d * 1e6:.0f} | {t_g / t_d:.2f}x | {t_c / t_d:.2f}x | {compact.macs() / (n_in * n_out):.2f} "
+                                    f"| {choice} | {t_auto / t_d:.2f}x |")
+                        print(rows[-1], flush=True)
+    torch.set_num_threads(default_threads)
+    return rows
+
+
+def bench_memory(shapes: list[tuple[int, int]], tokens: int) -> list[str]:
+    rows = ["| shape | tokens | nn.Linear peak (MiB) | GBLRLinear peak (MiB) | ratio |", "|---|---|---|---|---|"]
+    for n_in, n_out in shapes:
+        x = torch.randn(tokens, n_in, requires_grad=True)
+        gy = torch.randn(tokens, n_out)
+        m_d = peak_cpu_memory(train_step(nn.Linear(n_in, n_out), x, gy))
+        m_g = peak_cpu_memory(train_step(learning_layer(n_in, n_out), x, gy))
+        rows.append(f"| {n_in} x {n_out} | {tokens} | {m_d / 2**20:.1f} | {m_g / 2**20:.1f} | {m_g / max(m_d, 1):.2f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def bench_scaling(sizes: list[int], tokens: int, threads: int, timer: Timer, device: Any = "cpu") -> list[str]:
+    rows = ["| n = in = out = K | masks fwd+bwd (ms) | GBLR train step (ms) | nn.Linear train step (ms) | ratio |",
+            "|---|---|---|---|---|"]
+    for n in sizes:
+        layer = learning_layer(n, n, device)
+        x = torch.randn(tokens, n, device=device, requires_grad=True)
+        gy = torch.randn(tokens, n, device=device)
+
+        def masks_step(layer: GBLRLinear = layer) -> None:
+            layer.widths.grad = layer.locations.grad = None
+            m_in, m_out = layer.masks()
+            (m_in.sum() + m_out.sum()).backward()
+
+        t_m = timer(masks_step, threads)
+        t_g = timer(train_step(layer, x, gy), threads)
+        t_d = timer(train_step(nn.Linear(n, n, device=device), x, gy), threads)
+        rows.append(f"| {n} | {t_m * 1e3:.2f} | {t_g * 1e3:.2f} | {t_d * 1e3:.2f} | {t_g / t_d:.2f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- output
+def machine_info() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    return (f"CPU: {cpu} ({os.cpu_count()} logical cores visible), torch {torch.__version__}, "
+            f"default torch threads {torch.get_num_threads()}, Python {platform.python_version()}")
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace the text between the speed markers of ``path`` (created with a title if missing)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{START}\n{body.rstrip()}\n{END}"
+    if START in text and END in text:
+        a, b = text.index(START), text.index(END) + len(END)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes and short timings (smoke run)")
+    ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file whose speed section is rewritten")
+    ap.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1.0, quick 0.02)")
+    args = ap.parse_args(argv)
+    q = args.quick
+    mrt = args.min_run_time if args.min_run_time is not None else (0.02 if q else 1.0)
+    timer = cpu_timer(mrt)
+    max_threads = min(2, torch.get_num_threads()) if q else torch.get_num_threads()
+    t0 = time.time()
+    torch.manual_seed(0)
+    cmd = "python benchmarks/bench_speed.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+
+    p1_shapes = [(64, 64), (64, 256)] if q else [(768, 768), (768, 3072), (3072, 768)]
+    p1_tokens = 256 if q else 8192
+    print("P1 training step", flush=True)
+    p1, p1_notes = bench_p1(p1_shapes, p1_tokens, sorted({1, max_threads}), timer)
+
+    p2_shapes = [(128, 512)] if q else [(768, 3072), (3072, 768)]
+    print("P2 frozen inference", flush=True)
+    p2 = bench_p2(p2_shapes, [0.3] if q else [0.3, 0.5], [1, 32] if q else [1, 256], [1] if q else [1, 2],
+                  timer, list(STRUCTURES), reps=3 if q else 20)
+
+    print("Memory", flush=True)
+    mem = bench_memory([(64, 256)] if q else [(768, 3072)], 256 if q else 8192)
+
+    print("Scaling", flush=True)
+    sc_tokens = 128 if q else 1024
+    sc = bench_scaling([64, 128] if q else [256, 512, 1024, 2048, 4096], sc_tokens, max_threads, timer)
+
+    elapsed = time.time() - t0
+    date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    body = "\n".join([
+        "## Speed (CPU)" + (" -- QUICK SMOKE RUN, not representative" if q else ""),
+        "",
+        f"- Machine: {machine_info()}",
+        f"- Command: `{cmd}` (took {elapsed:.0f} s); date: {date}",
+        f"- Timings: `torch.utils.benchmark.Timer.blocked_autorange(min_run_time={mrt})`, median; ratios are against "
+        "`nn.Linear` measured in the same run. See `benchmarks/README.md` for the definitions.",
+        "",
+        "### P1: training step (forward + backward, structure learning: not frozen, sigma = 1, 'splr' init)",
+        "",
+        *p1,
+        "",
+        *(["Over the 1.3x target: " + "; ".join(p1_notes) + "."] if p1_notes else ["All shapes within the 1.3x target."]),
+        "",
+        "### P2: frozen inference, latency relative to nn.Linear",
+        "",
+        "`frozen GBLRLinear` = the plain forward of the frozen layer; `CompactGBLR` = planned for the token count; "
+        "`compact MACs` = multiply-adds of CompactGBLR per token / in*out (padding included); `auto` = what "
+        "`optimize_inference(mode='auto', tokens=T)` chose (by its own timing) and the latency of that choice.",
+        "",
+        *p2,
+        "",
+        "### Memory: peak CPU memory allocated during one training step",
+        "",
+        "torch.profiler with `profile_memory=True`: each event's self CPU memory (allocations minus frees inside the op; "
+        "`[memory]` events are frees outside ops) summed in start-time order; the peak of that running sum during one "
+        "forward+backward, above the level at its start (parameters and inputs excluded, gradients and saved activations "
+        "included; op granularity).",
+        "",
+        *mem,
+        "",
+        f"### Scaling with n (K = n, {sc_tokens} tokens, {max_threads} threads, structure learning, sigma = 1)",
+        "",
+        *sc,
+    ])
+    write_section(args.output, body)
+    print(f"wrote {args.output} ({elapsed:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""CompactGBLR / optimize_inference: exact equality with the merged dense layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gsm_lightning.inference import CompactGBLR, SidePlan, optimize_inference, plan_side
+from gsm_lightning.layer import GBLRLinear
+
+D = torch.float64
+
+
+def random_frozen(n_in: int, n_out: int, k: int, r: int = 1, seed: int = 0, bias: bool = True,
+                  max_width: float = 1.0) -> GBLRLinear:
+    g = torch.Generator().manual_seed(seed)
+    layer = GBLRLinear(n_in, n_out, bias=bias, rank_per_component=r, num_components=k, dtype=D)
+    with torch.no_grad():
+        layer.widths.copy_(torch.rand(2, k, generator=g) * max_width)
+        layer.locations.copy_(torch.rand(2, k, generator=g))
+        layer.weight_in.copy_(torch.randn(k, r, n_in, generator=g, dtype=D))
+        layer.weight_out.copy_(torch.randn(k, r, n_out, generator=g, dtype=D))
+        if bias:
+            layer.bias.copy_(torch.randn(n_out, generator=g, dtype=D))
+    return layer.freeze_structure()
+
+
+def check_equal(layer: GBLRLinear, compact: CompactGBLR, lead=(3, 5)) -> None:
+    x = torch.randn(*lead, layer.in_features, dtype=D)
+    ref = nn.functional.linear(x, layer.to_dense(), layer.bias)
+    y = compact(x)
+    assert y.shape == (*lead, layer.out_features)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(17, 23, 9, 1), (32, 16, 20, 2), (50, 40, 40, 3), (5, 7, 3, 1), (96, 64, 64, 1)])
+@pytest.mark.parametrize("tile", [None, 1, 3, 8, 1000])
+@pytest.mark.parametrize("buckets", [1, 8])
+def test_random_structures_match_dense(shape, tile, buckets):
+    n_in, n_out, k, r = shape
+    layer = random_frozen(n_in, n_out, k, r, seed=n_in + k + (tile or 0))
+    compact = CompactGBLR.from_gblr(layer, tile_in=tile, tile_out=tile, max_buckets=buckets)
+    check_equal(layer, compact)
+    v, u = compact.masked_factors()
+    v0, u0 = layer.masked_factors()
+    assert torch.equal(v, v0) and torch.equal(u, u0)
+
+
+def test_wrap_around_windows():
+    layer = GBLRLinear._from_factors(torch.randn(3, 1, 10, dtype=D), torch.randn(3, 1, 12, dtype=D),
+                                     torch.tensor([[5, 12, 3], [4, 7, 10]]), torch.tensor([[10, 7, 11], [8, 9, 0]]),
+                                     torch.randn(10, dtype=D)).freeze_structure()
+    # windows wrap around the end of both sides
+    assert ((layer.int_locations() + layer.int_widths()) > torch.tensor([[12], [10]])).all(dim=0).any()
+    for tile in (None, 2, 5, 12):
+        check_equal(layer, CompactGBLR.from_gblr(layer, tile_in=tile, tile_out=tile))
+
+
+def test_low_rank_is_two_thin_gemms():
+    layer = GBLRLinear.from_low_rank(torch.randn(30, 4, dtype=D), torch.randn(4, 20, dtype=D),
+                                     torch.randn(30, dtype=D)).freeze_structure()
+    c = CompactGBLR.from_gblr(layer)
+    assert c.plan_in.tile == 20 and c.plan_out.tile == 30
+    assert c.in_view and c.z_identity_in and c.z_identity_out and c.out_identity
+    assert c.macs() == layer.flops()
+    check_equal(layer, c)
+
+
+def test_block_diagonal_and_block_low_rank_have_no_waste():
+    bd = GBLRLinear.from_block_diagonal([torch.randn(16, 8, dtype=D) for _ in range(4)]).freeze_structure()
+    c = CompactGBLR.from_gblr(bd, tile_in=8, tile_out=16)
+    assert c.in_view and c.z_identity_in and c.z_identity_out and c.out_identity
+    assert c.macs() == bd.flops()
+    check_equal(bd, c)
+    dense = torch.randn(48, 32, dtype=D)
+    blr = GBLRLinear.from_block_low_rank(dense, (12, 8), rank=2).freeze_structure()
+    c = CompactGBLR.from_gblr(blr, tile_in=8, tile_out=12)  # block-aligned tiles: no waste
+    assert c.macs() == blr.flops()
+    check_equal(blr, c)
+    check_equal(blr, CompactGBLR.from_gblr(blr))  # whatever the cost model picks
+
+
+def test_identity_input_side_with_padded_output_tiles():
+    # all input windows full (input side = one identity tile) while output tiles need padding slots
+    g = torch.Generator().manual_seed(7)
+    k = 6
+    widths = torch.tensor([[10] * k, [1, 2, 9, 3, 1, 4]])
+    locations = torch.tensor([[0] * k, [0, 3, 1, 8, 5, 2]])
+    layer = GBLRLinear._from_factors(torch.randn(k, 1, 11, generator=g, dtype=D), torch.randn(k, 1, 10, generator=g, dtype=D),
+                                     widths, locations).freeze_structure()
+    c = CompactGBLR.from_gblr(layer, tile_in=10, tile_out=4, max_buckets=1)
+    assert c.z_identity_in and not c.z_identity_out and c.out_identity
+    assert (c.plan_out.buckets[0][1] < 0).any()  # padding slots present
+    check_equal(layer, c)
+
+
+def test_empty_layer_k0():
+    layer = random_frozen(12, 9, 5, seed=1)
+    with torch.no_grad():
+        layer2 = GBLRLinear(12, 9, num_components=0, dtype=D, sigma=None)
+        layer2.bias.copy_(layer.bias)
+    layer2.freeze_structure()
+    c = CompactGBLR.from_gblr(layer2)
+    check_equal(layer2, c)
+    assert c.to_dense().abs().sum() == 0
+
+
+def test_float32_leading_dims_and_single_token():
+    layer = random_frozen(40, 24, 24, seed=3)
+    layer32 = layer.float()
+    c = CompactGBLR.from_gblr(layer32, tokens=1)
+    for lead in [(1,), (2, 3, 4), ()]:
+        x = torch.randn(*lead, 40)
+        torch.testing.assert_close(c(x), layer32(x), rtol=1e-5, atol=1e-5)
+
+
+def test_to_gblr_round_trip():
+    layer = random_frozen(30, 20, 15, r=2, seed=4)
+    back = CompactGBLR.from_gblr(layer).to_gblr()
+    assert torch.equal(back.int_widths(), layer.int_widths())
+    assert torch.equal(back.int_locations(), layer.int_locations())
+    torch.testing.assert_close(back.to_dense(), layer.to_dense(), rtol=0, atol=0)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="freeze_structure"):
+        CompactGBLR.from_gblr(GBLRLinear(8, 8))
+    with pytest.raises(TypeError, match="GBLRLinear"):
+        CompactGBLR.from_gblr(nn.Linear(4, 4))
+    c = CompactGBLR.from_gblr(random_frozen(8, 6, 4))
+    with pytest.raises(ValueError, match="last dimension 8"):
+        c(torch.randn(2, 7, dtype=D))
+    with pytest.raises(ValueError, match="unknown mode"):
+        optimize_inference(nn.Sequential(), mode="fast")
+    with pytest.raises(ValueError, match="widths must be in"):
+        plan_side([0, 1], [0, 3], 8, 1, 4)
+
+
+def test_plan_side_cover():
+    # two clusters of windows on a side of 32, tile 8: tiles 0 and 3 only
+    p = plan_side([0, 2, 25], [6, 4, 7], 32, 1, 8, threshold=0.9, max_buckets=4)
+    assert isinstance(p, SidePlan)
+    tiles = sorted(np.concatenate([t for t, _ in p.buckets]).tolist())
+    assert tiles == [0, 3]  # component 2 covers 25..31
+    assert p.weights == 8 * 2 + 8 * 1
+
+
+def make_model() -> nn.Sequential:
+    return nn.Sequential(random_frozen(24, 48, 20, seed=5), nn.GELU(), random_frozen(48, 24, 20, seed=6),
+                         nn.Linear(24, 3, dtype=D))
+
+
+@pytest.mark.parametrize("mode,kw", [("compact", {}), ("dense", {}), ("auto", {}), ("auto", {"tokens": 8}),
+                                     ("auto", {"sample_input": torch.randn(4, 24, dtype=D)})])
+def test_optimize_inference_modes(mode, kw):
+    model = make_model()
+    x = torch.randn(6, 24, dtype=D)
+    with torch.no_grad():
+        ref = model(x)
+    report = optimize_inference(model, mode=mode, reps=3, **kw)
+    assert len(report) == 2 and "optimize_inference" in str(report)
+    kinds = {type(model[0]), type(model[2])}
+    if mode == "compact":
+        assert kinds == {CompactGBLR}
+    elif mode == "dense":
+        assert kinds == {nn.Linear}
+    assert all(c.choice in ("compact", "dense") for c in report.layers)
+    if "tokens" in kw or "sample_input" in kw:
+        assert all(c.compact_time is not None and c.compact_time > 0 for c in report.layers)
+    assert not any(isinstance(m, GBLRLinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_optimize_inference_skips_unfrozen_layers():
+    model = nn.Sequential(GBLRLinear(8, 8), random_frozen(8, 8, 4))
+    report = optimize_inference(model, mode="compact")
+    assert isinstance(model[0], GBLRLinear) and isinstance(model[1], CompactGBLR)
+    assert [c.name for c in report.layers] == ["1"]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_mixed_identity_and_tiled_sides(seed):
+    """Random mixes of full-width (identity) and windowed sides, tile sizes and bucket counts."""
+    rng = np.random.default_rng(seed)
+    n_in, n_out, k = int(rng.integers(4, 40)), int(rng.integers(4, 40)), int(rng.integers(1, 12))
+    r = int(rng.integers(1, 3))
+    n = np.array([[n_in], [n_out]])
+    widths = rng.integers(1, n + 1, size=(2, k))
+    for side in range(2):
+        if rng.random() < 0.5:
+            widths[side] = n[side, 0]
+    locations = rng.integers(0, n, size=(2, k))
+    g = torch.Generator().manual_seed(seed)
+    layer = GBLRLinear._from_factors(torch.randn(k, r, n_out, generator=g, dtype=D), torch.randn(k, r, n_in, generator=g, dtype=D),
+                                     torch.as_tensor(widths), torch.as_tensor(locations), torch.randn(n_out, dtype=D)).freeze_structure()
+    tiles = [None, int(rng.integers(1, n_in + 1)), n_in]
+    for tile_in in tiles:
+        for tile_out in (None, int(rng.integers(1, n_out + 1)), n_out):
+            for mb in (1, 3):
+                check_equal(layer, CompactGBLR.from_gblr(layer, tile_in=tile_in, tile_out=tile_out, max_buckets=mb), lead=(4,))
