@@ -118,7 +118,8 @@ class GSMModule(LightningModule):
         self.budget = float(budget)
         self.phase1_epochs = int(phase1_epochs)
         self.sigma_schedule = SigmaSchedule(
-            sigma0, sigma1, sigma_start_epoch, self.phase1_epochs if sigma_end_epoch is None else sigma_end_epoch
+            sigma0, sigma1, sigma_start_epoch,
+            max(self.phase1_epochs, sigma_start_epoch) if sigma_end_epoch is None else sigma_end_epoch,
         )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
