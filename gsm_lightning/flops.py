@@ -15,8 +15,10 @@ __all__ = ["grid_widths", "structure_flops", "project_widths_to_budget", "model_
 
 def grid_widths(widths: Tensor, in_features: int, out_features: int) -> Tensor:
     """Integer widths ``(2, K)`` (row 0 input, row 1 output) on the grid, clamped to ``[0, n]``."""
-    n = torch.tensor([[in_features], [out_features]], device=widths.device, dtype=widths.dtype)
-    return torch.round(widths.detach().clamp(0, 1) * n).to(torch.int64)
+    w = widths.detach()
+    w = w if w.dtype in (torch.float32, torch.float64) else w.float()  # 16-bit floats cannot hold the grid
+    n = torch.tensor([[in_features], [out_features]], device=w.device, dtype=w.dtype)
+    return torch.round(w.clamp(0, 1) * n).to(torch.int64)
 
 
 def structure_flops(int_widths: Tensor, in_features: int, out_features: int, rank: int = 1) -> int:

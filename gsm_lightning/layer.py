@@ -184,6 +184,26 @@ class GBLRLinear(nn.Module):
             raise ValueError(f"sigma must be > 0 (or None/inf for a pure Dirichlet mask), got {sigma}")
         self.sigma.fill_(value)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> GBLRLinear:
+        """Module conversions (``.to(dtype)``, ``.half()``, Lightning ``bf16-true``) convert the factors
+        and bias but keep widths, locations and sigma in float32 (float64 is kept): in 16-bit floats the
+        grid ``k / n`` is not representable for ``n >= 256`` (bfloat16) and a proximal shrink of
+        ``lambda * lr`` (~1e-4) would round away, so the structure could neither sit on the grid nor shrink.
+        The original float32 values are restored exactly (on the new device)."""
+        saved = {name: getattr(self, name).detach().clone() for name in ("widths", "locations", "sigma")}
+        super()._apply(fn, recurse)
+        restored = False
+        for name, old in saved.items():
+            t = getattr(self, name)
+            if t.dtype != old.dtype and t.dtype not in (torch.float32, torch.float64):
+                t.data = old.to(device=t.device)
+                if t.grad is not None:
+                    t.grad = t.grad.to(old.dtype)
+                restored = True
+        if restored:
+            self.invalidate_cache()
+        return self
+
     # ----------------------------------------------------------------- masks
     def invalidate_cache(self) -> None:
         """Drop cached masks (done automatically when widths, locations or sigma change in place)."""
@@ -218,11 +238,11 @@ class GBLRLinear(nn.Module):
         if not needs_grad and self._mask_cache is not None and self._mask_cache[0] == self._cache_key():
             return self._mask_cache[1]
         dtype = self.weight_in.dtype
+        self._check_finite()
         if self.is_frozen:
             m_in = boxcar_mask(self.widths[0], self.locations[0], self.in_features, dtype)
             m_out = boxcar_mask(self.widths[1], self.locations[1], self.out_features, dtype)
         else:
-            self._check_finite()
             sigma = float(self.sigma)
             m_in = gaudi_mask(self.widths[0], self.locations[0], self.in_features, sigma).to(dtype)
             m_out = gaudi_mask(self.widths[1], self.locations[1], self.out_features, sigma).to(dtype)
@@ -232,10 +252,18 @@ class GBLRLinear(nn.Module):
         return m_in, m_out
 
     def _check_finite(self) -> None:
-        if not (torch.isfinite(self.widths).all() and torch.isfinite(self.locations).all()):
+        """Fail fast, naming the layer (its qualified name when set by ``gsmify``), on NaN/inf structure."""
+        bad = []
+        for what, t in (("widths", self.widths), ("locations", self.locations)):
+            finite = torch.isfinite(t.detach())
+            if not bool(finite.all()):
+                sides = [side for side, row in zip(("input", "output"), finite) if not bool(row.all())]
+                comps = sorted({int(c) for c in (~finite).nonzero()[:, 1].tolist()})
+                bad.append(f"{what} ({'/'.join(sides)} side, components {comps[:8]}{' ...' if len(comps) > 8 else ''})")
+        if bad:
             name = getattr(self, "_gsm_name", None) or "GBLRLinear"
             raise FloatingPointError(
-                f"non-finite widths or locations in layer '{name}' ({self.in_features}->{self.out_features}); "
+                f"non-finite {' and '.join(bad)} in layer '{name}' ({self.in_features}->{self.out_features}); "
                 "lower the structure learning rate or check the loss for NaN"
             )
 
@@ -257,7 +285,7 @@ class GBLRLinear(nn.Module):
         return dense < lowrank
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"GBLRLinear expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         if self.is_frozen:
             from .flop_count import frozen_forward, is_flop_counting  # flop_count imports this module
@@ -559,9 +587,15 @@ class GBLRLinear(nn.Module):
         and straight-through rounding, projecting the widths onto the budget after every step.
         With a budget of at least the full SVD cost (always at ``budget=1.0`` when ``K r (in+out)
         <= in out``, and by convention at ``budget=1.0`` otherwise) the conversion is lossless."""
-        if not 0 < budget <= 1:
+        if isinstance(budget, bool) or not 0 < budget <= 1:
             raise ValueError(f"budget must be in (0, 1] (fraction of the dense layer's FLOPs), got {budget}")
-        weight = linear.weight.detach()
+        if int(fit_steps) != fit_steps or fit_steps < 0:
+            raise ValueError(f"fit_steps must be a non-negative integer, got {fit_steps}")
+        weight = getattr(linear, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError(f"from_linear expects a linear layer with a 2-D weight (nn.Linear or HF Conv1D), got "
+                             f"{type(linear).__name__} with weight shape {None if weight is None else tuple(weight.shape)}")
+        weight = weight.detach()
         if transpose is None:
             transpose = type(linear).__name__ == "Conv1D"  # HF GPT-2 Conv1D stores (in, out)
         if transpose:

@@ -38,14 +38,21 @@ def _check_sigma(sigma: float | None) -> float:
     return sigma
 
 
+def _real(x: Tensor) -> Tensor:
+    """``x`` in float32 unless it is float64: 16-bit floats cannot hold the grid ``k / n`` (bfloat16 has 8
+    significant bits, so ``0.3 * 1000`` becomes ``300.78``); none of the ops here is down-cast by CPU autocast."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
+
+
 def quantize_ste(x: Tensor, n: int) -> Tensor:
-    """Round fractions to the grid ``k / n``; the gradient passes straight through."""
+    """Round fractions to the grid ``k / n`` (computed in float32 or float64); the gradient passes straight through."""
+    x = _real(x)
     return x + (torch.round(x * n) / n - x).detach()
 
 
 def to_grid(x: Tensor, n: int) -> Tensor:
-    """Integer grid positions ``round(x * n)`` as int64 (no gradient)."""
-    return torch.round(x.detach() * n).to(torch.int64)
+    """Integer grid positions ``round(x * n)`` as int64 (no gradient; computed in float32 or float64)."""
+    return torch.round(_real(x.detach()) * n).to(torch.int64)
 
 
 def gaudi_spectrum(width: Tensor, location: Tensor, n: int, sigma: float | None = None) -> Tensor:
@@ -53,7 +60,7 @@ def gaudi_spectrum(width: Tensor, location: Tensor, n: int, sigma: float | None 
     sigma = _check_sigma(sigma)
     if n < 1:
         raise ValueError(f"mask length n must be >= 1, got {n}")
-    real_dtype = width.dtype if width.dtype in (torch.float32, torch.float64) else torch.float32
+    real_dtype = torch.promote_types(_real(width).dtype, _real(location).dtype)
     width = width.to(real_dtype).unsqueeze(-1)
     location = location.to(real_dtype).unsqueeze(-1)
     k = torch.arange(n // 2 + 1, device=width.device, dtype=real_dtype)

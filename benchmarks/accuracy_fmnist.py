@@ -1,0 +1,192 @@
+"""Accuracy at a FLOPs budget on real data: Fashion-MNIST, small ViT and MLP-Mixer,
+dense vs low-rank vs Monarch vs GBLR (learned structure, two-phase), same recipe, epochs and seeds.
+
+    python benchmarks/accuracy_fmnist.py                 # the full sweep (about an hour on 2 CPU cores)
+    python benchmarks/accuracy_fmnist.py --quick         # a smoke run on a few hundred images
+
+Writes a markdown table into BENCHMARKS.md (between the accuracy markers), the raw results to
+docs/accuracy_fmnist.json and an accuracy-vs-FLOPs plot to docs/accuracy_vs_flops.png.
+Needs Debian's dataset-fashion-mnist (or --root pointing to the idx .gz files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning.pytorch as pl  # noqa: E402
+
+from gsm_lightning.data import FashionMNISTDataModule  # noqa: E402
+from gsm_lightning.models import MLPMixer, ViT  # noqa: E402
+from gsm_lightning.module import GSMModule  # noqa: E402
+
+START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+
+
+def backbone(name: str) -> torch.nn.Module:
+    if name == "vit":
+        return ViT(image_size=28, patch_size=4, in_chans=1, num_classes=10, dim=96, depth=4, heads=4, mlp_ratio=2.0,
+                   pool="mean")
+    if name == "mixer":
+        return MLPMixer(image_size=28, patch_size=4, in_chans=1, num_classes=10, dim=96, depth=4, token_mlp_dim=64,
+                        channel_mlp_dim=384)
+    raise ValueError(f"unknown model {name!r}")
+
+
+def converted_params(module: GSMModule) -> int:
+    """Stored nonzero parameters of the converted layers (weights + biases), analytic."""
+    if module.report is None:
+        return sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+                   for n, m in module.backbone.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n in set(_targets(module)))
+    return sum(module.backbone.get_submodule(n).params() for n in module.report.names)
+
+
+def _targets(module: GSMModule) -> list[str]:
+    from gsm_lightning.conversion import select_linear_layers
+
+    return select_linear_layers(module.backbone, include=module.backbone.gsm_default_include)
+
+
+def run_one(model: str, method: str, budget: float, seed: int, args: argparse.Namespace) -> dict:
+    pl.seed_everything(seed, workers=True)
+    data = FashionMNISTDataModule(root=args.root, batch_size=args.batch_size, seed=seed, val_size=0,
+                                  train_subset=args.train_subset, test_subset=args.test_subset, augment=False)
+    module = GSMModule(
+        backbone(model), num_classes=10, budget=budget if method != "dense" else 1.0, method=method, init="random",
+        phase1_epochs=args.phase1_epochs if method == "gblr" else 0, prox_lambda=args.prox_lambda,
+        structure_lr=args.structure_lr, sigma0=1.0, sigma1=100.0, sigma_start_epoch=0, label_smoothing=0.1,
+        warmup_epochs=args.warmup_epochs,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.05),
+    )
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    fit_s = time.perf_counter() - t0
+    result = trainer.test(module, datamodule=data, verbose=False)[0]
+    return {
+        "model": model, "method": method, "budget": budget if method != "dense" else 1.0, "seed": seed,
+        "test_acc": float(result["test/acc"]), "flops_ratio": float(module.flops_ratio()),
+        "converted_params": int(converted_params(module)), "epoch_s": fit_s / args.epochs,
+    }
+
+
+def table(results: list[dict]) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["method"], r["budget"]), []).append(r)
+    lines = ["| model | method | budget | test acc % (median over seeds) | seeds | FLOPs ratio (converted layers) "
+             "| params (converted layers) | s / epoch |", "|---|---|---|---|---|---|---|---|"]
+    for (model, method, budget), rs in groups.items():
+        accs = [100 * r["test_acc"] for r in rs]
+        lines.append(
+            f"| {model} | {method} | {budget:g} | {statistics.median(accs):.2f}"
+            f"{'' if len(accs) == 1 else f' ({min(accs):.2f}-{max(accs):.2f})'} | {len(rs)} "
+            f"| {statistics.median(r['flops_ratio'] for r in rs):.3f} "
+            f"| {int(statistics.median(r['converted_params'] for r in rs)):,} "
+            f"| {statistics.median(r['epoch_s'] for r in rs):.1f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in results})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    markers = {"dense": "*", "lowrank": "s", "monarch": "^", "gblr": "o", "blocksparse": "D"}
+    for ax, model in zip(axes[0], models):
+        for method in markers:
+            rs = sorted((r for r in results if r["model"] == model and r["method"] == method), key=lambda r: r["flops_ratio"])
+            if rs:
+                ax.plot([r["flops_ratio"] for r in rs], [100 * r["test_acc"] for r in rs], marker=markers[method],
+                        linestyle="-" if method != "dense" else "", label=method)
+        ax.set_title(f"Fashion-MNIST, {model}")
+        ax.set_xlabel("FLOPs ratio of converted layers")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def write_section(text: str, path: Path) -> None:
+    body = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{START}\n{text}\n{END}"
+    if START in body and END in body:
+        body = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, body, flags=re.S)
+    else:
+        body = body.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(body)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=None, help="Fashion-MNIST idx .gz folder (default: Debian's)")
+    p.add_argument("--models", default="vit,mixer")
+    p.add_argument("--methods", default="dense,lowrank,monarch,gblr")
+    p.add_argument("--budgets", default="0.3,0.5")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--phase1-epochs", type=int, default=4)
+    p.add_argument("--train-subset", type=int, default=20000)
+    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--structure-lr", type=float, default=5e-3)
+    p.add_argument("--prox-lambda", type=float, default=0.3)
+    p.add_argument("--warmup-epochs", type=float, default=0.5)
+    p.add_argument("--quick", action="store_true", help="a smoke run on a few hundred images")
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--json", default=str(ROOT / "docs" / "accuracy_fmnist.json"))
+    p.add_argument("--plot", default=str(ROOT / "docs" / "accuracy_vs_flops.png"))
+    args = p.parse_args()
+    if args.quick:
+        args.epochs, args.phase1_epochs, args.train_subset, args.test_subset = 2, 1, 256, 256
+    results = []
+    for model in args.models.split(","):
+        for method in args.methods.split(","):
+            budgets = [1.0] if method == "dense" else [float(b) for b in args.budgets.split(",")]
+            for budget in budgets:
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    r = run_one(model, method, budget, seed, args)
+                    print(json.dumps(r), flush=True)
+                    results.append(r)
+    cmd = "python benchmarks/accuracy_fmnist.py " + " ".join(sys.argv[1:])
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    header = (f"### Accuracy at a FLOPs budget: Fashion-MNIST\n\n"
+              f"Command: `{cmd.strip()}`  \nDate: {datetime.date.today()}; machine: {cpu}, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}.  \n"
+              f"Recipe (all methods): {args.epochs} epochs, {args.train_subset or 'all'} training images, full "
+              f"10k test set{'' if not args.test_subset else f' (subset {args.test_subset})'}, AdamW lr {args.lr:g} "
+              f"wd 0.05, cosine, label smoothing 0.1, batch {args.batch_size}; GBLR: phase 1 = {args.phase1_epochs} "
+              f"epochs (structure lr {args.structure_lr:g}, lambda {args.prox_lambda:g}, sigma 1 -> 100), then frozen. "
+              f"Converted layers: ViT q/k/v + MLP, Mixer token + channel MLPs; the rest stays dense.\n")
+    write_section(header + "\n" + table(results) + "\n\n![accuracy vs FLOPs](docs/accuracy_vs_flops.png)", Path(args.out))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"command": cmd, "results": results}, indent=1))
+    plot(results, Path(args.plot))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Bad input fails fast with a clear error naming the problem (issue 7, item 3).
+
+One consolidated place that pins each user-facing error: exception type and a meaningful part of the message.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gsm_lightning import GBLRLinear
+from gsm_lightning.cli import build_cli
+from gsm_lightning.conversion import gsmify
+from gsm_lightning.data import FashionMNISTDataModule
+from gsm_lightning.export import load_compact, save_compact
+from gsm_lightning.masks import gaudi_mask
+from gsm_lightning.module import GSMModule
+
+from .helpers import adamw, digits_loaders
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(hidden: int = 96) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(64, hidden), nn.GELU(), nn.Linear(hidden, 10))
+
+
+def named_tiny() -> nn.Sequential:
+    """Nested names, so a qualified name ('enc.fc') is distinguishable from a bare index."""
+    return nn.Sequential(OrderedDict(enc=nn.Sequential(OrderedDict(fc=nn.Linear(64, 32))), act=nn.GELU(),
+                                     head=nn.Linear(32, 10)))
+
+
+def module(backbone: nn.Module | None = None, **kw) -> GSMModule:
+    args = dict(num_classes=10, budget=0.4, optimizer=adamw())
+    args.update(kw)
+    return GSMModule(tiny() if backbone is None else backbone, **args)
+
+
+def trainer(tmp_path: Path, **kw) -> pl.Trainer:
+    args = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                default_root_dir=tmp_path)
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
+# ------------------------------------------------------------------------------------------- budget
+@pytest.mark.parametrize("budget", [0, 0.0, -0.1, 1.0001, 2, math.nan, math.inf, True])
+@pytest.mark.parametrize("where", ["gsmify", "from_linear", "GSMModule"])
+def test_budget_outside_unit_interval(where, budget):
+    build = {
+        "gsmify": lambda: gsmify(tiny(), budget=budget),
+        "from_linear": lambda: GBLRLinear.from_linear(nn.Linear(16, 8), budget=budget),
+        "GSMModule": lambda: module(budget=budget),
+    }[where]
+    with pytest.raises(ValueError, match=r"budget must be .*in \(0, 1\]"):
+        build()
+
+
+def test_budget_above_initial_flops_of_random_init():
+    with pytest.raises(ValueError, match=r"budget\) 0\.9 is above the initial ratio 0\.\d+ .*width_init"):
+        module(budget=0.9, init="random", layer_kwargs={"width_init": 0.2})
+
+
+# ---------------------------------------------------------------------------------- layer selection
+@pytest.mark.parametrize("kind", ["include", "exclude"])
+def test_pattern_matching_no_layer_lists_the_layers(kind):
+    with pytest.raises(ValueError, match=rf"{kind} pattern 'blocks\.\*' matches no linear layer of Sequential; "
+                                         r"linear layers are: 0, 2"):
+        gsmify(tiny(), **{kind: ["blocks.*"]})
+    with pytest.raises(ValueError, match=rf"{kind} pattern 're:enc' matches no linear layer of Sequential; "
+                                         r"linear layers are: enc\.fc, head"):
+        module(named_tiny(), **{kind: ["re:enc"]})  # re.fullmatch: a prefix is not a match
+
+
+def test_include_minus_exclude_leaves_nothing():
+    with pytest.raises(ValueError, match="leaves no layer to convert"):
+        gsmify(tiny(), include=["0"], exclude=["0"])
+
+
+def test_backbone_without_linear_layers():
+    convnet = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten())
+    with pytest.raises(ValueError, match="backbone Sequential has no linear layers"):
+        gsmify(convnet)
+    with pytest.raises(ValueError, match="no linear layers"):
+        module(convnet)
+
+
+# ------------------------------------------------------------------------------------ init choices
+def test_unknown_init_and_width_init():
+    with pytest.raises(ValueError, match=r"unknown init 'svd'; expected one of \('pretrained', 'random'\)"):
+        gsmify(tiny(), init="svd")
+    with pytest.raises(ValueError, match="unknown init 'svd'"):
+        module(init="svd")
+    with pytest.raises(ValueError, match=r"unknown width_init 'wide'; expected one of \('splr', 'full'\)"):
+        GBLRLinear(8, 8, width_init="wide")
+    with pytest.raises(ValueError, match="unknown width_init 'wide'"):
+        module(init="random", layer_kwargs={"width_init": "wide"})
+    with pytest.raises(ValueError, match=r"numeric width_init must be in \(0, 1\], got 1.5"):
+        GBLRLinear(8, 8, width_init=1.5)
+    with pytest.raises(ValueError, match="width_init does not apply to from_linear"):
+        module(init="pretrained", layer_kwargs={"width_init": "full"})
+    with pytest.raises(ValueError, match="unknown location_init 'middle'"):
+        GBLRLinear(8, 8, location_init="middle")
+
+
+def test_rank_per_component_larger_than_min_side():
+    with pytest.raises(ValueError, match=r"rank_per_component must be in \[1, min\(in_features, out_features\)\] "
+                                         r"= \[1, 8\], got 9"):
+        GBLRLinear(8, 16, rank_per_component=9)
+    with pytest.raises(ValueError, match=r"= \[1, 10\], got 11"):  # the 96->10 head of the backbone
+        module(init="random", layer_kwargs={"rank_per_component": 11})
+    with pytest.raises(ValueError, match=r"= \[1, 10\], got 11"):
+        gsmify(tiny(), init="pretrained", rank_per_component=11, fit_steps=0)
+    with pytest.raises(ValueError, match="got 0"):
+        GBLRLinear(8, 16, rank_per_component=0)
+
+
+def test_from_linear_rejects_non_linear_modules_and_bad_fit_steps():
+    with pytest.raises(ValueError, match=r"2-D weight .*got Conv2d with weight shape \(4, 3, 3, 3\)"):
+        GBLRLinear.from_linear(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match="got ReLU with weight shape None"):
+        GBLRLinear.from_linear(nn.ReLU())
+    with pytest.raises(ValueError, match="fit_steps must be a non-negative integer, got -1"):
+        GBLRLinear.from_linear(nn.Linear(8, 8), budget=0.5, fit_steps=-1)
+
+
+# ------------------------------------------------------------------------------------------- sigma
+@pytest.mark.parametrize("sigma", [0, 0.0, -1.0, math.nan, -math.inf])
+def test_sigma_must_be_positive(sigma):
+    with pytest.raises(ValueError, match=r"sigma must be > 0 \(or None/inf"):
+        GBLRLinear(8, 8, sigma=sigma)
+    layer = GBLRLinear(8, 8, sigma=1.0)
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        layer.set_sigma(sigma)
+    assert float(layer.sigma) == 1.0  # a refused value leaves the layer unchanged
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        gaudi_mask(torch.zeros(2), torch.zeros(2), 8, sigma=sigma)
+    with pytest.raises(ValueError, match=r"sigma0 must be > 0 or null"):
+        module(sigma0=sigma)
+    with pytest.raises(ValueError, match=r"sigma1 must be > 0 or null"):
+        module(sigma1=sigma)
+
+
+# ------------------------------------------------------------------------------------------ epochs
+@pytest.mark.parametrize("epochs", [-1, -5, 1.5])
+def test_phase1_epochs_must_be_a_non_negative_integer(epochs):
+    with pytest.raises(ValueError, match=rf"phase1_epochs must be a non-negative integer, got {epochs}"):
+        module(phase1_epochs=epochs)
+
+
+def test_sigma_schedule_epochs_must_be_ordered():
+    with pytest.raises(ValueError, match=r"0 <= start_epoch <= end_epoch, got -1"):
+        module(sigma_start_epoch=-1)
+    with pytest.raises(ValueError, match=r"start_epoch <= end_epoch, got 3, 2"):
+        module(sigma_start_epoch=3, sigma_end_epoch=2)
+
+
+def test_phase1_beyond_max_epochs_fails_at_fit_start(tmp_path):
+    train, _ = digits_loaders(n_train=128)
+    m = module(phase1_epochs=3)
+    with pytest.raises(ValueError, match=r"phase1_epochs=3 is beyond trainer.max_epochs=2: the structure would never be frozen"):
+        trainer(tmp_path, max_epochs=2).fit(m, train)
+    assert m.phase == 1 and m.real_optimizer_steps == 0  # failed before any step
+
+
+# ------------------------------------------------------------------------------ non-finite values
+@pytest.mark.parametrize("what,row,bad", [("widths", 0, math.nan), ("locations", 1, math.inf), ("widths", 1, -math.inf)])
+def test_non_finite_structure_names_the_gsmify_layer(what, row, bad):
+    net = named_tiny()
+    gsmify(net, init="random")
+    layer = net.enc.fc
+    with torch.no_grad():
+        getattr(layer, what)[row, 3] = bad
+    side = ("input", "output")[row]
+    msg = rf"non-finite {what} \({side} side, components \[3\]\) in layer 'enc\.fc' \(64->32\)"
+    with pytest.raises(FloatingPointError, match=msg):
+        net(torch.randn(2, 64))
+    net.eval()  # the cached eval path checks too
+    with torch.no_grad(), pytest.raises(FloatingPointError, match=msg):
+        net(torch.randn(2, 64))
+    with pytest.raises(FloatingPointError, match=msg):
+        layer.freeze_structure()
+    assert not layer.is_frozen
+
+
+def test_non_finite_structure_in_training_names_the_qualified_layer(tmp_path):
+    train, _ = digits_loaders(n_train=128)
+    m = module(named_tiny(), budget=0.5)
+    with torch.no_grad():
+        m.backbone.head.widths[0, 1] = math.nan
+    with pytest.raises(FloatingPointError, match=r"non-finite widths \(input side, components \[1\]\) in layer 'head' "
+                                                 r"\(32->10\)"):
+        trainer(tmp_path).fit(m, train)
+
+
+def test_nan_loss_raises_floating_point_error(tmp_path):
+    x = torch.randn(64, 64)
+    x[5, 7] = math.nan  # one corrupt sample
+    train = DataLoader(TensorDataset(x, torch.randint(0, 10, (64,))), batch_size=64)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at epoch 0, batch 0"):
+        trainer(tmp_path).fit(module(), train)
+
+
+# --------------------------------------------------------------------------------------------- data
+def test_fashion_mnist_root_that_does_not_exist(tmp_path):
+    root = tmp_path / "nope"
+    dm = FashionMNISTDataModule(root=str(root))
+    for step in (dm.prepare_data, dm.setup):
+        with pytest.raises(FileNotFoundError, match=r"Fashion-MNIST root '.*nope' does not exist") as err:
+            step()
+        assert str(root) in str(err.value)
+
+
+def _write_idx_gz(path: Path, array: np.ndarray) -> None:
+    head = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    path.write_bytes(gzip.compress(head + array.astype(np.uint8).tobytes()))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_corrupt_fashion_mnist_file_is_named(tmp_path, damage):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("t10k", 6)):
+        _write_idx_gz(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx_gz(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    FashionMNISTDataModule(root=str(tmp_path), val_size=2).setup()  # the intact set loads
+    bad = tmp_path / "t10k-images-idx3-ubyte.gz"
+    blob = bad.read_bytes()
+    bad.write_bytes(blob[: len(blob) // 2] if damage == "truncated" else blob[:10] + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"corrupt or truncated idx file .*t10k-images-idx3-ubyte\.gz"):
+        FashionMNISTDataModule(root=str(tmp_path), val_size=2).setup()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_unknown_yaml_key_names_the_key(tmp_path, capsys):
+    text = (ROOT / "configs" / "quickstart.yaml").read_text()
+    assert "  prox_lambda:" in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("  prox_lambda:", "  prox_lamda:"))
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", str(bad), "--print_config"])
+    assert exit_info.value.code not in (0, None)
+    assert "prox_lamda" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- wrong structure
+def _frozen_tiny(hidden: int = 96) -> nn.Module:
+    net = tiny(hidden)
+    gsmify(net, init="random", width_init=0.5)
+    for layer in net.modules():
+        if isinstance(layer, GBLRLinear):
+            layer.freeze_structure()
+    return net
+
+
+def test_compact_export_into_wrong_architecture(tmp_path):
+    path = tmp_path / "net.pt"
+    save_compact(_frozen_tiny(), path)
+    assert isinstance(load_compact(path, tiny)[0], GBLRLinear)  # the right architecture loads
+    with pytest.raises(ValueError, match=r"stored GBLR layer '0' is 64->96 but Sequential\.0 is 64->80: wrong architecture"):
+        load_compact(path, lambda: tiny(80))
+    with pytest.raises(ValueError, match="stored GBLR layer '0' does not exist in Sequential"):
+        load_compact(path, named_tiny)
+
+
+def test_lightning_checkpoint_of_another_structure(tmp_path):
+    train, _ = digits_loaders(n_train=128)
+    m = module(budget=0.5)
+    t = trainer(tmp_path)
+    t.fit(m, train)
+    ckpt = tmp_path / "gsm.ckpt"
+    t.save_checkpoint(ckpt)
+    loaded = GSMModule.load_from_checkpoint(ckpt, backbone=tiny())  # the same structure loads
+    assert {n: s.structure() for n, s in loaded.gblr_layers} == {n: s.structure() for n, s in m.gblr_layers}
+    with pytest.raises(ValueError, match=r"checkpoint layer '0' has in/out/rank \(64, 96, 1\), model has \(64, 80, 1\)"):
+        GSMModule.load_from_checkpoint(ckpt, backbone=tiny(80))
+    with pytest.raises(ValueError, match=r"does not match this model's GBLR layers: in checkpoint only: \['0', '2'\]; "
+                                         r"in model only: \['enc.fc', 'head'\]"):
+        GSMModule.load_from_checkpoint(ckpt, backbone=named_tiny())
+
+
+def test_gblr_state_dict_of_another_shape():
+    with pytest.raises(RuntimeError, match=r"GBLR layer 'GBLRLinear' has rank_per_component/in/out = \(1, 8, 16\), but the layer is "
+                                           r"\(1, 8, 12\)"):
+        GBLRLinear(8, 12).load_state_dict(GBLRLinear(8, 16).state_dict())
+
+
+# ------------------------------------------------------------------------------------------ forward
+@pytest.mark.parametrize("shape", [(3, 9), (2, 5, 7), (7,), (), (8, 0)])
+def test_gblr_input_with_wrong_last_dim(shape):
+    layer = GBLRLinear(8, 16)
+    with pytest.raises(ValueError, match=rf"expected input with last dimension 8, got shape {re.escape(str(shape))}"):
+        layer(torch.randn(shape))
+
+
+# ------------------------------------------------------------------------------------ method / task
+def test_unknown_method_and_task():
+    with pytest.raises(ValueError, match=r"unknown method 'sparse'; expected gblr, dense, lowrank, monarch or blocksparse"):
+        module(method="sparse")
+    with pytest.raises(ValueError, match=r"unknown task 'regression'; expected 'classification' or 'lm'"):
+        module(task="regression")
+    with pytest.raises(ValueError, match=r"classification needs num_classes >= 2, got None"):
+        module(num_classes=None)
