@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 __all__ = [
     "DigitsDataModule", "FashionMNISTDataModule", "CIFARDataModule", "ImageFolderDataModule", "WikiText103DataModule",
@@ -67,6 +67,26 @@ def _limit(n_available: int, subset: int | None, name: str) -> int:
     return subset
 
 
+class EpochSeededSampler(Sampler[int]):
+    """Random permutation drawn from ``seed + epoch``.
+
+    Lightning calls ``set_epoch`` at every epoch start, also after resuming from a checkpoint, so a
+    resumed run sees the same batches as an uninterrupted one (a DataLoader ``generator`` would restart
+    from its seed instead).  Under DDP, Lightning wraps it in a distributed sampler."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(_seeded_perm(self.n, self.seed + self.epoch).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class _BaseDataModule(LightningDataModule):
     """Shared loader logic; subclasses fill ``train_set``/``val_set``/``test_set`` in ``setup``."""
 
@@ -84,9 +104,9 @@ class _BaseDataModule(LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before {split}_dataloader()")
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+            sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else None,
             pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:

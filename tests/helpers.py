@@ -1,4 +1,4 @@
-"""Small shared builders for the Lightning tests: real sklearn digits, a tiny MLP, a seeded sampler."""
+"""Small shared builders for the Lightning tests: real sklearn digits, a tiny MLP, an optimizer factory."""
 
 from __future__ import annotations
 
@@ -8,24 +8,9 @@ import torch
 from lightning.pytorch import Callback
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
-
-class EpochSeededSampler(Sampler[int]):
-    """Random permutation drawn from ``seed + epoch`` (Lightning calls ``set_epoch``)."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
+from gsm_lightning.data import EpochSeededSampler
 
 
 def digits_loaders(n_train: int = 512, batch_size: int = 64):

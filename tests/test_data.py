@@ -355,3 +355,20 @@ def test_wikitext_errors(tmp_path):
         WikiText103DataModule(root=str(tmp_path), tokenizer="char", block_size=10_000, use_cache=False).setup()
     with pytest.raises(ValueError, match="variant"):
         WikiText103DataModule(root=str(tmp_path), variant="bpe")
+
+
+def test_train_order_is_a_function_of_seed_and_epoch_only():
+    """Resumed runs see the same batches: the train order depends on (seed, epoch), not on RNG history."""
+    from gsm_lightning.data import DigitsDataModule, EpochSeededSampler
+
+    dm = DigitsDataModule(batch_size=32, seed=3)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, EpochSeededSampler)
+    orders = []
+    for epoch in (0, 1, 0):
+        loader.sampler.set_epoch(epoch)
+        torch.manual_seed(epoch + 100)  # unrelated global RNG use must not matter
+        orders.append(list(loader.sampler))
+    assert orders[0] == orders[2] and orders[0] != orders[1]
+    assert sorted(orders[0]) == list(range(len(dm.train_set)))
