@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .conversion import GSMReport, ReplacedLayer, get_submodule_parent, select_linear_layers
+from .flops import StructuredCost
 
 __all__ = [
     "LowRankLinear",
@@ -76,7 +77,7 @@ def _uniform_(t: Tensor, fan_in: int) -> None:
     nn.init.uniform_(t, -bound, bound)
 
 
-class _StructuredLinear(nn.Module):
+class _StructuredLinear(StructuredCost, nn.Module):
     """Shared plumbing: shape checks, flattening of leading dims, bias, dense conversion."""
 
     in_features: int
@@ -97,21 +98,6 @@ class _StructuredLinear(nn.Module):
             raise ValueError(f"{type(self).__name__} expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         y = self._matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
-
-    def flops(self) -> int:
-        """Multiply-adds per token of the structured product (bias excluded)."""
-        raise NotImplementedError
-
-    def dense_flops(self) -> int:
-        """Multiply-adds per token of a dense layer of the same shape."""
-        return self.in_features * self.out_features
-
-    def flops_ratio(self) -> float:
-        return self.flops() / self.dense_flops()
-
-    def params(self) -> int:
-        """Parameters of the structured weight plus the bias."""
-        return self.flops() + (self.out_features if self.bias is not None else 0)
 
     def to_dense(self) -> Tensor:
         """The weight ``W`` ``(out, in)`` as a dense matrix (differentiable)."""

@@ -10,7 +10,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["grid_widths", "structure_flops", "project_widths_to_budget", "model_flops"]
+__all__ = ["StructuredCost", "grid_cost", "grid_widths", "structure_flops", "project_widths_to_budget", "model_flops"]
+
+
+class StructuredCost:
+    """Cost accounting shared by structured linear layers: subclasses define ``flops()`` (multiply-adds
+    per token of the structured weight, bias excluded), ``in_features``, ``out_features`` and ``bias``."""
+
+    in_features: int
+    out_features: int
+
+    def flops(self) -> int:
+        raise NotImplementedError
+
+    def dense_flops(self) -> int:
+        """Multiply-adds per token of a dense layer of the same shape."""
+        return self.in_features * self.out_features
+
+    def flops_ratio(self) -> float:
+        return self.flops() / self.dense_flops()
+
+    def params(self) -> int:
+        """Nonzero parameters of the structured weight (= ``flops()``) plus the bias."""
+        return self.flops() + (self.out_features if getattr(self, "bias", None) is not None else 0)
 
 
 def grid_widths(widths: Tensor, in_features: int, out_features: int) -> Tensor:
@@ -27,7 +49,7 @@ def structure_flops(int_widths: Tensor, in_features: int, out_features: int, ran
     return int(rank * (int_widths[0] + int_widths[1])[active].sum().item())
 
 
-def _grid_cost(widths: Tensor, in_features: int, out_features: int, rank: int) -> Tensor:
+def grid_cost(widths: Tensor, in_features: int, out_features: int, rank: int) -> Tensor:
     """Cost of (..., 2, K) width fractions, batched over leading dims."""
     wi = torch.round(widths[..., 0, :].clamp(0, 1) * in_features)
     wo = torch.round(widths[..., 1, :].clamp(0, 1) * out_features)
@@ -41,12 +63,12 @@ def project_widths_to_budget(
     """Shift all widths down by the smallest ``tau >= 0`` (then clamp to [0, 1]) so that the
     grid cost is at most ``budget_flops``.  Returns new widths; unchanged if already within budget."""
     w = widths.detach().clamp(0, 1)
-    if float(_grid_cost(w, in_features, out_features, rank)) <= budget_flops:
+    if float(grid_cost(w, in_features, out_features, rank)) <= budget_flops:
         return w
     lo, hi = 0.0, 1.0  # cost(hi) == 0 <= budget
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if float(_grid_cost((w - mid).clamp(0, 1), in_features, out_features, rank)) <= budget_flops:
+        if float(grid_cost((w - mid).clamp(0, 1), in_features, out_features, rank)) <= budget_flops:
             hi = mid
         else:
             lo = mid

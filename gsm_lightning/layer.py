@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .flops import grid_widths, project_widths_to_budget, structure_flops
+from .flops import StructuredCost, grid_widths, project_widths_to_budget, structure_flops
 from .masks import boxcar_mask, gaudi_mask
 
 __all__ = ["GBLRLinear"]
@@ -33,7 +33,7 @@ _LOCATION_INITS = ("zero", "uniform", "random")
 _FORWARD_MODES = ("auto", "lowrank", "dense")
 
 
-class GBLRLinear(nn.Module):
+class GBLRLinear(StructuredCost, nn.Module):
     """Linear layer ``y = x W^T + b`` with a learnable GBLR weight.
 
     Args:
@@ -335,17 +335,6 @@ class GBLRLinear(nn.Module):
     def flops(self) -> int:
         """Multiply-adds per token of the structured product (bias excluded)."""
         return structure_flops(self.int_widths(), self.in_features, self.out_features, self.rank_per_component)
-
-    def dense_flops(self) -> int:
-        """Multiply-adds per token of the dense layer of the same shape."""
-        return self.in_features * self.out_features
-
-    def flops_ratio(self) -> float:
-        return self.flops() / self.dense_flops()
-
-    def params(self) -> int:
-        """Nonzero parameters of the structured weight (= flops()) plus the bias."""
-        return self.flops() + (self.out_features if self.bias is not None else 0)
 
     def structure(self) -> dict[str, Any]:
         """The integer structure: shape, rank, widths and locations per component, frozen flag."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flops import _grid_cost
+from .flops import grid_cost
 from .layer import GBLRLinear
 
 __all__ = [
@@ -78,7 +78,7 @@ def project_model_to_budget(model: nn.Module, target: float, iters: int = 60) ->
     dense = sum(m.dense_flops() for m in layers)
 
     def ratio_at(tau: float) -> float:
-        cost = sum(float(_grid_cost((m.widths - tau).clamp(0, 1), m.in_features, m.out_features, m.rank_per_component))
+        cost = sum(float(grid_cost((m.widths - tau).clamp(0, 1), m.in_features, m.out_features, m.rank_per_component))
                    for m in layers)
         return cost / dense
 
