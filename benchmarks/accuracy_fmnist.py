@@ -4,6 +4,12 @@ dense vs low-rank vs Monarch vs GBLR (learned structure, two-phase), same recipe
     python benchmarks/accuracy_fmnist.py                 # the full sweep (about an hour on 2 CPU cores)
     python benchmarks/accuracy_fmnist.py --quick         # a smoke run on a few hundred images
 
+On 2 cores it is fastest to run the two models as two single-threaded processes, then merge:
+
+    python benchmarks/accuracy_fmnist.py --models vit --threads 1 --json docs/acc_vit.json --no-report &
+    python benchmarks/accuracy_fmnist.py --models mixer --threads 1 --json docs/acc_mixer.json --no-report; wait
+    python benchmarks/accuracy_fmnist.py --report docs/acc_vit.json docs/acc_mixer.json
+
 Writes a markdown table into BENCHMARKS.md (between the accuracy markers), the raw results to
 docs/accuracy_fmnist.json and an accuracy-vs-FLOPs plot to docs/accuracy_vs_flops.png.
 Needs Debian's dataset-fashion-mnist (or --root pointing to the idx .gz files).
@@ -70,6 +76,8 @@ def run_one(model: str, method: str, budget: float, seed: int, args: argparse.Na
         phase1_epochs=args.phase1_epochs if method == "gblr" else 0, prox_lambda=args.prox_lambda,
         structure_lr=args.structure_lr, sigma0=1.0, sigma1=100.0, sigma_start_epoch=0, label_smoothing=0.1,
         warmup_epochs=args.warmup_epochs,
+        layer_kwargs={k: v for k, v in (("width_init", args.gblr_width_init),
+                                        ("location_init", args.gblr_location_init)) if v is not None},
         optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.05),
     )
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
@@ -154,36 +162,57 @@ def main() -> None:
     p.add_argument("--structure-lr", type=float, default=5e-3)
     p.add_argument("--prox-lambda", type=float, default=0.3)
     p.add_argument("--warmup-epochs", type=float, default=0.5)
+    p.add_argument("--gblr-width-init", type=float, default=None, help="GBLR width_init (default 'splr')")
+    p.add_argument("--gblr-location-init", default=None, help="GBLR location_init (default 'zero')")
     p.add_argument("--quick", action="store_true", help="a smoke run on a few hundred images")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-report", action="store_true", help="only write --json (merge later with --report)")
+    p.add_argument("--report", nargs="+", default=None, help="merge result JSON files into the table and plot")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--json", default=str(ROOT / "docs" / "accuracy_fmnist.json"))
     p.add_argument("--plot", default=str(ROOT / "docs" / "accuracy_vs_flops.png"))
     args = p.parse_args()
     if args.quick:
         args.epochs, args.phase1_epochs, args.train_subset, args.test_subset = 2, 1, 256, 256
-    results = []
-    for model in args.models.split(","):
-        for method in args.methods.split(","):
-            budgets = [1.0] if method == "dense" else [float(b) for b in args.budgets.split(",")]
-            for budget in budgets:
-                for seed in (int(s) for s in args.seeds.split(",")):
-                    r = run_one(model, method, budget, seed, args)
-                    print(json.dumps(r), flush=True)
-                    results.append(r)
-    cmd = "python benchmarks/accuracy_fmnist.py " + " ".join(sys.argv[1:])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.report:
+        runs = [json.loads(Path(f).read_text()) for f in args.report]
+        results = [r for run in runs for r in run["results"]]
+        cmd = "; ".join(run["command"] for run in runs) + "; python benchmarks/accuracy_fmnist.py " + " ".join(sys.argv[1:])
+        meta = runs[0]["meta"]
+    else:
+        results = []
+        for model in args.models.split(","):
+            for method in args.methods.split(","):
+                budgets = [1.0] if method == "dense" else [float(b) for b in args.budgets.split(",")]
+                for budget in budgets:
+                    for seed in (int(s) for s in args.seeds.split(",")):
+                        r = run_one(model, method, budget, seed, args)
+                        print(json.dumps(r), flush=True)
+                        results.append(r)
+        cmd = "python benchmarks/accuracy_fmnist.py " + " ".join(sys.argv[1:])
+        meta = {k: getattr(args, k) for k in ("epochs", "phase1_epochs", "train_subset", "test_subset", "batch_size",
+                                              "lr", "structure_lr", "prox_lambda")}
+        meta["threads"] = torch.get_num_threads()
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"command": cmd.strip(), "meta": meta, "results": results}, indent=1))
+        if args.no_report:
+            return
+    m = argparse.Namespace(**meta)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     header = (f"### Accuracy at a FLOPs budget: Fashion-MNIST\n\n"
               f"Command: `{cmd.strip()}`  \nDate: {datetime.date.today()}; machine: {cpu}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}.  \n"
-              f"Recipe (all methods): {args.epochs} epochs, {args.train_subset or 'all'} training images, full "
-              f"10k test set{'' if not args.test_subset else f' (subset {args.test_subset})'}, AdamW lr {args.lr:g} "
-              f"wd 0.05, cosine, label smoothing 0.1, batch {args.batch_size}; GBLR: phase 1 = {args.phase1_epochs} "
-              f"epochs (structure lr {args.structure_lr:g}, lambda {args.prox_lambda:g}, sigma 1 -> 100), then frozen. "
-              f"Converted layers: ViT q/k/v + MLP, Mixer token + channel MLPs; the rest stays dense.\n")
+              f"{m.threads} torch thread(s) per run, torch {torch.__version__}.  \n"
+              f"Recipe (all methods): {m.epochs} epochs, {m.train_subset or 'all'} training images, "
+              f"{'the full 10k' if not m.test_subset else m.test_subset} test images, AdamW lr {m.lr:g} "
+              f"wd 0.05, warmup + cosine, label smoothing 0.1, batch {m.batch_size}, seed 0; GBLR: phase 1 = "
+              f"{m.phase1_epochs} epochs (structure lr {m.structure_lr:g}, lambda {m.prox_lambda:g}, sigma 1 -> 100), "
+              f"then frozen. Converted layers: ViT q/k/v + MLP, Mixer token + channel MLPs; the rest stays dense. "
+              f"Seconds per epoch are wall-clock on a shared machine (other jobs ran at the same time): compare "
+              f"them only within a row's neighbours, not as speed claims.\n")
     write_section(header + "\n" + table(results) + "\n\n![accuracy vs FLOPs](docs/accuracy_vs_flops.png)", Path(args.out))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"command": cmd, "results": results}, indent=1))
     plot(results, Path(args.plot))
     print(table(results))
 
