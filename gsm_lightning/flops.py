@@ -7,10 +7,12 @@ A component of rank ``r`` with integer widths ``W_in`` and ``W_out`` costs
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["StructuredCost", "grid_cost", "grid_widths", "structure_flops", "project_widths_to_budget", "model_flops"]
+__all__ = ["StructuredCost", "grid_cost", "grid_widths", "structure_flops", "project_widths_to_budget", "layers_flops", "model_flops"]
 
 
 class StructuredCost:
@@ -75,17 +77,18 @@ def project_widths_to_budget(
     return (w - hi).clamp(0, 1)
 
 
-def model_flops(model: nn.Module) -> dict[str, float]:
-    """FLOPs of every GBLR layer of ``model`` against the dense layers they replace.
+def layers_flops(layers: Iterable[StructuredCost]) -> dict[str, float]:
+    """``{"flops", "dense_flops", "ratio"}`` summed over structured ``layers`` (per token; the ratio is
+    FLOPs-weighted, 1.0 when there is no layer)."""
+    flops = dense = 0
+    for layer in layers:
+        flops += layer.flops()
+        dense += layer.dense_flops()
+    return {"flops": float(flops), "dense_flops": float(dense), "ratio": flops / dense if dense else 1.0}
 
-    Returns ``{"flops", "dense_flops", "ratio"}`` summed over GBLR layers (per token, FLOPs-weighted
-    ratio).  ``ratio`` is 1.0 when the model has no GBLR layer.
-    """
+
+def model_flops(model: nn.Module) -> dict[str, float]:
+    """:func:`layers_flops` over every GBLR layer of ``model`` (the dense layers they replace as reference)."""
     from .layer import GBLRLinear
 
-    flops = dense = 0
-    for m in model.modules():
-        if isinstance(m, GBLRLinear):
-            flops += m.flops()
-            dense += m.dense_flops()
-    return {"flops": float(flops), "dense_flops": float(dense), "ratio": flops / dense if dense else 1.0}
+    return layers_flops(m for m in model.modules() if isinstance(m, GBLRLinear))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flops import grid_cost
+from .flops import grid_cost, layers_flops
 from .layer import GBLRLinear
 
 __all__ = [
@@ -42,11 +42,7 @@ def gblr_layers(model: nn.Module, include_frozen: bool = True) -> list[tuple[str
 
 def flops_ratio(layers: Iterable[GBLRLinear]) -> float:
     """FLOPs-weighted ratio of structured to dense multiply-adds over ``layers`` (1.0 if none)."""
-    flops = dense = 0
-    for layer in layers:
-        flops += layer.flops()
-        dense += layer.dense_flops()
-    return flops / dense if dense else 1.0
+    return layers_flops(layers)["ratio"]
 
 
 @torch.no_grad()
