@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .inference import CompactGBLR, InferenceReport, optimize_inference
-from .layer import GBLRLinear
+from .layer import GBLRLinear, gblr_layers
 
 __all__ = ["merge_to_dense", "save_compact", "load_compact", "compact_state", "export_program", "export_onnx",
            "FORMAT", "FORMAT_VERSION"]
@@ -216,7 +216,7 @@ def _prepared(model: nn.Module, mode: InferenceMode, example_inputs: tuple, **kw
     :class:`GBLRLinear` reads its structure from buffers at run time, which graph capture cannot follow)."""
     if mode not in ("auto", "compact", "dense"):
         raise ValueError(f"unknown mode {mode!r}; expected 'auto', 'compact' or 'dense'")
-    unfrozen = [n for n, m in model.named_modules() if isinstance(m, GBLRLinear) and not m.is_frozen]
+    unfrozen = [n for n, _ in gblr_layers(model, include_frozen=False)]
     if unfrozen:
         raise ValueError(f"export needs frozen GBLR layers; not frozen: {', '.join(n or '<model>' for n in unfrozen)}")
     m = copy.deepcopy(model).eval()

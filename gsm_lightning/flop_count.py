@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from .layer import GBLRLinear
+from .layer import GBLRLinear, gblr_layers
 
 __all__ = [
     "gblr_linear",
@@ -210,7 +210,7 @@ def frozen_forward(layer: GBLRLinear, x: Tensor) -> Tensor:
 def expected_flops(model: nn.Module, tokens: int, backward: bool = False) -> int:
     """FLOPs (2 x multiply-adds) that ``FlopCounterMode`` charges the frozen GBLR layers of ``model`` for one
     forward over ``tokens`` tokens per layer (plus the backward with every gradient needed if ``backward``)."""
-    total = sum(m.flops() for m in model.modules() if isinstance(m, GBLRLinear) and m.is_frozen)
+    total = sum(m.flops() for _, m in gblr_layers(model) if m.is_frozen)
     return 2 * int(tokens) * total * (3 if backward else 1)
 
 
@@ -282,7 +282,7 @@ def flop_breakdown(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str, A
     * ``ratio``: ``analytic_flops / dense_flops``;
     * ``layers``: per GBLR layer ``{"tokens", "counted", "analytic", "dense", "frozen"}``.
     """
-    named = [(n, m) for n, m in model.named_modules() if isinstance(m, GBLRLinear)]
+    named = gblr_layers(model)
     stats = {n: {"tokens": 0, "counted": 0, "analytic": 0, "dense": 0, "frozen": m.is_frozen} for n, m in named}
     counter = FlopCounterMode(display=False)
     start: dict[str, int] = {}

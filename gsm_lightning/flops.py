@@ -89,6 +89,6 @@ def layers_flops(layers: Iterable[StructuredCost]) -> dict[str, float]:
 
 def model_flops(model: nn.Module) -> dict[str, float]:
     """:func:`layers_flops` over every GBLR layer of ``model`` (the dense layers they replace as reference)."""
-    from .layer import GBLRLinear
+    from .layer import gblr_layers
 
-    return layers_flops(m for m in model.modules() if isinstance(m, GBLRLinear))
+    return layers_flops(m for _, m in gblr_layers(model))

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .layer import GBLRLinear
+from .layer import GBLRLinear, gblr_layers
 
 __all__ = [
     "CompactGBLR",
@@ -516,7 +516,7 @@ def optimize_inference(
                          "CompactGBLR.from_gblr(layer) or layer.to_linear()")
     if tokens is not None and tokens < 1:
         raise ValueError(f"tokens must be >= 1, got {tokens}")
-    names = [n for n, m in model.named_modules() if isinstance(m, GBLRLinear) and m.is_frozen]
+    names = [n for n, m in gblr_layers(model) if m.is_frozen]
     measured = mode == "auto" and (sample_input is not None or tokens is not None)
     plan_tokens = tokens if tokens is not None else 256
     inputs = _layer_inputs(model, names, sample_input) if measured and sample_input is not None else {}

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .flops import StructuredCost, grid_widths, project_widths_to_budget, structure_flops
 from .masks import boxcar_mask, gaudi_mask
 
-__all__ = ["GBLRLinear"]
+__all__ = ["GBLRLinear", "gblr_layers"]
 
 WidthInit = Literal["splr", "full"] | float
 LocationInit = Literal["zero", "uniform", "random"]
@@ -656,3 +656,8 @@ class GBLRLinear(StructuredCost, nn.Module):
             project_widths_to_budget(self.widths, self.in_features, self.out_features, self.rank_per_component, budget_flops)
         )
         self.locations.copy_(torch.remainder(self.locations, 1.0))
+
+
+def gblr_layers(model: nn.Module, include_frozen: bool = True) -> list[tuple[str, GBLRLinear]]:
+    """(qualified name, layer) of every GBLR layer of ``model`` (optionally only the non-frozen ones)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GBLRLinear) and (include_frozen or not m.is_frozen)]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flops import grid_cost, layers_flops
-from .layer import GBLRLinear
+from .layer import GBLRLinear, gblr_layers
 
 __all__ = [
     "gblr_layers",
@@ -33,11 +33,6 @@ __all__ = [
     "set_sigma",
     "cosine_warmup_lambda",
 ]
-
-
-def gblr_layers(model: nn.Module, include_frozen: bool = True) -> list[tuple[str, GBLRLinear]]:
-    """(name, layer) of every GBLR layer of ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, GBLRLinear) and (include_frozen or not m.is_frozen)]
 
 
 def flops_ratio(layers: Iterable[GBLRLinear]) -> float:
