@@ -67,18 +67,34 @@ def _targets(module: GSMModule) -> list[str]:
     return select_linear_layers(module.backbone, include=module.backbone.gsm_default_include)
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``key=value`` GSMModule overrides for GBLR, values parsed as JSON where possible."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def run_one(model: str, method: str, budget: float, seed: int, args: argparse.Namespace) -> dict:
     pl.seed_everything(seed, workers=True)
     data = FashionMNISTDataModule(root=args.root, batch_size=args.batch_size, seed=seed, val_size=0,
                                   train_subset=args.train_subset, test_subset=args.test_subset, augment=False)
+    gblr = parse_overrides(args.gblr) if method == "gblr" else {}
+    if args.prox_lambda is not None:
+        gblr.setdefault("prox_lambda", args.prox_lambda)
     module = GSMModule(
         backbone(model), num_classes=10, budget=budget if method != "dense" else 1.0, method=method, init="random",
-        phase1_epochs=args.phase1_epochs if method == "gblr" else 0, prox_lambda=args.prox_lambda,
+        phase1_epochs=args.phase1_epochs if method == "gblr" else 0,
         structure_lr=args.structure_lr, sigma0=1.0, sigma1=100.0, sigma_start_epoch=0, label_smoothing=0.1,
         warmup_epochs=args.warmup_epochs,
         layer_kwargs={k: v for k, v in (("width_init", args.gblr_width_init),
                                         ("location_init", args.gblr_location_init)) if v is not None},
         optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.05),
+        **gblr,
     )
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -88,8 +104,10 @@ def run_one(model: str, method: str, budget: float, seed: int, args: argparse.Na
     fit_s = time.perf_counter() - t0
     result = trainer.test(module, datamodule=data, verbose=False)[0]
     return {
-        "model": model, "method": method, "budget": budget if method != "dense" else 1.0, "seed": seed,
+        "model": model, "method": method if not args.label else f"{method}[{args.label}]",
+        "budget": budget if method != "dense" else 1.0, "seed": seed,
         "test_acc": float(result["test/acc"]), "flops_ratio": float(module.flops_ratio()),
+        "phase1_end_ratio": module.phase1_end_ratio, "projection": module.projection_delta,
         "converted_params": int(converted_params(module)), "epoch_s": fit_s / args.epochs,
     }
 
@@ -159,8 +177,11 @@ def main() -> None:
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--structure-lr", type=float, default=5e-3)
-    p.add_argument("--prox-lambda", type=float, default=0.3)
+    p.add_argument("--structure-lr", type=float, default=None, help="default: GSMModule's")
+    p.add_argument("--prox-lambda", type=float, default=None, help="lambda of shrink=paper (default: GSMModule's)")
+    p.add_argument("--gblr", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="GSMModule overrides for GBLR (e.g. shrink=paper prox_lambda=0.3) for ablations")
+    p.add_argument("--label", default="", help="suffix for the method name in the table (ablations)")
     p.add_argument("--warmup-epochs", type=float, default=0.5)
     p.add_argument("--gblr-width-init", type=float, default=None, help="GBLR width_init (default 'splr')")
     p.add_argument("--gblr-location-init", default=None, help="GBLR location_init (default 'zero')")
@@ -193,13 +214,16 @@ def main() -> None:
                         results.append(r)
         cmd = "python benchmarks/accuracy_fmnist.py " + " ".join(sys.argv[1:])
         meta = {k: getattr(args, k) for k in ("epochs", "phase1_epochs", "train_subset", "test_subset", "batch_size",
-                                              "lr", "structure_lr", "prox_lambda")}
+                                              "lr", "structure_lr", "gblr", "seeds")}
         meta["threads"] = torch.get_num_threads()
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"command": cmd.strip(), "meta": meta, "results": results}, indent=1))
         if args.no_report:
             return
+    meta.setdefault("gblr", [])
+    meta.setdefault("seeds", "0")
     m = argparse.Namespace(**meta)
+    wall = sum(r["epoch_s"] for r in results) * m.epochs / 60
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     header = (f"### Accuracy at a FLOPs budget: Fashion-MNIST\n\n"
@@ -207,9 +231,11 @@ def main() -> None:
               f"{m.threads} torch thread(s) per run, torch {torch.__version__}.  \n"
               f"Recipe (all methods): {m.epochs} epochs, {m.train_subset or 'all'} training images, "
               f"{'the full 10k' if not m.test_subset else m.test_subset} test images, AdamW lr {m.lr:g} "
-              f"wd 0.05, warmup + cosine, label smoothing 0.1, batch {m.batch_size}, seed 0; GBLR: phase 1 = "
-              f"{m.phase1_epochs} epochs (structure lr {m.structure_lr:g}, lambda {m.prox_lambda:g}, sigma 1 -> 100), "
+              f"wd 0.05, warmup + cosine, label smoothing 0.1, batch {m.batch_size}, seeds {m.seeds}; GBLR: phase 1 = "
+              f"{m.phase1_epochs} epochs (structure lr {m.structure_lr or 'default'}, sigma 1 -> 100, GSMModule's default "
+              f"structure rule{' + ' + ' '.join(m.gblr) if m.gblr else ''}; ablation rows name their overrides), "
               f"then frozen. Converted layers: ViT q/k/v + MLP, Mixer token + channel MLPs; the rest stays dense. "
+              f"Total training time of all runs: {wall:.0f} min of single-thread CPU. "
               f"Seconds per epoch are wall-clock on a shared machine (other jobs ran at the same time): compare "
               f"them only within a row's neighbours, not as speed claims.\n")
     write_section(header + "\n" + table(results) + "\n\n![accuracy vs FLOPs](docs/accuracy_vs_flops.png)", Path(args.out))

@@ -165,7 +165,10 @@ class GBLRLinear(StructuredCost, nn.Module):
                 # cost exactly ``in * out`` also when 0.5 ratio K is not an integer (the reference
                 # truncation can undershoot by more than one grid step per component).
                 n_full = int(0.5 * ratio * k)
-                widths[:, n_full:] = (ratio * k - n_full) / (k - n_full)
+                rest = (ratio * k - n_full) / (k - n_full)
+                # Floored to the grid on each side, so the initial cost never exceeds dense (a ratio <= 1).
+                widths[0, n_full:] = math.floor(rest * n_in + 1e-6) / n_in
+                widths[1, n_full:] = math.floor(rest * n_out + 1e-6) / n_out
         return widths
 
     def _initial_locations(self) -> Tensor:

@@ -1,14 +1,18 @@
 """``GSMModule``: a LightningModule that turns any backbone into a GBLR model and learns its structure.
 
 Phase 1 (``phase1_epochs`` epochs): weights and structure (widths, locations) are trained; after every
-real optimizer step the widths are soft-thresholded while the FLOPs ratio is above ``budget`` and
-sigma is annealed per epoch.  Phase 2 (remaining epochs): the structure is frozen (hard boxcars,
+real optimizer step a structure rule moves the widths toward the FLOPs ``budget`` (``shrink="budget"``:
+:class:`~gsm_lightning.budget_learner.BudgetLearner`, a cut onto a target path of the FLOPs ratio;
+``shrink="paper"``: the paper's soft threshold while the ratio is above the budget) and sigma is
+annealed per epoch.  Phase 2 (remaining epochs): the structure is frozen (hard boxcars,
 integer widths, zero components dropped) and only the weights are fine-tuned.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from typing import Any, Literal
 
@@ -18,6 +22,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from .budget_learner import BudgetLearner, CutWeighting, WidthStep
 from .conversion import gsmify
 from .proximal import (
     SigmaSchedule,
@@ -32,7 +37,23 @@ from .proximal import (
 
 __all__ = ["GSMModule"]
 
-Task = Literal["classification", "lm"]
+Task = Literal["classification", "lm", "regression"]
+Shrink = Literal["budget", "paper"]
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called from this module that points at the first frame outside
+    gsm_lightning, torch and lightning: the caller's own code (e.g. their ``trainer.fit`` line)."""
+    import lightning
+    import lightning_utilities
+
+    skip = tuple(os.path.dirname(m.__file__) for m in (sys.modules[__package__], torch, lightning, lightning_utilities, os))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 Method = Literal["gblr", "dense", "lowrank", "monarch", "blocksparse"]
 
 
@@ -46,8 +67,10 @@ class GSMModule(LightningModule):
     Args:
         backbone: any ``nn.Module`` (in YAML: ``class_path`` + ``init_args``).  Classification
             backbones map images to logits; LM backbones map ``input_ids`` to logits ``(B, T, V)``.
-        task: ``"classification"`` (cross-entropy with label smoothing, accuracy/top-5) or ``"lm"``
-            (next-token loss, perplexity).
+        task: ``"classification"`` (cross-entropy with label smoothing, accuracy/top-5), ``"lm"``
+            (next-token loss, perplexity) or ``"regression"`` (MSE on ``(x, y)`` tensors, for
+            teacher-student and distillation; logs ``val/mse`` and ``val/rel_mse`` = MSE over the
+            variance of the targets).
         num_classes: classes for the metrics (classification).
         budget: target FLOPs ratio of the converted layers, in (0, 1].
         include / exclude: glob or ``re:`` patterns of layers to convert (default: the backbone's
@@ -56,17 +79,34 @@ class GSMModule(LightningModule):
             own weights to the budget).
         method: ``"gblr"`` (learned structure), ``"dense"`` (no conversion) or a fixed baseline
             (``"lowrank"``, ``"monarch"``, ``"blocksparse"``) at the same budget.
-        layer_kwargs: extra :class:`GBLRLinear` arguments (``rank_per_component``, ``width_init``, ...).
+        layer_kwargs: extra :class:`GBLRLinear` arguments (``rank_per_component``, ``width_init``, ...).  With
+            ``init="random"`` and ``shrink="budget"``, ``location_init`` defaults to ``"uniform"``.
         fit_steps: fitting steps of the pretrained conversion.
         phase1_epochs: epochs of structure learning; the structure is frozen at the start of the next
             epoch.  ``0`` freezes before training starts.
-        prox_lambda: proximal threshold ``lambda``; the shrink per step is ``lambda * lr_structure``.
-        prox_start_step: optimizer steps before the shrink may start.
-        structure_lr: learning rate of widths and locations (AdamW, betas (0, 0.999), no decay).
+        shrink: the structure rule of phase 1.  ``"budget"`` (default): a
+            :class:`~gsm_lightning.budget_learner.BudgetLearner` cuts the widths onto a cosine path of
+            the FLOPs ratio from its start to ``budget`` over the first ``path_fraction`` of phase 1,
+            then holds it.  ``"paper"``: the paper's ``clamp(softshrink(w, prox_lambda * lr), 0, 1)``
+            while the ratio is above the budget (reproduces the reference recipe).
+        path_fraction: part of phase 1 over which the ``"budget"`` path reaches the budget.
+        width_step: ``"side_rms"`` (default; widths step by their gradient over one running RMS per
+            layer side, moved by the learner) or ``"adam"`` (per-coordinate, by the optimizer).  Only
+            for ``shrink="budget"``; the paper's rule always uses Adam.
+        cut_weighting: where the ``"budget"`` cut falls: ``"energy"`` (FLOPs units, weak components
+            faster; default), ``"flops"`` (FLOPs units) or ``"uniform"``.
+        energy_start: part of phase 1 after which the energy weighting applies.
+        width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * structure_lr`` (scheduled like
+            every group); locations keep ``structure_lr``.
+        prox_lambda: threshold of ``shrink="paper"``; the shrink per step is ``lambda * lr_structure``.
+        prox_start_step: optimizer steps before any shrink or cut may start.
+        structure_lr: learning rate of the structure group (AdamW, betas (0, 0.999), no decay): locations, and
+            widths unless ``width_step="side_rms"``.  Default ``2.5e-3`` for ``shrink="budget"`` (slow
+            locations, widths at ``width_lr_scale`` times it) and ``5e-3`` (the paper's) for ``"paper"``.
         sigma0 / sigma1 / sigma_start_epoch / sigma_end_epoch: sigma annealing (``None`` = pure
             Dirichlet); ``sigma_end_epoch`` defaults to ``phase1_epochs``.
         enforce_budget_at_freeze: project the widths onto the budget when freezing if phase 1 did not
-            reach it (a warning says so).
+            reach it (a last resort: a warning gives the numbers when it moves the ratio by more than 0.02).
         label_smoothing: for classification.
         optimizer: optimizer callable (LightningCLI ``OptimizerCallable``); default AdamW(lr 5e-4, wd 0.05).
         lr_scheduler: scheduler callable; default: linear warmup (``warmup_epochs``) then cosine, per step.
@@ -86,9 +126,15 @@ class GSMModule(LightningModule):
         layer_kwargs: dict[str, Any] | None = None,
         fit_steps: int = 300,
         phase1_epochs: int = 1,
+        shrink: Shrink = "budget",
+        path_fraction: float = 0.4,
+        width_step: WidthStep = "side_rms",
+        cut_weighting: CutWeighting = "energy",
+        energy_start: float = 0.1,
+        width_lr_scale: float = 4.0,
         prox_lambda: float = 0.02,
         prox_start_step: int = 0,
-        structure_lr: float = 5e-3,
+        structure_lr: float | None = None,
         sigma0: float | None = 1.0,
         sigma1: float | None = 100.0,
         sigma_start_epoch: int = 0,
@@ -101,14 +147,22 @@ class GSMModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        if task not in ("classification", "lm"):
-            raise ValueError(f"unknown task {task!r}; expected 'classification' or 'lm'")
+        if task not in ("classification", "lm", "regression"):
+            raise ValueError(f"unknown task {task!r}; expected 'classification', 'lm' or 'regression'")
+        if shrink not in ("budget", "paper"):
+            raise ValueError(f"unknown shrink {shrink!r}; expected 'budget' (budget-tracking learner) or 'paper'")
+        for name, frac in (("path_fraction", path_fraction), ("energy_start", energy_start)):
+            if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+                raise ValueError(f"{name} must be a fraction of phase 1 in [0, 1], got {frac!r}")
         if method not in ("gblr", "dense", "lowrank", "monarch", "blocksparse"):
             raise ValueError(f"unknown method {method!r}; expected gblr, dense, lowrank, monarch or blocksparse")
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
             raise ValueError(f"budget must be a number in (0, 1] (fraction of dense FLOPs), got {budget!r}")
         if int(phase1_epochs) != phase1_epochs or phase1_epochs < 0:
             raise ValueError(f"phase1_epochs must be a non-negative integer, got {phase1_epochs}")
+        if structure_lr is None:
+            structure_lr = 2.5e-3 if shrink == "budget" else 5e-3
+            self.hparams.structure_lr = structure_lr
         if not prox_lambda >= 0 or not structure_lr > 0:
             raise ValueError(f"prox_lambda must be >= 0 and structure_lr > 0, got {prox_lambda}, {structure_lr}")
         if warmup_epochs < 0:
@@ -125,12 +179,23 @@ class GSMModule(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.real_optimizer_steps = 0
         self._last_prox: dict[str, float] = {}
+        # FLOPs ratio when phase 1 ended (before any projection) and how much the projection moved it.
+        self.phase1_end_ratio: float | None = None
+        self.projection_delta: float | None = None
+        # path_steps / energy_start_step are set from the trainer's step count in configure_optimizers.
+        self.learner = (BudgetLearner(self.budget, path_steps=0, width_step=width_step, cut_weighting=cut_weighting,
+                                      width_lr_scale=width_lr_scale) if shrink == "budget" else None)
 
         if include is None:
             include = getattr(backbone, "gsm_default_include", None)
         if method == "gblr":
+            layer_kwargs = dict(layer_kwargs or {})
+            if init == "random" and shrink == "budget":
+                # Evenly spaced windows give the learner every offset to choose from; the paper's recipe
+                # (shrink='paper') keeps the reference's zero locations.
+                layer_kwargs.setdefault("location_init", "uniform")
             self.report = gsmify(backbone, budget=budget, include=include, exclude=exclude, init=init,
-                                 fit_steps=fit_steps, **(layer_kwargs or {}))
+                                 fit_steps=fit_steps, **layer_kwargs)
             initial = self.report.flops_ratio
             if init == "random" and self.budget > initial + 1e-9:
                 raise ValueError(
@@ -160,6 +225,11 @@ class GSMModule(LightningModule):
             self.val_top5 = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=top5)
             self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
             self.test_top5 = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=top5)
+        elif self.task == "regression":
+            from .metrics import RelativeMSE
+
+            self.val_rel_mse = RelativeMSE()
+            self.test_rel_mse = RelativeMSE()
         else:
             from torchmetrics.text import Perplexity
 
@@ -209,6 +279,11 @@ class GSMModule(LightningModule):
         return ids[:, :-1], labels[:, 1:]
 
     def _loss(self, logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
+        if self.task == "regression":
+            if logits.shape != y.shape:
+                raise ValueError(f"regression: the model's output {tuple(logits.shape)} and the target "
+                                 f"{tuple(y.shape)} must have the same shape")
+            return F.mse_loss(logits.float(), y.float())
         if self.task == "lm":
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100)
         return F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
@@ -233,7 +308,12 @@ class GSMModule(LightningModule):
         logits = self(x)
         loss = self._loss(logits, y, 0.0)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
-        if self.task == "classification":
+        if self.task == "regression":
+            rel = getattr(self, f"{stage}_rel_mse")
+            rel(logits, y)
+            self.log(f"{stage}/mse", loss, sync_dist=True)
+            self.log(f"{stage}/rel_mse", rel, prog_bar=stage == "val")
+        elif self.task == "classification":
             acc, top5 = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_top5")
             acc(logits, y)
             top5(logits, y)
@@ -256,9 +336,38 @@ class GSMModule(LightningModule):
         return self(x["input_ids"] if isinstance(x, dict) else x)
 
     # --------------------------------------------------------- optimizers
+    def _phase1_steps(self) -> int:
+        """Real optimizer steps of phase 1, from the trainer's estimate."""
+        trainer = self._trainer
+        if trainer is None:
+            return 0
+        total = trainer.estimated_stepping_batches
+        max_epochs = trainer.max_epochs
+        if not math.isfinite(total) or not max_epochs or max_epochs < 1:
+            per_epoch = max(1, int(trainer.num_training_batches) // max(1, trainer.accumulate_grad_batches)) \
+                if math.isfinite(trainer.num_training_batches) else 1
+        else:
+            per_epoch = total / max_epochs
+        return int(round(per_epoch * self.phase1_epochs))
+
     def configure_optimizers(self) -> Any:
-        groups = param_groups(self, self.hparams.structure_lr)
+        widths_apart = self.learner is not None and self.learner.moves_widths
+        groups = param_groups(self, self.hparams.structure_lr, widths_apart=widths_apart)
+        if self.learner is not None:
+            phase1 = self._phase1_steps()
+            self.learner.path_steps = int(round(self.hparams.path_fraction * phase1))
+            self.learner.energy_start_step = int(round(self.hparams.energy_start * phase1))
         optimizer = self.optimizer_factory(groups)
+        names = {g.get("name") for g in optimizer.param_groups}
+        if self.phase == 1 and "structure" not in names:
+            warnings.warn(
+                "the optimizer has no param group named 'structure': the widths and locations are not trained by the "
+                "paper's recipe and the learning rate of the structure rule falls back to the first group's. Build the "
+                "optimizer from the groups GSMModule passes (e.g. `optimizer: {class_path: torch.optim.AdamW}`), "
+                "keeping their names", stacklevel=_user_stacklevel())
+        if widths_apart and "widths" not in names:
+            raise ValueError("width_step='side_rms' needs the 'widths' param group (lr 0) GSMModule passes to the "
+                             "optimizer; keep the groups as given or use width_step='adam'")
         optimizer.register_step_post_hook(self._after_optimizer_step)
         if self.lr_scheduler_factory is not None:
             scheduler = self.lr_scheduler_factory(optimizer)
@@ -274,11 +383,13 @@ class GSMModule(LightningModule):
         self.real_optimizer_steps += 1
         if self.phase != 1:
             return
-        group = next(g for g in optimizer.param_groups if g.get("name") == "structure")
-        self._last_prox = proximal_step(
-            self.backbone, self.hparams.prox_lambda, group["lr"], self.budget,
-            shrink=self.real_optimizer_steps > self.hparams.prox_start_step,
-        )
+        group = next((g for g in optimizer.param_groups if g.get("name") == "structure"), optimizer.param_groups[0])
+        active = self.real_optimizer_steps > self.hparams.prox_start_step
+        if self.learner is not None:
+            self._last_prox = self.learner.step(self.backbone, group["lr"], cut=active)
+        else:
+            self._last_prox = proximal_step(self.backbone, self.hparams.prox_lambda, group["lr"], self.budget,
+                                            shrink=active)
 
     # ------------------------------------------------------------- phases
     def on_fit_start(self) -> None:
@@ -312,13 +423,20 @@ class GSMModule(LightningModule):
             for m in layers:
                 for t in (m.widths, m.locations, m.sigma):
                     t.copy_(trainer.strategy.broadcast(t.detach().clone(), src=0))
-        if self.hparams.enforce_budget_at_freeze and flops_ratio(layers) > self.budget:
-            before = flops_ratio(layers)
+        before = flops_ratio(layers)
+        self.phase1_end_ratio, self.projection_delta = before, 0.0
+        if self.hparams.enforce_budget_at_freeze and before > self.budget:
             project_model_to_budget(self.backbone, self.budget)
-            warnings.warn(
-                f"phase 1 ended at FLOPs ratio {before:.4f} above the budget {self.budget:g}; widths were projected "
-                f"onto the budget before freezing (ratio now {flops_ratio(layers):.4f}). Raise prox_lambda or "
-                "phase1_epochs to reach it by learning.", stacklevel=2)
+            after = flops_ratio(layers)
+            self.projection_delta = before - after
+            if self.projection_delta > 0.02:
+                hint = ("raise prox_lambda or phase1_epochs, or use shrink='budget'" if self.learner is None
+                        else "lower path_fraction or raise phase1_epochs")
+                warnings.warn(
+                    f"phase 1 ended at FLOPs ratio {before:.4f}, above the budget {self.budget:g}: the widths were "
+                    f"projected onto the budget before freezing (ratio {before:.4f} -> {after:.4f}, a cut of "
+                    f"{self.projection_delta:.4f} the learner did not make). To reach it by learning, {hint}.",
+                    stacklevel=_user_stacklevel())
         old = {m: (m.weight_in, m.weight_out, m.widths, m.locations) for m in layers}
         keeps = {}
         for m in layers:
@@ -367,6 +485,9 @@ class GSMModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gsm_structure"] = {name: m.structure() for name, m in self.gblr_layers}
         checkpoint["gsm_real_optimizer_steps"] = self.real_optimizer_steps
+        checkpoint["gsm_phase1"] = {"end_ratio": self.phase1_end_ratio, "projection_delta": self.projection_delta}
+        if self.learner is not None:
+            checkpoint["gsm_learner"] = self.learner.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild every GBLR layer for the checkpoint's structure before the weights load."""
@@ -395,5 +516,9 @@ class GSMModule(LightningModule):
         ck_budget = checkpoint.get("hyper_parameters", {}).get("budget")
         if ck_budget is not None and not math.isclose(ck_budget, self.budget):
             warnings.warn(f"checkpoint was trained with budget {ck_budget:g}; this module targets {self.budget:g}. "
-                          "The structure is restored from the checkpoint.", stacklevel=2)
+                          "The structure is restored from the checkpoint.", stacklevel=_user_stacklevel())
         self.real_optimizer_steps = int(checkpoint.get("gsm_real_optimizer_steps", 0))
+        phase1 = checkpoint.get("gsm_phase1", {})
+        self.phase1_end_ratio, self.projection_delta = phase1.get("end_ratio"), phase1.get("projection_delta")
+        if self.learner is not None and "gsm_learner" in checkpoint:
+            self.learner.load_state_dict(checkpoint["gsm_learner"])

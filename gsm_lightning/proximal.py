@@ -89,16 +89,20 @@ _NO_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, n
 
 
 def param_groups(
-    model: nn.Module, structure_lr: float, structure_betas: tuple[float, float] = (0.0, 0.999)
+    model: nn.Module, structure_lr: float, structure_betas: tuple[float, float] = (0.0, 0.999),
+    widths_apart: bool = False,
 ) -> list[dict[str, Any]]:
-    """Three AdamW groups, always in this order (so optimizer states stay loadable across phases):
+    """AdamW groups, always in this order (so optimizer states stay loadable across phases):
 
     0. weights with weight decay (the optimizer's own ``weight_decay``);
     1. biases, norm and embedding parameters, 1-D tensors: ``weight_decay=0``;
     2. structure (widths, locations of non-frozen GBLR layers): ``lr=structure_lr``, ``betas=structure_betas``,
-       ``weight_decay=0`` (empty once every layer is frozen).
+       ``weight_decay=0`` (empty once every layer is frozen);
+    3. only with ``widths_apart``: the widths, taken out of group 2, with ``lr=0`` and no decay.  The
+       optimizer then never moves them (a :class:`~gsm_lightning.budget_learner.BudgetLearner` does), but
+       still clears, unscales and clips their gradients.
     """
-    decay, no_decay, structure = [], [], []
+    decay, no_decay, structure, widths = [], [], [], []
     seen: set[int] = set()
     for module in model.modules():
         for pname, p in module.named_parameters(recurse=False):
@@ -107,7 +111,7 @@ def param_groups(
             seen.add(id(p))
             if isinstance(module, GBLRLinear) and pname in ("widths", "locations"):
                 if not module.is_frozen:
-                    structure.append(p)
+                    (widths if widths_apart and pname == "widths" else structure).append(p)
                 continue
             if not p.requires_grad:
                 continue
@@ -120,7 +124,8 @@ def param_groups(
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
         {"params": structure, "lr": structure_lr, "betas": tuple(structure_betas), "weight_decay": 0.0,
          "name": "structure"},
-    ]
+    ] + ([{"params": widths, "lr": 0.0, "betas": tuple(structure_betas), "weight_decay": 0.0, "name": "widths"}]
+         if widths_apart else [])
 
 
 @dataclass

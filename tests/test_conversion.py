@@ -143,7 +143,7 @@ def test_gsmify_vit_random_init_with_patterns() -> None:
     for name in report.names:
         layer = model.get_submodule(name)
         assert isinstance(layer, GBLRLinear) and layer.training
-        assert abs(layer.flops() - layer.dense_flops()) <= layer.num_components  # splr: equal cost to dense
+        assert 0 <= layer.dense_flops() - layer.flops() <= 2 * layer.num_components  # splr: dense cost, never above
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10)
     out.sum().backward()

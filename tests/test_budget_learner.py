@@ -1,0 +1,147 @@
+"""BudgetLearner: the target path, the exact cut onto it, where the cut falls, the width step, its state."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gsm_lightning import GBLRLinear
+from gsm_lightning.budget_learner import BudgetLearner, BudgetPath
+from gsm_lightning.proximal import flops_ratio
+
+
+def two_layers(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(GBLRLinear(32, 64, width_init="full"), GBLRLinear(64, 16, width_init="full"))
+
+
+def test_path_is_cosine_from_start_to_budget_then_held():
+    path = BudgetPath(start=1.0, budget=0.2, steps=100)
+    assert path(0) == pytest.approx(1.0)
+    assert path(50) == pytest.approx(0.6)
+    assert path(100) == pytest.approx(0.2)
+    assert path(10_000) == pytest.approx(0.2)
+    values = [path(t) for t in range(101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert BudgetPath(start=0.1, budget=0.2, steps=100)(0) == 0.2  # starting below the budget: hold the budget
+    assert BudgetPath(start=1.0, budget=0.2, steps=0)(0) == 0.2
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "flops", "energy"])
+def test_cut_meets_the_path_exactly_and_no_more(weighting):
+    model = two_layers()
+    layers = list(model)
+    learner = BudgetLearner(budget=0.3, path_steps=0, width_step="adam", cut_weighting=weighting)
+    before = flops_ratio(layers)
+    out = learner.step(model, lr=1e-3)
+    after = flops_ratio(layers)
+    assert out["flops_ratio"] == pytest.approx(before)
+    assert out["target"] == 0.3 and out["shrink"] == 1.0
+    assert after <= 0.3
+    # minimal: one grid step less of cut would be above the target (bisection on the exact integer-grid cost)
+    assert after > 0.3 - 0.02
+    widths = [m.widths.detach().clone() for m in layers]
+    out = learner.step(model, lr=1e-3)  # at the budget: nothing more to cut
+    assert out["shrink"] == 0.0 and out["cut"] == 0.0
+    for m, w in zip(layers, widths):
+        torch.testing.assert_close(m.widths.detach(), w)
+
+
+def test_flops_weighting_cuts_the_costlier_side_faster():
+    layer = GBLRLinear(16, 64, width_init=0.5)
+    learner = BudgetLearner(budget=0.2, path_steps=0, width_step="adam", cut_weighting="flops")
+    w0 = layer.widths.detach().clone()
+    learner.step(nn.Sequential(layer), lr=1e-3)
+    drop = (w0 - layer.widths.detach()).mean(dim=1).tolist()
+    assert drop[1] == pytest.approx(4 * drop[0], rel=0.05)  # output side (64) vs input side (16)
+    uniform = GBLRLinear(16, 64, width_init=0.5)
+    BudgetLearner(budget=0.2, path_steps=0, width_step="adam", cut_weighting="uniform").step(nn.Sequential(uniform), 1e-3)
+    drop = (0.5 - uniform.widths.detach()).mean(dim=1).tolist()
+    assert drop[0] == pytest.approx(drop[1], rel=0.05)
+
+
+def test_energy_weighting_cuts_weak_components_first():
+    layer = GBLRLinear(32, 32, num_components=4, width_init=1.0)
+    with torch.no_grad():
+        layer.weight_in.copy_(torch.ones_like(layer.weight_in))
+        layer.weight_out.copy_(torch.ones_like(layer.weight_out))
+        layer.weight_out[3].mul_(0.01)  # a weak component
+    learner = BudgetLearner(budget=0.125, path_steps=0, width_step="adam", cut_weighting="energy")
+    learner.step(nn.Sequential(layer), lr=1e-3)
+    w = layer.widths.detach()
+    assert float(w[:, 3].max()) == 0.0  # the weak one went first ...
+    assert float(w[:, :3].min()) > 0.5  # ... and the strong ones kept most of their width
+    # before energy_start_step the cut ignores energies
+    layer2 = GBLRLinear(32, 32, num_components=4, width_init=1.0)
+    with torch.no_grad():
+        layer2.weight_out[3].mul_(0.01)
+    BudgetLearner(0.125, 0, width_step="adam", cut_weighting="energy", energy_start_step=5).step(nn.Sequential(layer2), 1e-3)
+    torch.testing.assert_close(layer2.widths[:, 3], layer2.widths[:, 0])
+    assert float(layer2.widths[:, 3].min()) > 0.4
+
+
+def test_side_rms_step_is_normalised_per_side_and_clipped():
+    layer = GBLRLinear(16, 16, num_components=3, width_init=0.5)
+    layer.widths.grad = torch.tensor([[1e-6, 2e-6, -1e-6], [100.0, 0.0, -100.0]])
+    learner = BudgetLearner(budget=1.0, path_steps=0, width_step="side_rms", step_clip=3.0, beta2=0.999)
+    learner.step(nn.Sequential(layer), lr=0.01)
+    moved = (0.5 - layer.widths.detach())
+    rms_in = math.sqrt((1 + 4 + 1) / 3) * 1e-6
+    # one RMS per side: the tiny input-side gradients move as much as the huge output-side ones would
+    torch.testing.assert_close(moved[0], torch.tensor([1e-6, 2e-6, -1e-6]) / rms_in * 0.01, rtol=1e-4, atol=1e-7)
+    assert float(moved[1, 1]) == 0 and float(moved[1, 0]) == pytest.approx(-float(moved[1, 2]))
+    assert float(moved.abs().max()) <= 3 * 0.01 + 1e-7
+
+
+def test_adam_width_step_leaves_widths_to_the_optimizer():
+    layer = GBLRLinear(16, 16, width_init=0.5)
+    layer.widths.grad = torch.ones_like(layer.widths)
+    learner = BudgetLearner(budget=1.0, path_steps=0, width_step="adam")
+    assert not learner.moves_widths
+    w0 = layer.widths.detach().clone()
+    learner.step(nn.Sequential(layer), lr=0.01)
+    torch.testing.assert_close(layer.widths.detach(), w0)
+
+
+def test_state_dict_round_trip_continues_identically():
+    def run(split: bool) -> torch.Tensor:
+        model = two_layers(seed=3)
+        learner = BudgetLearner(budget=0.3, path_steps=10, width_step="side_rms", cut_weighting="energy")
+        for step in range(8):
+            torch.manual_seed(100 + step)
+            for m in model:
+                m.widths.grad = torch.randn_like(m.widths) * 0.1
+            if split and step == 4:
+                state = learner.state_dict()
+                learner = BudgetLearner(budget=0.3, path_steps=10, width_step="side_rms", cut_weighting="energy")
+                learner.load_state_dict(state)
+            learner.step(model, lr=0.01)
+        return torch.cat([m.widths.detach().flatten() for m in model])
+
+    torch.testing.assert_close(run(False), run(True), rtol=0, atol=0)
+
+
+def test_path_reaches_budget_by_its_end():
+    model = two_layers()
+    learner = BudgetLearner(budget=0.25, path_steps=20, width_step="adam", cut_weighting="flops")
+    start = flops_ratio(list(model))
+    ratios = [learner.step(model, lr=1e-3)["target"] for _ in range(25)]
+    assert ratios[0] == pytest.approx(start)
+    assert ratios[-1] == 0.25
+    assert flops_ratio(list(model)) <= 0.25
+    assert all(a >= b for a, b in zip(ratios, ratios[1:]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(budget=0.0, path_steps=1), "budget"),
+    (dict(budget=0.3, path_steps=-1), "path_steps"),
+    (dict(budget=0.3, path_steps=1, width_step="sgd"), "width_step"),
+    (dict(budget=0.3, path_steps=1, cut_weighting="norm"), "cut_weighting"),
+    (dict(budget=0.3, path_steps=1, energy_clip=(2.0, 3.0)), "energy_clip"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BudgetLearner(**kwargs)
