@@ -99,8 +99,11 @@ def structure_metrics(model: nn.Module, prefix: str = "structure", per_layer: bo
 
     Global keys: ``{prefix}/flops_ratio`` (FLOPs-weighted over layers), ``flops``, ``dense_flops``, ``params``,
     ``rank``, ``width_in`` / ``width_out`` (over the active components of all layers), ``width_in_all`` /
-    ``width_out_all``, ``phase``, ``target`` (``model.budget`` if present) and ``sigma`` (mean finite sigma of the
-    layers still learning their structure; absent when there is none, e.g. pure Dirichlet or phase 2).  Per layer: ``{prefix}/{name}/{stat}`` for every
+    ``width_out_all``, ``phase``, ``target`` (``model.budget`` if present), ``sigma`` (mean finite sigma of the
+    layers still learning their structure; absent when there is none, e.g. pure Dirichlet or phase 2),
+    ``target_path`` (the budget learner's current target ratio, in phase 1), and once phase 1 has ended
+    ``phase1_end_ratio`` (the ratio reached by learning, before any projection) and ``projection`` (how much the
+    projection at the switch lowered it; 0 when the learner reached the budget).  Per layer: ``{prefix}/{name}/{stat}`` for every
     :func:`layer_stats` entry except ``components`` and ``dense_flops``."""
     named = gblr_layers(model)
     if not named:
@@ -136,6 +139,13 @@ def structure_metrics(model: nn.Module, prefix: str = "structure", per_layer: bo
     sigma = _sigma(layers)
     if sigma is not None:
         out[f"{prefix}/sigma"] = sigma
+    learner = getattr(model, "learner", None)
+    if learner is not None and _phase(model, layers) == 1:
+        out[f"{prefix}/target_path"] = float(learner.target())
+    for attr, key in (("phase1_end_ratio", "phase1_end_ratio"), ("projection_delta", "projection")):
+        value = getattr(model, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}/{key}"] = float(value)
     return out
 
 

@@ -99,6 +99,13 @@ def test_monitor_scalars(tb_run):
         for stat in ("width_in", "width_out", "flops_ratio", "rank", "params"):
             assert scalars(acc, f"structure/{name}/{stat}")[-1][1] == pytest.approx(final[stat], rel=1e-6)
     assert scalars(acc, "structure/flops")[-1][1] == sum(m.flops() for _, m in gblr_layers(module))
+    # the default budget learner: its path target while learning, then the ratio phase 1 reached and the projection
+    assert [v for _, v in scalars(acc, "structure/target_path")] == [0.5]  # the path ends at 40% of phase 1
+    end = scalars(acc, "structure/phase1_end_ratio")
+    assert [s for s, _ in end] == steps[1:]
+    assert all(v == pytest.approx(module.phase1_end_ratio) for _, v in end)
+    assert module.phase1_end_ratio <= 0.5 + 1e-9
+    assert [v for _, v in scalars(acc, "structure/projection")] == [0.0, 0.0]
 
 
 def test_visualizer_histograms_and_images(tb_run):

@@ -245,13 +245,13 @@ def test_corrupt_fashion_mnist_file_is_named(tmp_path, damage):
 # ---------------------------------------------------------------------------------------------- CLI
 def test_unknown_yaml_key_names_the_key(tmp_path, capsys):
     text = (ROOT / "configs" / "quickstart.yaml").read_text()
-    assert "  prox_lambda:" in text
+    assert "  shrink:" in text
     bad = tmp_path / "bad.yaml"
-    bad.write_text(text.replace("  prox_lambda:", "  prox_lamda:"))
+    bad.write_text(text.replace("  shrink:", "  shrnik:"))
     with pytest.raises(SystemExit) as exit_info:
         build_cli(["fit", "--config", str(bad), "--print_config"])
     assert exit_info.value.code not in (0, None)
-    assert "prox_lamda" in capsys.readouterr().err
+    assert "shrnik" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------- wrong structure
@@ -308,7 +308,15 @@ def test_gblr_input_with_wrong_last_dim(shape):
 def test_unknown_method_and_task():
     with pytest.raises(ValueError, match=r"unknown method 'sparse'; expected gblr, dense, lowrank, monarch or blocksparse"):
         module(method="sparse")
-    with pytest.raises(ValueError, match=r"unknown task 'regression'; expected 'classification' or 'lm'"):
-        module(task="regression")
+    with pytest.raises(ValueError, match=r"unknown task 'segmentation'; expected 'classification', 'lm' or 'regression'"):
+        module(task="segmentation")
+    with pytest.raises(ValueError, match=r"unknown shrink 'lasso'; expected 'budget'"):
+        module(shrink="lasso")
+    with pytest.raises(ValueError, match=r"path_fraction must be a fraction of phase 1 in \[0, 1\], got 1.5"):
+        module(path_fraction=1.5)
+    with pytest.raises(ValueError, match=r"unknown width_step 'sgd'"):
+        module(width_step="sgd")
+    with pytest.raises(ValueError, match=r"unknown cut_weighting 'norm'"):
+        module(cut_weighting="norm")
     with pytest.raises(ValueError, match=r"classification needs num_classes >= 2, got None"):
         module(num_classes=None)

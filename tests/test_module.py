@@ -13,6 +13,7 @@ from torch import nn
 
 from gsm_lightning import GBLRLinear
 from gsm_lightning import proximal as prox_mod
+from gsm_lightning.budget_learner import BudgetLearner
 from gsm_lightning.module import GSMModule
 from gsm_lightning.proximal import SigmaSchedule, flops_ratio, param_groups, project_model_to_budget, proximal_step
 
@@ -20,7 +21,8 @@ from .helpers import LossRecorder, adamw, digits_loaders, mlp
 
 
 def make_module(**kw) -> GSMModule:
-    args = dict(num_classes=10, budget=0.4, include=["0", "2"], phase1_epochs=1, prox_lambda=2.0, structure_lr=0.02,
+    args = dict(num_classes=10, budget=0.4, include=["0", "2"], phase1_epochs=1, shrink="paper", prox_lambda=2.0,
+                structure_lr=0.02,
                 sigma0=1.0, sigma1=100.0, optimizer=adamw())
     args.update(kw)
     return GSMModule(mlp(), **args)
@@ -89,17 +91,21 @@ def test_sigma_schedule():
         SigmaSchedule(0.0, 1.0)
 
 
-def test_shrink_runs_once_per_real_step_with_accumulation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shrink", ["paper", "budget"])
+def test_shrink_runs_once_per_real_step_with_accumulation(tmp_path, monkeypatch, shrink):
     calls = []
-    real = prox_mod.proximal_step
+    real = prox_mod.proximal_step if shrink == "paper" else BudgetLearner.step
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("gsm_lightning.module.proximal_step", counting)
+    if shrink == "paper":
+        monkeypatch.setattr("gsm_lightning.module.proximal_step", counting)
+    else:
+        monkeypatch.setattr(BudgetLearner, "step", counting)
     train, val = digits_loaders(n_train=512, batch_size=32)  # 16 micro-batches per epoch
-    m = make_module(phase1_epochs=2)
+    m = make_module(phase1_epochs=2, shrink=shrink)
     t = trainer(tmp_path, max_epochs=2, accumulate_grad_batches=4)
     t.fit(m, train, val)
     assert t.global_step == 2 * 16 // 4

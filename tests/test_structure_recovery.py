@@ -1,0 +1,68 @@
+"""A small, fast version of benchmarks/structure_recovery.py: GSMModule's default learner must find a known
+structure at the teacher's exact FLOPs by learning (no projection at the switch) and beat fixed structures of
+the same cost.  The paper's rule with its default lambda fails the same test (it never reaches the budget)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from gsm_lightning.module import GSMModule
+from gsm_lightning.teacher import TeacherStudentDataModule, make_teacher
+
+EPOCHS, PHASE1 = 24, 18
+
+
+@functools.lru_cache(maxsize=None)
+def fit(teacher_name: str, method: str = "gblr", shrink: str = "budget") -> tuple[GSMModule, float, list[str]]:
+    """Train a student of ``teacher_name`` (cached: each configuration is trained once per test session)."""
+    teacher = make_teacher(teacher_name, seed=0)
+    pl.seed_everything(0)
+    data = TeacherStudentDataModule(teacher.weight, num_train=1024, num_val=64, num_test=512, noise_std=0.01,
+                                    batch_size=64, seed=0)
+    module = GSMModule(nn.Sequential(nn.Linear(teacher.in_features, teacher.out_features, bias=False)),
+                       task="regression", include=["0"], budget=teacher.flops_ratio, method=method,
+                       phase1_epochs=PHASE1 if method == "gblr" else 0, warmup_epochs=1.0,
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0), shrink=shrink)
+    trainer = pl.Trainer(max_epochs=EPOCHS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=data)
+    rel = trainer.test(module, datamodule=data, verbose=False)[0]["test/rel_mse"]
+    return module, rel, [str(w.message) for w in caught]
+
+
+def test_default_learner_recovers_block_diagonal_and_beats_fixed_structures():
+    module, rel, msgs = fit("block_diagonal")
+    budget = make_teacher("block_diagonal").flops_ratio
+    assert module.phase1_end_ratio <= budget + 0.02, "the budget must be reached by learning"
+    assert not any("projected onto the budget" in m for m in msgs)
+    fixed = min(fit("block_diagonal", method=m)[1] for m in ("lowrank", "monarch"))
+    assert rel <= 0.5 * fixed, (rel, fixed)
+
+
+def test_default_learner_recovers_low_rank():
+    module, rel, _ = fit("low_rank")
+    assert module.phase1_end_ratio <= make_teacher("low_rank").flops_ratio + 0.02
+    _, lowrank, _ = fit("low_rank", method="lowrank")
+    assert rel <= 10 * max(lowrank, 1e-6), (rel, lowrank)
+
+
+def test_paper_rule_with_default_lambda_does_not_reach_the_budget():
+    """Pins the failure the budget learner fixes (issue 10): the switch has to make the cut."""
+    module, _, msgs = fit("block_diagonal", shrink="paper")
+    assert module.phase1_end_ratio > make_teacher("block_diagonal").flops_ratio + 0.2
+    assert any("projected onto the budget" in m for m in msgs)
+
+
+@pytest.mark.parametrize("teacher", ["block_diagonal", "low_rank"])
+def test_paper_rule_loses_to_the_default_learner(teacher):
+    _, paper, _ = fit(teacher, shrink="paper")
+    _, default, _ = fit(teacher)
+    assert default < 0.25 * paper, (default, paper)
