@@ -24,6 +24,10 @@ ablations:
    to the optimizer's structure group (per-coordinate Adam, as in the paper).
 
 Locations are always wrapped into ``[0, 1)`` and stay with the optimizer.
+
+``tracking="dual"`` replaces the exact cut by a soft threshold ``tau * c`` applied every step, with ``tau``
+a dual variable (Lagrange multiplier) adapted by feedback, ``tau <- max(0, tau + dual_gain * (ratio -
+target))``.  It is there for the ablation: it lags, overshoots and kills components (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ from torch import Tensor, nn
 from .layer import GBLRLinear, gblr_layers
 from .masks import boxcar_mask
 
-__all__ = ["BudgetPath", "BudgetLearner", "WidthStep", "CutWeighting"]
+__all__ = ["BudgetPath", "BudgetLearner", "WidthStep", "CutWeighting", "Tracking"]
 
 WidthStep = Literal["side_rms", "adam"]
 CutWeighting = Literal["energy", "flops", "uniform"]
+Tracking = Literal["project", "dual"]
 
 
 @dataclass
@@ -103,6 +108,8 @@ class BudgetLearner:
         step_clip: bound of the normalised width step, in units of ``lr``.
         width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * lr`` (locations keep ``lr``).
         beta2: decay of the per-side mean-square gradient.
+        tracking: ``"project"`` (exact cut onto the path) or ``"dual"`` (feedback-adapted soft threshold).
+        dual_gain: feedback gain of ``tracking="dual"`` (threshold change per step per unit of ratio error).
     """
 
     def __init__(
@@ -117,6 +124,8 @@ class BudgetLearner:
         width_lr_scale: float = 1.0,
         beta2: float = 0.999,
         eps: float = 1e-12,
+        tracking: Tracking = "project",
+        dual_gain: float = 0.01,
     ) -> None:
         if not 0 < budget <= 1:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
@@ -124,6 +133,10 @@ class BudgetLearner:
             raise ValueError(f"unknown width_step {width_step!r}; expected 'side_rms' or 'adam'")
         if cut_weighting not in ("energy", "flops", "uniform"):
             raise ValueError(f"unknown cut_weighting {cut_weighting!r}; expected 'energy', 'flops' or 'uniform'")
+        if tracking not in ("project", "dual"):
+            raise ValueError(f"unknown tracking {tracking!r}; expected 'project' or 'dual'")
+        if not dual_gain > 0:
+            raise ValueError(f"dual_gain must be > 0, got {dual_gain}")
         if path_steps < 0 or energy_start_step < 0:
             raise ValueError(f"path_steps and energy_start_step must be >= 0, got {path_steps}, {energy_start_step}")
         if not 0 < energy_clip[0] <= 1 <= energy_clip[1]:
@@ -141,6 +154,9 @@ class BudgetLearner:
         self.step_clip = float(step_clip)
         self.beta2 = float(beta2)
         self.eps = float(eps)
+        self.tracking = tracking
+        self.dual_gain = float(dual_gain)
+        self.dual_tau = 0.0
         self.steps = 0
         self.start_ratio: float | None = None
         self.mean_sq: dict[str, Tensor] = {}
@@ -176,9 +192,13 @@ class BudgetLearner:
             self.start_ratio = max(ratio, self.budget)
         target = self.target()
         tau = 0.0
-        if cut and ratio > target:
+        if cut and self.tracking == "dual":
+            self.dual_tau = max(0.0, self.dual_tau + self.dual_gain * (ratio - target))
+            tau = self.dual_tau
+        if cut and (tau > 0 or (self.tracking == "project" and ratio > target)):
             weights = self._cut_weights(layers, flat)
-            tau = self._solve_tau(flat, weights, target)
+            if self.tracking == "project":
+                tau = self._solve_tau(flat, weights, target)
             flat.widths = (flat.widths - tau * weights).clamp(0, 1)
         flat.write(flat.widths)
         self.steps += 1
@@ -242,12 +262,13 @@ class BudgetLearner:
 
     # ---------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "start_ratio": self.start_ratio,
+        return {"steps": self.steps, "start_ratio": self.start_ratio, "dual_tau": self.dual_tau,
                 "mean_sq": {k: v.detach().cpu().clone() for k, v in self.mean_sq.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
         self.start_ratio = state.get("start_ratio")
+        self.dual_tau = float(state.get("dual_tau", 0.0))
         self.mean_sq = {k: v.clone() for k, v in state.get("mean_sq", {}).items()}
 
     def __repr__(self) -> str:

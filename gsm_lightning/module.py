@@ -22,7 +22,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from .budget_learner import BudgetLearner, CutWeighting, WidthStep
+from .budget_learner import BudgetLearner, CutWeighting, Tracking, WidthStep
 from .conversion import gsmify
 from .proximal import (
     SigmaSchedule,
@@ -98,6 +98,8 @@ class GSMModule(LightningModule):
         energy_start: part of phase 1 after which the energy weighting applies.
         width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * structure_lr`` (scheduled like
             every group); locations keep ``structure_lr``.
+        tracking: ``"project"`` (default: the exact cut onto the path) or ``"dual"`` (a soft threshold adapted
+            by feedback, a Lagrange multiplier; for ablations).
         prox_lambda: threshold of ``shrink="paper"``; the shrink per step is ``lambda * lr_structure``.
         prox_start_step: optimizer steps before any shrink or cut may start.
         structure_lr: learning rate of the structure group (AdamW, betas (0, 0.999), no decay): locations, and
@@ -132,6 +134,7 @@ class GSMModule(LightningModule):
         cut_weighting: CutWeighting = "energy",
         energy_start: float = 0.1,
         width_lr_scale: float = 4.0,
+        tracking: Tracking = "project",
         prox_lambda: float = 0.02,
         prox_start_step: int = 0,
         structure_lr: float | None = None,
@@ -184,7 +187,7 @@ class GSMModule(LightningModule):
         self.projection_delta: float | None = None
         # path_steps / energy_start_step are set from the trainer's step count in configure_optimizers.
         self.learner = (BudgetLearner(self.budget, path_steps=0, width_step=width_step, cut_weighting=cut_weighting,
-                                      width_lr_scale=width_lr_scale) if shrink == "budget" else None)
+                                      width_lr_scale=width_lr_scale, tracking=tracking) if shrink == "budget" else None)
 
         if include is None:
             include = getattr(backbone, "gsm_default_include", None)

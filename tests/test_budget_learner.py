@@ -145,3 +145,16 @@ def test_path_reaches_budget_by_its_end():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BudgetLearner(**kwargs)
+
+
+def test_dual_tracking_raises_its_threshold_while_above_the_path_and_relaxes_below():
+    model = two_layers()
+    learner = BudgetLearner(budget=0.3, path_steps=0, width_step="adam", cut_weighting="uniform", tracking="dual",
+                            dual_gain=0.01)
+    ratio0 = flops_ratio(list(model))
+    out = learner.step(model, lr=1e-3)
+    assert out["cut"] == pytest.approx(0.01 * (ratio0 - 0.3))  # tau after one feedback step
+    taus = [learner.step(model, lr=1e-3)["cut"] for _ in range(200)]
+    assert max(taus) > taus[0]  # integrates the error while above ...
+    assert flops_ratio(list(model)) <= 0.3 + 0.05  # ... and brings the ratio down to about the target
+    assert learner.state_dict()["dual_tau"] == pytest.approx(learner.dual_tau)
