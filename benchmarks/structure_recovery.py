@@ -47,6 +47,20 @@ from gsm_lightning.teacher import (  # noqa: E402
 
 STUDENTS = ("gblr", "lowrank", "monarch", "blocksparse", "random_gblr", "dense")
 START, END = "<!-- recovery:start -->", "<!-- recovery:end -->"
+ABL_START, ABL_END = "<!-- recovery-ablation:start -->", "<!-- recovery-ablation:end -->"
+# Ablation variants of the gblr student: label -> GSMModule overrides (on top of the defaults).
+VARIANTS = {
+    "default": {},
+    "paper": {"shrink": "paper"},
+    "paper_l0.3": {"shrink": "paper", "prox_lambda": 0.3},
+    "dual": {"tracking": "dual"},
+    "no_energy": {"cut_weighting": "flops"},
+    "uniform_cut": {"cut_weighting": "uniform"},
+    "adam_widths": {"width_step": "adam"},
+    "same_lr": {"width_lr_scale": 1.0, "structure_lr": 5e-3},
+    "zero_locations": {"layer_kwargs": {"location_init": "zero"}},
+    "no_sigma_anneal": {"sigma0": None, "sigma1": None},
+}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -178,6 +192,49 @@ def write_section(text: str, path: Path, start: str = START, end: str = END) -> 
     path.write_text(body)
 
 
+def ablation(args: argparse.Namespace) -> None:
+    labels = args.ablation.split(",")
+    unknown = [lab for lab in labels if lab not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown ablation variant(s) {unknown}; choose from {list(VARIANTS)}")
+    results = []
+    t0 = time.perf_counter()
+    for teacher in args.teachers.split(","):
+        for label in labels:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                r = run_one(teacher, "gblr", seed, args, VARIANTS[label])
+                r["variant"] = label
+                print(json.dumps(r), flush=True)
+                results.append(r)
+    total_s = time.perf_counter() - t0
+    cmd = "python benchmarks/structure_recovery.py " + " ".join(sys.argv[1:])
+    teachers = list(dict.fromkeys(r["teacher"] for r in results))
+    lines = ["| variant | overrides | " + " | ".join(teachers) + " | teachers at budget by learning |",
+             "|---|---|" + "---|" * len(teachers) + "---|"]
+    for label in labels:
+        cells, reached = [], 0
+        for t in teachers:
+            rs = [r for r in results if r["variant"] == label and r["teacher"] == t]
+            rel = _med([r["rel_mse"] for r in rs])
+            end = _med([r["phase1_end_ratio"] for r in rs])
+            iou = _med([r["iou"] for r in rs])
+            ok = end is not None and end <= rs[0]["budget"] + 0.02
+            reached += ok
+            cells.append(f"{rel:.1e} / {iou:.2f}{'' if ok else f' / end {end:.2f}'}")
+        over = ", ".join(f"{k}={v}" for k, v in VARIANTS[label].items()) or "GSMModule defaults"
+        lines.append(f"| {label} | {over} | " + " | ".join(cells) + f" | {reached}/{len(teachers)} |")
+    text = (f"### Ablation of the learner (gblr student only)\n\nCommand: `{cmd}` ({total_s / 60:.1f} min, "
+            f"{args.threads} thread(s)); seeds {args.seeds}, same recipe as above.  \nEach cell: median relative test "
+            "MSE / support IoU; `end` = FLOPs ratio at the end of phase 1 when it missed the budget by more than 0.02 "
+            "(the switch then projects).\n\n" + "\n".join(lines))
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": cmd, "args": vars(args), "total_s": total_s,
+                                               "results": results}, indent=1))
+    if args.write_md:
+        write_section(text, ROOT / "BENCHMARKS.md", ABL_START, ABL_END)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teachers", default=",".join(TEACHERS))
@@ -193,18 +250,36 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="write the raw results here")
     p.add_argument("--write-md", action="store_true", help="write the table into BENCHMARKS.md")
+    p.add_argument("--ablation", default=None, metavar="LABELS",
+                   help=f"run only the gblr student under these variants (comma list of {', '.join(VARIANTS)}) and "
+                        "write the ablation table")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="build the table from --json files of earlier runs (e.g. teachers split over processes)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = parse_overrides(args.gblr)
-    results = []
-    t0 = time.perf_counter()
-    for teacher in args.teachers.split(","):
-        for student in args.students.split(","):
-            for seed in (int(s) for s in args.seeds.split(",")):
-                r = run_one(teacher, student, seed, args, overrides)
-                print(json.dumps(r), flush=True)
-                results.append(r)
-    total_s = time.perf_counter() - t0
+    if args.ablation:
+        ablation(args)
+        return
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        results = [r for run in runs for r in run["results"]]
+        total_s = sum(run["total_s"] for run in runs)
+        args.gblr = runs[0]["args"]["gblr"]
+        for key in ("epochs", "phase1_epochs", "num_train", "noise_std", "lr", "batch_size", "threads"):
+            setattr(args, key, runs[0]["args"][key])
+        cmd = "; ".join(run["command"] for run in runs) + "; python benchmarks/structure_recovery.py " + " ".join(sys.argv[1:])
+    else:
+        overrides = parse_overrides(args.gblr)
+        results = []
+        t0 = time.perf_counter()
+        for teacher in args.teachers.split(","):
+            for student in args.students.split(","):
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    r = run_one(teacher, student, seed, args, overrides)
+                    print(json.dumps(r), flush=True)
+                    results.append(r)
+        total_s = time.perf_counter() - t0
+        cmd = "python benchmarks/structure_recovery.py " + " ".join(sys.argv[1:])
     rows = summarize(results)
     noise_floor = args.noise_std**2  # per-output variance of the teacher is 1
     text = table(rows)
@@ -212,13 +287,12 @@ def main() -> None:
     print(text)
     for teacher, verdict in judged.items():
         print(f"{teacher}: {verdict}")
-    cmd = "python benchmarks/structure_recovery.py " + " ".join(sys.argv[1:])
-    if args.json:
+    if args.json and not args.merge:
         Path(args.json).write_text(json.dumps({"command": cmd.strip(), "args": vars(args), "total_s": total_s,
                                                "results": results, "rows": rows, "verdicts": judged}, indent=1))
     if args.write_md:
         header = (f"## Structure recovery (teacher-student regression)\n\nCommand: `{cmd.strip()}` "
-                  f"({total_s / 60:.1f} min, {args.threads} thread(s), torch {torch.__version__}).  \n"
+                  f"({total_s / 60:.1f} min of runs, {args.threads} thread(s) each, torch {torch.__version__}).  \n"
                   f"{args.epochs} epochs for every student ({args.phase1_epochs} of structure learning for gblr), "
                   f"{args.num_train} training pairs with noise std {args.noise_std:g} (noise floor of the relative MSE "
                   f"~{noise_floor:.0e}), AdamW lr {args.lr:g} wd 0, warmup + cosine, batch {args.batch_size}; gblr = "

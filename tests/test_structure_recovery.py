@@ -18,7 +18,7 @@ from gsm_lightning.teacher import TeacherStudentDataModule, make_teacher
 EPOCHS, PHASE1 = 24, 18
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fit(teacher_name: str, method: str = "gblr", shrink: str = "budget") -> tuple[GSMModule, float, list[str]]:
     """Train a student of ``teacher_name`` (cached: each configuration is trained once per test session)."""
     teacher = make_teacher(teacher_name, seed=0)
