@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -81,6 +82,9 @@ def select_linear_layers(
         raise ValueError(
             f"the backbone {type(model).__name__} has no linear layers ({', '.join(t.__name__ for t in types)}) to convert"
         )
+    if include is not None and not _as_list(include):
+        raise ValueError("include=[] selects no layer; pass include=None (or omit it) to convert every linear layer, "
+                         "or use method='dense' to convert nothing")
     include_l, exclude_l = _as_list(include) or ["*"], _as_list(exclude)
     for kind, pats in (("include", include_l), ("exclude", exclude_l)):
         for p in pats:
@@ -93,6 +97,14 @@ def select_linear_layers(
     if not chosen:
         raise ValueError(f"include={include_l} minus exclude={exclude_l} leaves no layer to convert")
     return chosen
+
+
+def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) -> qualified names`` of every parameter that appears under more than one name."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return {k: v for k, v in names.items() if len(v) > 1}
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -152,8 +164,9 @@ class GSMReport:
         lines = [f"gsmify: {len(self.layers)} layers, init={self.init}, budget={self.budget:g}, "
                  f"FLOPs ratio of converted layers {self.flops_ratio:.3f}"]
         for layer in self.layers:
+            fit = "" if layer.fit_error is None else f" fit error {layer.fit_error:.4f}"
             lines.append(f"  {layer.name:<40} {layer.kind:<7} {layer.in_features:>5}->{layer.out_features:<5} "
-                         f"K={layer.num_components:<5} flops ratio {layer.flops_ratio:.3f}")
+                         f"K={layer.num_components:<5} flops ratio {layer.flops_ratio:.3f}{fit}")
         return "\n".join(lines)
 
 
@@ -189,17 +202,32 @@ def gsmify(
     if init not in _INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {_INITS}")
     names = select_linear_layers(model, include, exclude)
+    tied = _tied_weights(model)
     report = GSMReport(budget=float(budget), init=init)
     for name in names:
         old = model.get_submodule(name)
         in_f, out_f = _linear_shape(old)
+        if id(old.weight) in tied:
+            others = [n for n in tied[id(old.weight)] if n != f"{name}.weight"]
+            warnings.warn(
+                f"gsmify: layer '{name}' ({in_f}->{out_f}) shares its weight with {', '.join(others)}; converting it "
+                "would untie them, so it is kept dense (tied). Add it to exclude to silence this warning",
+                stacklevel=2)
+            continue
         fit_error = None
         if layer_factory is not None:
             new = layer_factory(old, name)
         elif init == "pretrained":
             new = GBLRLinear.from_linear(old, budget=budget, fit_steps=fit_steps, **layer_kwargs)
-            with_w = old.weight.detach().t() if type(old).__name__ == "Conv1D" else old.weight.detach()
-            fit_error = float(((new.to_dense().detach() - with_w).norm() / with_w.norm().clamp_min(1e-30)) ** 2)
+            with_w = (old.weight.detach().t() if type(old).__name__ == "Conv1D" else old.weight.detach()).float()
+            fit_error = float(((new.to_dense().detach().float() - with_w).norm() / with_w.norm().clamp_min(1e-30)) ** 2)
+            if new.flops() == 0 and bool(with_w.any()):
+                warnings.warn(
+                    f"gsmify: layer '{name}' ({in_f}->{out_f}) cannot be fitted at budget {budget:g} (the fit leaves no "
+                    f"component, i.e. a zero weight, relative error {fit_error:.3f}); it is kept dense. Raise the "
+                    f"budget, or add '{name}' to exclude to silence this warning",
+                    stacklevel=2)
+                continue
         else:
             bias = getattr(old, "bias", None) is not None
             new = GBLRLinear(in_f, out_f, bias=bias, device=old.weight.device, dtype=old.weight.dtype, **layer_kwargs)

@@ -118,6 +118,11 @@ class _BaseDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, "test", shuffle=False)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test split, in order (``trainer.predict`` / ``gsm-lightning predict``): batches are
+        ``(inputs, targets)``; :meth:`GSMModule.predict_step` returns the logits of the inputs."""
+        return self._loader(self.test_set, "predict", shuffle=False)
+
 
 # ------------------------------------------------------------------------------------------ digits
 

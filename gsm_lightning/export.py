@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -137,8 +138,33 @@ def save_compact(model: nn.Module, path: str | os.PathLike) -> int:
     """Write the frozen GBLR structure and weights of ``model`` (see :func:`compact_state`) to ``path``
     with ``torch.save``; returns the file size in bytes.  Layers already replaced by
     :class:`CompactGBLR` are stored as their GBLR structure; merged ``nn.Linear`` layers as ordinary weights."""
-    torch.save(compact_state(model), path)
+    state = compact_state(model)
+    try:
+        f = open(path, "wb")  # opened here so that a failure names the path (torch.save's C++ error does not)
+    except OSError as e:
+        raise type(e)(e.errno, f"save_compact cannot write {os.fspath(path)!r}: {e.strerror}; choose a writable "
+                               "location (or create the directory / fix its permissions)") from None
+    with f:
+        torch.save(state, f)
     return os.path.getsize(path)
+
+
+def read_torch_file(path: str | os.PathLike, what: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``, with a damaged file reported as a ``ValueError`` naming ``what``
+    and the path (torch's own message for some corruptions suggests ``weights_only=False``, which would run
+    arbitrary code from the file: never the fix for a damaged file).  A missing or unreadable file keeps
+    torch's ``OSError``, which names the path."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001  (zip, pickle, unicode, EOF, OSError errors of a damaged file)
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+            reason = "its data is damaged or holds objects other than tensors and plain containers"
+        else:
+            reason = (str(e).split(". ")[0].strip() or "unexpected end of file")[:160]
+        raise ValueError(f"cannot read {what} {os.fspath(path)!r}: the file is corrupt or truncated "
+                         f"({type(e).__name__}: {reason}); write it again (or copy it again) from the source") from None
 
 
 def _module_shape(mod: nn.Module) -> tuple[int, int] | None:
@@ -163,7 +189,7 @@ def load_compact(
     the stored shape; it is replaced by a frozen :class:`GBLRLinear` of the stored structure and the rest
     of the weights are loaded strictly.  Raises ``ValueError`` naming the layer/keys when the file does not
     fit the architecture.  Returns the model (in eval mode)."""
-    state = path if isinstance(path, dict) else torch.load(path, map_location=map_location, weights_only=True)
+    state = path if isinstance(path, dict) else read_torch_file(path, "compact file", map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a gsm_lightning compact file (format {FORMAT!r})")
     if int(state.get("version", -1)) > FORMAT_VERSION:

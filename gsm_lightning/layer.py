@@ -12,6 +12,7 @@ row 0 is the input side, row 1 the output side (as in the reference code).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -67,6 +68,10 @@ class GBLRLinear(StructuredCost, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        for what, v in (("in_features", in_features), ("out_features", out_features),
+                        ("rank_per_component", rank_per_component), ("num_components", num_components)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (numbers.Real, Tensor)) or int(v) != v):
+                raise ValueError(f"{what} must be an integer, got {v!r} (sizes are never rounded)")
         if int(in_features) < 1 or int(out_features) < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         r = int(rank_per_component)
@@ -267,7 +272,8 @@ class GBLRLinear(StructuredCost, nn.Module):
             name = getattr(self, "_gsm_name", None) or "GBLRLinear"
             raise FloatingPointError(
                 f"non-finite {' and '.join(bad)} in layer '{name}' ({self.in_features}->{self.out_features}); "
-                "lower the structure learning rate or check the loss for NaN"
+                "a learning rate too high (of the weights or of the structure) or a NaN in the loss or the data "
+                "makes the structure non-finite"
             )
 
     def masked_factors(self) -> tuple[Tensor, Tensor]:
@@ -336,7 +342,9 @@ class GBLRLinear(StructuredCost, nn.Module):
         return int(self.active_components().sum()) * self.rank_per_component
 
     def flops(self) -> int:
-        """Multiply-adds per token of the structured product (bias excluded)."""
+        """Multiply-adds per token of the structured product (bias excluded).  Raises ``FloatingPointError``
+        (naming the layer) on NaN/inf widths rather than counting them as zero."""
+        self._check_finite()
         return structure_flops(self.int_widths(), self.in_features, self.out_features, self.rank_per_component)
 
     def structure(self) -> dict[str, Any]:
@@ -599,8 +607,13 @@ class GBLRLinear(StructuredCost, nn.Module):
                              "fitted to the budget")
         kwargs.setdefault("sigma", None)
         kwargs.setdefault("location_init", "uniform")
+        # 16-bit factors cannot be fitted (AdamW steps and the relative error overflow or round away): fit in
+        # float32 and convert the result to the layer's dtype at the end.
+        out_dtype = weight.dtype
+        fit_dtype = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
+        weight = weight.to(fit_dtype)
         layer = cls(n_in, n_out, bias=bias is not None, rank_per_component=rank_per_component,
-                    num_components=num_components, width_init="full", device=weight.device, dtype=weight.dtype, **kwargs)
+                    num_components=num_components, width_init="full", device=weight.device, dtype=fit_dtype, **kwargs)
         with torch.no_grad():
             layer._set_factors_from_dense(weight.float())
             if bias is not None:
@@ -615,13 +628,13 @@ class GBLRLinear(StructuredCost, nn.Module):
             with torch.no_grad():
                 svd_state["widths"][:, n_full:] = 0.0
                 trunc = cls(n_in, n_out, bias=bias is not None, rank_per_component=rank_per_component,
-                            num_components=layer.num_components, device=weight.device, dtype=weight.dtype)
+                            num_components=layer.num_components, device=weight.device, dtype=fit_dtype)
                 trunc.load_state_dict(svd_state)
                 w = weight.float()
                 trunc_error = float((trunc.to_dense().float() - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
             if n_full > 0 and trunc_error < fit_error:
                 layer.load_state_dict(svd_state)
-        return layer
+        return layer if fit_dtype == out_dtype else layer.to(out_dtype)
 
     def fit_to(
         self, weight: Tensor, budget: float, steps: int = 300, lr: float = 5e-3, structure_lr: float | None = None

@@ -94,7 +94,8 @@ class GSMModule(LightningModule):
             layer side, moved by the learner) or ``"adam"`` (per-coordinate, by the optimizer).  Only
             for ``shrink="budget"``; the paper's rule always uses Adam.
         cut_weighting: where the ``"budget"`` cut falls: ``"energy"`` (FLOPs units, weak components
-            faster; default), ``"flops"`` (FLOPs units) or ``"uniform"``.
+            faster; default), ``"density"`` (FLOPs units, components with little energy per FLOP faster),
+            ``"flops"`` (FLOPs units) or ``"uniform"``.
         energy_start: part of phase 1 after which the energy weighting applies.
         width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * structure_lr`` (scheduled like
             every group); locations keep ``structure_lr``.
@@ -291,14 +292,57 @@ class GSMModule(LightningModule):
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100)
         return F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
 
+    def _check_labels(self, y: Any) -> None:
+        """Classification labels must be below ``num_classes`` (else the loss fails deep inside, or on a GPU
+        with a device-side assert)."""
+        if self.task != "classification" or not isinstance(y, Tensor) or y.is_floating_point() or not y.numel():
+            return
+        n, top = self.hparams.num_classes, int(y.max())
+        if top >= n:
+            raise ValueError(f"the data has label {top} but num_classes={n} (labels must be in [0, {n - 1}]): set "
+                             f"num_classes (model.num_classes) to the data's number of classes, at least {top + 1}, "
+                             "and give the backbone as many outputs")
+
+    def _non_finite_hint(self, x: Any = None) -> str:
+        """Current learning rates and which parameters are non-finite, for a NaN/inf error during training."""
+        opts = self._trainer.optimizers if self._trainer is not None else []
+        lrs: dict[str, float] = {}
+        for g in (opts[0].param_groups if opts else []):
+            lrs.setdefault(str(g.get("name", "group")), float(g["lr"]))
+        weight_lr = next((lr for name, lr in lrs.items() if name not in ("structure", "widths")), None)
+        structure_lr = lrs.get("structure", self.hparams.structure_lr)
+        rates = (f"learning rates now: weights {weight_lr:.4g}, structure {structure_lr:.4g}" if weight_lr is not None
+                 else f"structure learning rate {structure_lr:.4g}")
+        bad = [n for n, p in self.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        bad_weights = [n for n in bad if not n.endswith((".widths", ".locations"))]
+        if bad_weights:
+            cause = (f"non-finite weights ({', '.join(bad_weights[:4])}{' ...' if len(bad_weights) > 4 else ''}): "
+                     "lower the weight learning rate (optimizer lr) first")
+        elif bad:
+            big = max((float(p.detach().abs().max()) for n, p in self.named_parameters()
+                       if p.numel() and not n.endswith((".widths", ".locations"))), default=0.0)
+            cause = (f"the weights have grown to |w| = {big:.3g} and their gradient overflowed into the structure: "
+                     "lower the weight learning rate (optimizer lr)" if big > 1e3 else
+                     f"only the structure (widths/locations) is non-finite, the weights are moderate (|w| <= {big:.3g}): "
+                     "lower structure_lr")
+        elif isinstance(x, Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            cause = "the input batch holds NaN/inf: check the data"
+        else:
+            cause = "every parameter and input is finite, so the outputs overflowed: lower the weight learning rate"
+        return f"{rates}; {cause}"
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = self._unpack(batch)
-        logits = self(x)
+        self._check_labels(y)
+        try:
+            logits = self(x)
+        except FloatingPointError as e:  # a GBLR layer's non-finite structure: add the rates and the likely cause
+            raise FloatingPointError(f"{e} ({self._non_finite_hint(x)})") from None
         loss = self._loss(logits, y, self.hparams.label_smoothing)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, batch {batch_idx}, "
-                f"global step {self.global_step}: lower the learning rates or check the data"
+                f"global step {self.global_step}: {self._non_finite_hint(x)}"
             )
         self.log("train/loss", loss, prog_bar=True)
         if self.task == "classification":
@@ -308,6 +352,7 @@ class GSMModule(LightningModule):
 
     def _eval_step(self, batch: Any, stage: str) -> Tensor:
         x, y = self._unpack(batch)
+        self._check_labels(y)
         logits = self(x)
         loss = self._loss(logits, y, 0.0)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
@@ -402,6 +447,32 @@ class GSMModule(LightningModule):
                 f"phase1_epochs={self.phase1_epochs} is beyond trainer.max_epochs={max_epochs}: the structure would never "
                 "be frozen; lower phase1_epochs or raise max_epochs"
             )
+        if (self.hparams.method == "gblr" and max_epochs is not None and 0 < max_epochs == self.phase1_epochs
+                and self.phase == 1):
+            warnings.warn(
+                f"phase1_epochs={self.phase1_epochs} equals trainer.max_epochs={max_epochs}: the structure is frozen at "
+                f"the start of epoch {self.phase1_epochs}, which this run never reaches, so it ends in phase 1 (soft "
+                f"masks, FLOPs ratio not projected onto the budget {self.budget:g}, no phase-2 fine-tuning). Raise "
+                "max_epochs above phase1_epochs, or call module.freeze_structure() after fit",
+                stacklevel=_user_stacklevel())
+
+    def on_train_epoch_end(self) -> None:
+        """Collapse guard: warn (once per layer) when structure learning drove a layer to 0 FLOPs."""
+        if self.hparams.method != "gblr" or self.phase != 1:
+            return
+        warned = self.__dict__.setdefault("_collapse_warned", set())
+        dead = [n for n, m in gblr_layers(self.backbone, include_frozen=False) if n not in warned and m.flops() == 0]
+        if not dead:
+            return
+        warned.update(dead)
+        rule = (f"structure_lr={self.hparams.structure_lr:g} (widths step at {self.hparams.width_lr_scale:g}x it)"
+                if self.learner is not None else
+                f"structure_lr={self.hparams.structure_lr:g} with prox_lambda={self.hparams.prox_lambda:g}")
+        warnings.warn(
+            f"epoch {self.current_epoch}: GBLR layer(s) {', '.join(repr(n) for n in dead[:8])}"
+            f"{' ...' if len(dead) > 8 else ''} fell to 0 FLOPs (every component has zero width: the layer only adds "
+            f"its bias). Likely cause: {rule} is too high, or the budget {self.budget:g} is too low for these layers. "
+            "Lower structure_lr, raise the budget, or exclude the layers", stacklevel=_user_stacklevel())
 
     def on_train_epoch_start(self) -> None:
         if self.hparams.method != "gblr":
@@ -411,7 +482,7 @@ class GSMModule(LightningModule):
             self.freeze_structure()
         if self.phase == 1:
             set_sigma(self.backbone, self.sigma_schedule(epoch))
-        self.log("gsm/flops_ratio", self.flops_ratio(), on_step=False, on_epoch=True, prog_bar=True, sync_dist=False)
+        self.log("gsm/epoch_start_flops_ratio", self.flops_ratio(), on_step=False, on_epoch=True, prog_bar=True, sync_dist=False)
 
     @torch.no_grad()
     def freeze_structure(self) -> None:

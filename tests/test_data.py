@@ -372,3 +372,56 @@ def test_train_order_is_a_function_of_seed_and_epoch_only():
         orders.append(list(loader.sampler))
     assert orders[0] == orders[2] and orders[0] != orders[1]
     assert sorted(orders[0]) == list(range(len(dm.train_set)))
+
+
+# ------------------------------------------------------------------------------------------ predict
+def _predict(dm, backbone, task: str = "classification", num_classes: int | None = 10) -> list:
+    import lightning.pytorch as pl
+
+    from gsm_lightning.module import GSMModule
+
+    module = GSMModule(backbone, task=task, num_classes=num_classes, method="dense", budget=1.0)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, limit_predict_batches=2)
+    return trainer.predict(module, datamodule=dm)
+
+
+@pytest.mark.parametrize("kind", ["digits", "fashion", "cifar", "image_folder", "wikitext"])
+def test_predict_works_on_every_data_module(tmp_path, monkeypatch, kind):
+    """trainer.predict (and `gsm-lightning predict`) returns the logits of the test inputs, in order."""
+    from torch import nn
+
+    if kind == "digits":
+        dm, backbone, classes = DigitsDataModule(batch_size=16), nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), 10
+    elif kind == "fashion":
+        rng = np.random.default_rng(0)
+        for split, n in (("train", 12), ("t10k", 6)):
+            _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+            _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
+        dm = FashionMNISTDataModule(root=str(tmp_path), val_size=2, batch_size=4)
+        backbone, classes = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)), 10
+    elif kind == "cifar":
+        import torchvision.datasets.cifar as tv_cifar
+
+        _fake_cifar10(tmp_path)
+        monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+        dm = CIFARDataModule(root=str(tmp_path), download=False, val_size=30, batch_size=4)
+        backbone, classes = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), 10
+    elif kind == "image_folder":
+        _fake_image_folder(tmp_path)
+        dm = ImageFolderDataModule(root=str(tmp_path), image_size=32, batch_size=4)
+        backbone, classes = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)), 3
+    else:
+        _write_wikitext(tmp_path / "data")
+        dm = WikiText103DataModule(root=str(tmp_path / "data"), tokenizer="char", block_size=16, batch_size=4,
+                                   use_cache=False)
+        dm.prepare_data()
+        backbone, classes = nn.Sequential(nn.Embedding(dm.vocab_size, 8), nn.Linear(8, dm.vocab_size)), dm.vocab_size
+    task = "lm" if kind == "wikitext" else "classification"
+    preds = _predict(dm, backbone, task=task, num_classes=classes if task == "classification" else None)
+    assert len(preds) == 2
+    first = next(iter(dm.test_dataloader()))[0]  # predict follows the test split, in order
+    with torch.no_grad():
+        expected = backbone(first)
+    assert preds[0].shape == expected.shape and preds[0].shape[-1] == classes
+    torch.testing.assert_close(preds[0], expected)

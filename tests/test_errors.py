@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import math
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -320,3 +321,267 @@ def test_unknown_method_and_task():
         module(cut_weighting="norm")
     with pytest.raises(ValueError, match=r"classification needs num_classes >= 2, got None"):
         module(num_classes=None)
+
+
+# ============================================ issue 12: nothing damages a model silently, the CLI has no traps
+# ------------------------------------------------------------------------------------------- gsmify
+def test_pretrained_thin_layer_that_would_be_zeroed_is_kept_dense_with_a_warning():
+    net = nn.Sequential(nn.Linear(64, 8), nn.GELU(), nn.Linear(8, 1))
+    head = net[2]
+    with pytest.warns(UserWarning, match=r"layer '2' \(8->1\) cannot be fitted at budget 0\.3 .*kept dense.*exclude"):
+        report = gsmify(net, budget=0.3, init="pretrained", fit_steps=20)
+    assert net[2] is head and isinstance(net[0], GBLRLinear)  # the head is untouched, the wide layer converted
+    assert report.names == ["0"] and report.flops_ratio > 0
+    x = torch.randn(4, 64)
+    assert net(x).abs().sum() > 0
+
+
+def test_linear_tied_to_an_embedding_stays_tied():
+    class TinyLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+    lm = TinyLM()
+    with pytest.warns(UserWarning, match=r"layer 'head' \(16->50\) shares its weight with emb\.weight; .*kept dense"):
+        report = gsmify(lm, init="random")
+    assert report.names == ["fc"] and isinstance(lm.fc, GBLRLinear)
+    assert isinstance(lm.head, nn.Linear) and lm.head.weight is lm.emb.weight
+
+
+def test_include_empty_list_is_an_error():
+    with pytest.raises(ValueError, match=r"include=\[\] selects no layer; pass include=None .*method='dense'"):
+        gsmify(tiny(), include=[])
+    with pytest.raises(ValueError, match=r"include=\[\] selects no layer"):
+        module(include=[])
+
+
+def test_fp16_linear_with_pretrained_init_is_fitted_in_float32():
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(64, 32))
+    half = nn.Sequential(nn.Linear(64, 32)).half()
+    half.load_state_dict({k: v.half() for k, v in ref.state_dict().items()})
+    r32 = gsmify(ref, budget=0.3, init="pretrained", fit_steps=30)
+    torch.manual_seed(0)
+    r16 = gsmify(half, budget=0.3, init="pretrained", fit_steps=30)  # used to fail with "non-finite widths"
+    layer = half[0]
+    assert layer.weight_in.dtype == torch.float16 and layer.widths.dtype == torch.float32
+    assert math.isfinite(r16.layers[0].fit_error) and r16.layers[0].fit_error < 0.9
+    assert r16.layers[0].fit_error == pytest.approx(r32.layers[0].fit_error, abs=0.05)
+    assert 0 < r16.flops_ratio <= 0.3
+
+
+def test_report_str_shows_the_fit_error_of_each_layer():
+    net = tiny()
+    report = gsmify(net, budget=0.5, init="pretrained", fit_steps=10)
+    text = str(report)
+    for layer in report.layers:
+        assert re.search(rf"^  {layer.name} .* fit error {layer.fit_error:.4f}$", text, re.M), text
+    assert "fit error" not in str(gsmify(tiny(), init="random"))  # random init has no fit
+
+
+# ---------------------------------------------------------------------------------- GBLRLinear
+@pytest.mark.parametrize("args", [(10.5, 10), (10, 7.25), (True, 4), ("8", 8)])
+def test_gblr_sizes_must_be_integers(args):
+    with pytest.raises(ValueError, match=r"_features must be an integer, got .*never rounded"):
+        GBLRLinear(*args)
+    with pytest.raises(ValueError, match=r"rank_per_component must be an integer, got 1\.5"):
+        GBLRLinear(8, 8, rank_per_component=1.5)
+    assert GBLRLinear(np.int64(8), 8.0).in_features == 8  # integral values of other types are fine
+
+
+def test_flops_of_nan_widths_raises_instead_of_counting_zero():
+    layer = GBLRLinear(8, 8)
+    assert layer.flops() > 0
+    with torch.no_grad():
+        layer.widths[:] = math.nan
+    with pytest.raises(FloatingPointError, match=r"non-finite widths .* in layer 'GBLRLinear' \(8->8\)"):
+        layer.flops()
+
+
+# ------------------------------------------------------------------------------------ GSMModule
+def test_phase1_equal_to_max_epochs_warns_at_fit_start(tmp_path):
+    train, _ = digits_loaders(n_train=128)
+    m = module(phase1_epochs=2)
+    with pytest.warns(UserWarning, match=r"phase1_epochs=2 equals trainer\.max_epochs=2: .* never reaches.*"
+                                         r"Raise max_epochs above phase1_epochs, or call module\.freeze_structure\(\)"):
+        trainer(tmp_path, max_epochs=2, limit_train_batches=1).fit(m, train)
+    assert m.phase == 1  # what the warning says
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_epochs=3, limit_train_batches=1).fit(module(phase1_epochs=2), train)
+    assert not [w for w in caught if "equals trainer.max_epochs" in str(w.message)]
+
+
+def test_collapse_guard_names_the_layer_that_fell_to_zero_flops(tmp_path):
+    train, _ = digits_loaders(n_train=256)
+    m = module(named_tiny(), budget=0.4, shrink="paper", structure_lr=100.0, phase1_epochs=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_epochs=5, limit_train_batches=4).fit(m, train)
+    msgs = [str(w.message) for w in caught if "fell to 0 FLOPs" in str(w.message)]
+    assert m.backbone.head.flops() == 0  # the collapse happened ...
+    assert len(msgs) == 1, msgs  # ... and was reported once
+    assert re.search(r"GBLR layer\(s\) 'head' fell to 0 FLOPs .*Likely cause: structure_lr=100 with prox_lambda=0\.02 "
+                     r"is too high.*Lower structure_lr", msgs[0]), msgs[0]
+    assert "'enc.fc'" not in msgs[0]
+
+
+def test_non_finite_loss_from_a_high_weight_lr_names_both_rates(tmp_path):
+    train, _ = digits_loaders(n_train=256)
+    m = module(optimizer=adamw(lr=1e5))
+    with pytest.raises(FloatingPointError) as err:
+        trainer(tmp_path, max_epochs=2, limit_train_batches=4).fit(m, train)
+    msg = str(err.value)
+    assert re.search(r"learning rates now: weights [\d.e+]+, structure [\d.e-]+; .*lower the weight learning rate", msg), msg
+    assert "lower structure_lr" not in msg
+
+
+def test_structure_blown_up_by_the_weight_lr_blames_the_weight_lr(tmp_path):
+    train, _ = digits_loaders(n_train=256)
+    m = module(optimizer=lambda groups: torch.optim.SGD(groups, lr=1e4))
+    with pytest.raises(FloatingPointError) as err:
+        trainer(tmp_path, max_epochs=2, limit_train_batches=4).fit(m, train)
+    msg = str(err.value)
+    assert re.search(r"non-finite widths .* in layer '0'.*learning rates now: weights [\d.e+]+, structure [\d.e-]+; "
+                     r"the weights have grown .* lower the weight learning rate", msg), msg
+
+
+def test_nan_input_is_blamed_on_the_data(tmp_path):
+    x = torch.randn(64, 64)
+    x[5, 7] = math.nan
+    train = DataLoader(TensorDataset(x, torch.randint(0, 10, (64,))), batch_size=64)
+    with pytest.raises(FloatingPointError, match=r"learning rates now: weights 0\.003, structure 0\.0025; "
+                                                 r"the input batch holds NaN/inf: check the data"):
+        trainer(tmp_path).fit(module(optimizer=lambda g: torch.optim.AdamW(g, lr=3e-3)), train)
+
+
+@pytest.mark.parametrize("stage", ["fit", "validate"])
+def test_num_classes_smaller_than_the_labels(tmp_path, stage):
+    train, val = digits_loaders(n_train=128)  # labels 0..9
+    m = module(nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 8)), num_classes=8)
+    with pytest.raises(ValueError, match=r"the data has label 9 but num_classes=8 \(labels must be in \[0, 7\]\): set "
+                                         r"num_classes \(model\.num_classes\) .* at least 10"):
+        if stage == "fit":
+            trainer(tmp_path).fit(m, train)
+        else:
+            trainer(tmp_path, limit_val_batches=1).validate(m, val, verbose=False)
+
+
+# -------------------------------------------------------------------------------------- export
+def test_load_compact_of_a_truncated_or_corrupt_file_names_the_path(tmp_path):
+    path = tmp_path / "net.pt"
+    save_compact(_frozen_tiny(), path)
+    blob = path.read_bytes()
+    for name, data in (("short.pt", blob[: len(blob) - 100]), ("head.pt", blob[:50]), ("empty.pt", b"")):
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        with pytest.raises(ValueError, match=rf"cannot read compact file '.*{name}': the file is corrupt or truncated") as e:
+            load_compact(bad, tiny)
+        assert "weights_only" not in str(e.value) and e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def _unwritable_dir(tmp_path: Path) -> Path:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    for d in (ro, Path("/sys")):
+        try:
+            (d / "gsm_probe.pt").open("wb").close()
+        except OSError:
+            return d
+    pytest.skip("no unwritable directory here (running as root without a read-only /sys)")
+
+
+def test_save_compact_into_an_unwritable_directory_names_the_path(tmp_path):
+    d = _unwritable_dir(tmp_path)
+    target = d / "net.pt"
+    with pytest.raises(OSError, match=rf"save_compact cannot write '{re.escape(str(target))}': .*writable location"):
+        save_compact(_frozen_tiny(), target)
+    missing = tmp_path / "no" / "such" / "dir" / "net.pt"
+    with pytest.raises(FileNotFoundError, match=rf"save_compact cannot write '{re.escape(str(missing))}': No such file"):
+        save_compact(_frozen_tiny(), missing)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+CLI_CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  default_root_dir: "{root}"
+  max_epochs: 1
+  limit_train_batches: 1
+  limit_val_batches: 1
+  num_sanity_val_steps: 0
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: "{ckpt_dir}", save_last: true}}
+model:
+  backbone:
+    class_path: gsm_lightning.models.ViT
+    init_args: {{image_size: 8, patch_size: 4, in_chans: 1, num_classes: 10, dim: 16, depth: 1, heads: 2}}
+  num_classes: 10
+  budget: 0.5
+  phase1_epochs: 0
+data:
+  class_path: gsm_lightning.data.DigitsDataModule
+  init_args: {{batch_size: 32}}
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = tmp / "cfg.yaml"
+    cfg.write_text(CLI_CONFIG.format(ckpt_dir=tmp / "ckpt", root=tmp))  # config.yaml dumps land in tmp, not the cwd
+    build_cli(["fit", "--config", str(cfg)])
+    return cfg, tmp / "ckpt" / "last.ckpt"
+
+
+def test_ckpt_path_with_a_conflicting_model_flag_is_an_error(cli_checkpoint, capsys):
+    cfg, ckpt = cli_checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["validate", "--config", str(cfg), f"--ckpt_path={ckpt}", "--model.budget=0.2",
+                   "--model.include=[blocks.0.mlp.fc1]", "--model.label_smoothing=0.1"])
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert re.search(r"--ckpt_path .*last\.ckpt restores the model hyperparameters it was trained with, which would "
+                     r"override --model\.budget 0\.2 \(checkpoint: 0\.5\), --model\.include \['blocks\.0\.mlp\.fc1'\] "
+                     r"\(checkpoint: None\)\. Drop these flags", err), err
+    assert "label_smoothing" not in err  # same value as the checkpoint: no conflict
+    # a flag with the checkpoint's value runs
+    build_cli(["validate", "--config", str(cfg), f"--ckpt_path={ckpt}", "--model.budget", "0.5"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_corrupt_checkpoint_is_named_without_weights_only_advice(cli_checkpoint, tmp_path, damage):
+    cfg, ckpt = cli_checkpoint
+    blob = ckpt.read_bytes()
+    bad = tmp_path / "bad.ckpt"
+    if damage == "truncated":
+        bad.write_bytes(blob[: len(blob) - 200])
+    else:  # a valid archive whose pickle names a foreign global: torch's message suggests weights_only=False
+        import os
+        import pickle
+        import zipfile
+
+        with zipfile.ZipFile(ckpt) as src, zipfile.ZipFile(bad, "w") as dst:
+            for info in src.infolist():
+                dst.writestr(info, pickle.dumps(os.getcwd) if info.filename.endswith("data.pkl") else src.read(info))
+        with pytest.raises(Exception, match="weights_only"):  # the unsafe advice this test keeps out of the error
+            torch.load(bad, weights_only=True)
+    with pytest.raises(ValueError, match=r"cannot read checkpoint '.*bad\.ckpt': the file is corrupt or truncated") as e:
+        build_cli(["validate", "--config", str(cfg), f"--ckpt_path={bad}"])
+    assert "weights_only" not in str(e.value) and e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_cli_predict_returns_logits_of_the_test_split(cli_checkpoint):
+    cfg, ckpt = cli_checkpoint
+    cli = build_cli(["predict", "--config", str(cfg), f"--ckpt_path={ckpt}", "--trainer.limit_predict_batches=2"],
+                    run=True)
+    preds = cli.trainer.predict_loop.predictions
+    assert len(preds) == 2 and preds[0].shape == (32, 10) and torch.isfinite(preds[0]).all()
