@@ -254,7 +254,8 @@ def main() -> None:
                    help=f"run only the gblr student under these variants (comma list of {', '.join(VARIANTS)}) and "
                         "write the ablation table")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="build the table from --json files of earlier runs (e.g. teachers split over processes)")
+                   help="build the table from --json files of earlier runs (e.g. teachers split over processes; "
+                        "later files win for the same teacher, student and seed)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.ablation:
@@ -262,7 +263,9 @@ def main() -> None:
         return
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
-        results = [r for run in runs for r in run["results"]]
+        # later files win for the same (teacher, student, seed): rerun one student and merge it over a full run
+        merged = {(r["teacher"], r["student"], r["seed"]): r for run in runs for r in run["results"]}
+        results = list(merged.values())
         total_s = sum(run["total_s"] for run in runs)
         args.gblr = runs[0]["args"]["gblr"]
         for key in ("epochs", "phase1_epochs", "num_train", "noise_std", "lr", "batch_size", "threads"):

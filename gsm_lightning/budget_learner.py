@@ -17,7 +17,8 @@ ablations:
    ``energy`` (``"energy"``, the default, on top of ``"flops"``) is ``clip(mean_e / e_k, 0.1, 100)``
    with ``e_k = ||m_in V_k|| ||m_out U_k||`` over the layer's active components: weak components are
    cut faster, which pulls toward a few strong wide components (what a low-rank target needs).  It
-   starts at ``energy_start_step`` since energies at initialisation mean nothing.
+   starts at ``energy_start_step`` since energies at initialisation mean nothing.  ``"density"`` uses
+   ``e_k`` over the component's FLOPs instead, so a wide component must earn its cost.
 3. **The width step** (``width_step``): ``"side_rms"`` moves the widths itself by
    ``lr * clip(g / rms_side, +-step_clip)`` with one running RMS of the gradient per layer side (beta2
    0.999), so a strong gradient moves its component further than a weak one; ``"adam"`` leaves them
@@ -45,7 +46,8 @@ from .masks import boxcar_mask
 __all__ = ["BudgetPath", "BudgetLearner", "WidthStep", "CutWeighting", "Tracking"]
 
 WidthStep = Literal["side_rms", "adam"]
-CutWeighting = Literal["energy", "flops", "uniform"]
+CutWeighting = Literal["balanced", "density_energy", "density", "energy", "flops", "uniform"]
+_COST_POWER = {"energy": 0.0, "balanced": 0.5, "density": 1.0}
 Tracking = Literal["project", "dual"]
 
 
@@ -102,7 +104,7 @@ class BudgetLearner:
         budget: target FLOPs ratio (structured over dense multiply-adds, FLOPs-weighted over layers).
         path_steps: steps of the cosine path from the starting ratio to the budget (0: the budget at once).
         width_step: ``"side_rms"`` or ``"adam"`` (see the module docstring).
-        cut_weighting: ``"energy"``, ``"flops"`` or ``"uniform"``.
+        cut_weighting: ``"energy"``, ``"density"``, ``"flops"`` or ``"uniform"``.
         energy_start_step: first step at which the energy weighting applies.
         energy_clip: bounds of the energy weight.
         step_clip: bound of the normalised width step, in units of ``lr``.
@@ -131,8 +133,9 @@ class BudgetLearner:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
         if width_step not in ("side_rms", "adam"):
             raise ValueError(f"unknown width_step {width_step!r}; expected 'side_rms' or 'adam'")
-        if cut_weighting not in ("energy", "flops", "uniform"):
-            raise ValueError(f"unknown cut_weighting {cut_weighting!r}; expected 'energy', 'flops' or 'uniform'")
+        if cut_weighting not in ("balanced", "density_energy", "density", "energy", "flops", "uniform"):
+            raise ValueError(f"unknown cut_weighting {cut_weighting!r}; expected 'balanced', 'density_energy', "
+                             "'density', 'energy', 'flops' or 'uniform'")
         if tracking not in ("project", "dual"):
             raise ValueError(f"unknown tracking {tracking!r}; expected 'project' or 'dual'")
         if not dual_gain > 0:
@@ -224,21 +227,26 @@ class BudgetLearner:
         else:
             cost = flat.n * flat.r  # FLOPs per unit width fraction of each side
             side = cost / cost.mean()
-        if self.cut_weighting != "energy" or self.steps < self.energy_start_step:
+        if self.cut_weighting in ("flops", "uniform") or self.steps < self.energy_start_step:
             return side
         lo, hi = self.energy_clip
-        comp = torch.cat([self._energy_weight(m, lo, hi) for m in layers])
+        mode = self.cut_weighting
+        if mode == "density_energy":  # energy per FLOP along the path, energy once the budget is held
+            mode = "density" if self.steps < self.path_steps else "energy"
+        comp = torch.cat([self._energy_weight(m, lo, hi, _COST_POWER[mode]) for m in layers])
         return side * comp
 
     @staticmethod
-    def _energy_weight(layer: GBLRLinear, lo: float, hi: float) -> Tensor:
-        """``clip(mean_e / e_k, lo, hi)`` with ``e_k`` the product of the masked factor norms (``hi`` for
-        inactive components)."""
+    def _energy_weight(layer: GBLRLinear, lo: float, hi: float, cost_power: float = 0.0) -> Tensor:
+        """``clip(mean_e / e_k, lo, hi)`` with ``e_k`` the product of the masked factor norms over the
+        component's FLOPs to the power ``cost_power`` (``hi`` for inactive components)."""
         m_in = boxcar_mask(layer.widths[0], layer.locations[0], layer.in_features)
         m_out = boxcar_mask(layer.widths[1], layer.locations[1], layer.out_features)
         e_in = (layer.weight_in.float() * m_in.unsqueeze(1)).flatten(1).norm(dim=1)
         e_out = (layer.weight_out.float() * m_out.unsqueeze(1)).flatten(1).norm(dim=1)
         energy = e_in * e_out
+        if cost_power:
+            energy = energy / layer.int_widths().sum(0).clamp_min(1).to(energy.dtype) ** cost_power
         active = layer.active_components() & (energy > 0)
         weight = torch.full_like(energy, hi)
         if bool(active.any()):

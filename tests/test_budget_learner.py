@@ -158,3 +158,20 @@ def test_dual_tracking_raises_its_threshold_while_above_the_path_and_relaxes_bel
     assert max(taus) > taus[0]  # integrates the error while above ...
     assert flops_ratio(list(model)) <= 0.3 + 0.05  # ... and brings the ratio down to about the target
     assert learner.state_dict()["dual_tau"] == pytest.approx(learner.dual_tau)
+
+
+def test_density_weighting_cuts_a_wide_component_of_little_energy_per_flop_first():
+    # Two components with equal energy; one spends twice the FLOPs on it.
+    layer = GBLRLinear(64, 64, num_components=2, width_init=1.0)
+    with torch.no_grad():
+        layer.widths.copy_(torch.tensor([[0.25, 0.5], [0.25, 0.5]]))
+        layer.weight_in.zero_()
+        layer.weight_out.zero_()
+        layer.weight_in[0, 0, :16] = 1.0
+        layer.weight_out[0, 0, :16] = 1.0
+        layer.weight_in[1, 0, :32] = 0.5 ** 0.5
+        layer.weight_out[1, 0, :32] = 0.5 ** 0.5
+    energy = BudgetLearner._energy_weight(layer, 0.1, 100.0)
+    density = BudgetLearner._energy_weight(layer, 0.1, 100.0, cost_power=1.0)
+    assert float(energy[0]) == pytest.approx(float(energy[1]))
+    assert float(density[1]) == pytest.approx(2 * float(density[0]))  # the wide one is cut twice as fast
