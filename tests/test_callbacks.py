@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import nn
 
 from gsm_lightning.callbacks import (
@@ -70,7 +70,8 @@ def tb_run(tmp_path_factory):
     report = StructureReport(print_table=False)
     trainer, module = fit(tmp, TensorBoardLogger(str(tmp), name="tb"),
                           [StructureMonitor(), StructureVisualizer(max_size=MAX_SIZE), report])
-    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    acc = EventAccumulator(trainer.logger.log_dir,
+                           size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
     acc.Reload()
     return trainer, module, acc, report
 
@@ -106,6 +107,39 @@ def test_monitor_scalars(tb_run):
     assert all(v == pytest.approx(module.phase1_end_ratio) for _, v in end)
     assert module.phase1_end_ratio <= 0.5 + 1e-9
     assert [v for _, v in scalars(acc, "structure/projection")] == [0.0, 0.0]
+    # per layer type: both layers are "other"; widths averaged over their active components, FLOPs-weighted ratio
+    stats = [layer_stats(m) for _, m in gblr_layers(module)]
+    active = sum(st["active"] for st in stats)
+    for side in ("in", "out"):
+        values = scalars(acc, f"structure/by_type/other/width_{side}")
+        assert len(values) == 3
+        assert values[-1][1] == pytest.approx(sum(st[f"width_{side}"] * st["active"] for st in stats) / active, rel=1e-6)
+    assert scalars(acc, "structure/by_type/other/flops_ratio")[-1][1] == pytest.approx(module.flops_ratio())
+
+
+def test_monitor_writes_custom_scalars_layout(tb_run):
+    import re
+
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    _, _, acc, _ = tb_run
+    events = acc.Tensors("custom_scalars__config__")
+    assert len(events) == 1  # once per fit
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    logged = acc.Tags()["scalars"]
+
+    def matched(chart_word):
+        (title,) = [t for t in charts if chart_word in t]
+        return {tag for tag in logged if any(re.search(rx, tag) for rx in charts[title])}
+
+    # the FLOPs ratio shares one chart with its targets; every regex matches logged tags only as meant
+    assert matched("FLOPs ratio vs target") == {"structure/flops_ratio", "structure/target", "structure/target_path",
+                                                "structure/phase1_end_ratio"}
+    assert matched("sigma") == {"structure/sigma"} and matched("phase (") == {"structure/phase"}
+    assert matched("input width by layer type") == {"structure/by_type/other/width_in"}
+    assert matched("output width by layer type") == {"structure/by_type/other/width_out"}
 
 
 def test_visualizer_histograms_and_images(tb_run):
@@ -134,6 +168,19 @@ def test_visualizer_histograms_and_images(tb_run):
     assert "structure/footprint_grid" in tags["images"]
     assert "structure/flops_by_type" in tags["images"]
     assert len(names) == 2
+    # labelled matplotlib figures (add_figure) at a readable size: the model's at every log, per layer at the end
+    final_step = acc.Scalars("structure/flops_ratio")[-1].step
+    layer_tags = [f"structure/{n}/{kind}" for n in names for kind in ("weights", "windows")]
+    model_tags = [f"structure/{t}" for t in ("overview", "flops_by_type", "flops_by_depth", "width_histograms",
+                                              "footprint_grid")]
+    for tag in layer_tags + model_tags:
+        events = acc.Images(tag)
+        assert len(events) == (1 if tag in layer_tags else 4), tag
+        assert events[-1].step == final_step
+        assert events[-1].width >= 600 and events[-1].height >= 400, tag
+        pixels = np.asarray(Image.open(io.BytesIO(events[-1].encoded_image_string)).convert("L"), dtype=np.float64)
+        assert pixels.shape == (events[-1].height, events[-1].width)
+        assert pixels.std() > 5 and (pixels < 128).mean() > 0.005, tag  # not blank: dark text, bars or cells
 
 
 def test_report_files_match_layers(tb_run):
@@ -179,6 +226,52 @@ def test_step_interval_with_csv_logger_skips_pictures(tmp_path):
     assert len(rows) == 2  # global steps 3 and 6
     assert not any(k.startswith("structure/backbone") for k in rows[0])
     assert [float(r["structure/phase"]) for r in rows] == [1.0, 2.0]
+
+
+class FigureRecorder(Logger):
+    """A logger whose experiment only has ``add_figure``: records (tag, step, size in pixels) of every figure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.figures: list[tuple[str, int, tuple[int, int]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @property
+    def experiment(self):
+        return self
+
+    def add_figure(self, tag, figure, global_step=None, close=True) -> None:
+        w, h = figure.get_size_inches() * figure.dpi
+        self.figures.append((tag, global_step, (round(w), round(h))))
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def test_visualizer_layer_figure_schedule(tmp_path):
+    logger = FigureRecorder()
+    with pytest.warns(UserWarning, match="add_histogram"):  # only add_figure here: the rest is skipped
+        fit(tmp_path, logger, [StructureVisualizer(layer_figures_every_n_epochs=2)])
+    steps: dict[str, list[int]] = {}
+    for tag, step, (w, h) in logger.figures:
+        steps.setdefault(tag, []).append(step)
+        assert w >= 600 and h >= 400, tag
+    # 4 optimizer steps per epoch: model figures at the start and after every epoch; per-layer figures at the
+    # start, after epoch 2 (every 2 epochs) and once more at the end of training
+    assert steps["structure/overview"] == steps["structure/footprint_grid"] == [0, 4, 8, 12]
+    for name in ("backbone.0", "backbone.2"):
+        assert steps[f"structure/{name}/weights"] == steps[f"structure/{name}/windows"] == [0, 8, 12]
+    assert len(steps) == 5 + 4
 
 
 def test_no_logger_writes_report_to_root_dir(tmp_path, capsys):
@@ -313,6 +406,8 @@ def test_constructor_errors():
         StructureVisualizer(every_n_epochs=0)
     with pytest.raises(ValueError, match="max_size"):
         StructureVisualizer(max_size=2)
+    with pytest.raises(ValueError, match="layer_figures_every_n_epochs"):
+        StructureVisualizer(layer_figures_every_n_epochs=0)
     with pytest.raises(ValueError, match="filename"):
         StructureReport(filename="a/b")
     with pytest.raises(ValueError, match="max_size"):
