@@ -55,6 +55,8 @@ VARIANTS = {
     "paper_l0.3": {"shrink": "paper", "prox_lambda": 0.3},
     "dual": {"tracking": "dual"},
     "no_energy": {"cut_weighting": "flops"},
+    "density": {"cut_weighting": "density"},
+    "density_energy": {"cut_weighting": "density_energy"},
     "uniform_cut": {"cut_weighting": "uniform"},
     "adam_widths": {"width_step": "adam"},
     "same_lr": {"width_lr_scale": 1.0, "structure_lr": 5e-3},
