@@ -210,6 +210,14 @@ def ablation(args: argparse.Namespace) -> None:
                 results.append(r)
     total_s = time.perf_counter() - t0
     cmd = "python benchmarks/structure_recovery.py " + " ".join(sys.argv[1:])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": cmd, "args": vars(args), "total_s": total_s,
+                                               "results": results}, indent=1))
+    write_ablation(results, labels, cmd, total_s, args)
+
+
+def write_ablation(results: list[dict[str, Any]], labels: list[str], cmd: str, total_s: float,
+                   args: argparse.Namespace) -> None:
     teachers = list(dict.fromkeys(r["teacher"] for r in results))
     lines = ["| variant | overrides | " + " | ".join(teachers) + " | teachers at budget by learning |",
              "|---|---|" + "---|" * len(teachers) + "---|"]
@@ -230,9 +238,6 @@ def ablation(args: argparse.Namespace) -> None:
             "MSE / support IoU; `end` = FLOPs ratio at the end of phase 1 when it missed the budget by more than 0.02 "
             "(the switch then projects).\n\n" + "\n".join(lines))
     print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": cmd, "args": vars(args), "total_s": total_s,
-                                               "results": results}, indent=1))
     if args.write_md:
         write_section(text, ROOT / "BENCHMARKS.md", ABL_START, ABL_END)
 
@@ -265,6 +270,19 @@ def main() -> None:
         return
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        if any("variant" in r for run in runs for r in run["results"]):  # ablation runs
+            # rows of full runs join as the "default" variant, for the ablation's teachers and seeds
+            abl = [r for run in runs for r in run["results"] if "variant" in r]
+            keep = {(r["teacher"], r["seed"]) for r in abl}
+            default = [dict(r, variant="default") for run in runs for r in run["results"]
+                       if "variant" not in r and r["student"] == "gblr" and (r["teacher"], r["seed"]) in keep]
+            results = default + abl
+            labels = list(dict.fromkeys(r["variant"] for r in results))
+            cmd = "; ".join(run["command"] for run in runs) + "; python benchmarks/structure_recovery.py " + " ".join(sys.argv[1:])
+            args.seeds = runs[0]["args"]["seeds"]
+            args.threads = runs[0]["args"]["threads"]
+            write_ablation(results, labels, cmd, sum(run["total_s"] for run in runs), args)
+            return
         # later files win for the same (teacher, student, seed): rerun one student and merge it over a full run
         merged = {(r["teacher"], r["student"], r["seed"]): r for run in runs for r in run["results"]}
         results = list(merged.values())
