@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import flop_count as _flop_count  # noqa: F401  (installs the frozen-layer route for FlopCounterMode)
 from .conversion import GSMReport, gsmify, select_linear_layers
 from .flops import model_flops
 from .layer import GBLRLinear

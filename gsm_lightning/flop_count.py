@@ -29,12 +29,11 @@ Use without touching the layer code::
     counter.get_total_flops()
 
 or ``count_flops(model, x)``.  To make every ``FlopCounterMode`` (``ModelSummary``, ``measure_flops``) see the
-true cost without the context manager, ``GBLRLinear.forward`` routes through :func:`frozen_forward` when
-:func:`is_flop_counting` is true and the layer is frozen (values are identical; outside a counter nothing
-changes)::
-
-    if is_flop_counting() and self.is_frozen:
-        return frozen_forward(self, x)
+true cost without the context manager, this module installs a route for frozen layers
+(:func:`gsm_lightning.layer.set_frozen_route`, done on import, and importing ``gsm_lightning`` imports this
+module): the eager forward of a frozen layer goes through :func:`frozen_forward` when :func:`is_flop_counting`
+is true (values are identical; outside a counter nothing changes, and the layer code knows nothing about FLOP
+counting).
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from .layer import GBLRLinear, gblr_layers
+from .layer import GBLRLinear, gblr_layers, set_frozen_route
 
 __all__ = [
     "gblr_linear",
@@ -227,6 +226,14 @@ def is_flop_counting() -> bool:
         return False
     stack = _get_current_dispatch_mode_stack()
     return bool(stack) and any(isinstance(mode, _FlopCounterMode) for mode in stack)
+
+
+def _counted_route(layer: GBLRLinear, x: Tensor) -> Tensor | None:
+    """The frozen-layer route installed below: the counted operator while a ``FlopCounterMode`` is active."""
+    return frozen_forward(layer, x) if is_flop_counting() else None
+
+
+set_frozen_route(_counted_route)
 
 
 @contextlib.contextmanager

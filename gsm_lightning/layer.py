@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .flops import StructuredCost, grid_widths, project_widths_to_budget, structure_flops
 from .masks import boxcar_mask, gaudi_mask
 
-__all__ = ["GBLRLinear", "gblr_layers"]
+__all__ = ["GBLRLinear", "gblr_layers", "set_frozen_route"]
 
 WidthInit = Literal["splr", "full"] | float
 LocationInit = Literal["zero", "uniform", "random"]
@@ -32,6 +32,21 @@ ForwardMode = Literal["auto", "lowrank", "dense"]
 _WIDTH_INITS = ("splr", "full")
 _LOCATION_INITS = ("zero", "uniform", "random")
 _FORWARD_MODES = ("auto", "lowrank", "dense")
+
+FrozenRoute = Callable[["GBLRLinear", Tensor], "Tensor | None"]
+_frozen_route: FrozenRoute | None = None
+
+
+def set_frozen_route(route: FrozenRoute | None) -> FrozenRoute | None:
+    """Install ``route(layer, x)``, called by the eager forward of every frozen layer: a tensor it returns is
+    the layer's output, ``None`` lets the layer compute as usual.  Returns the previous route.
+
+    :mod:`gsm_lightning.flop_count` installs one that sends the product through its counted operator while a
+    ``FlopCounterMode`` is active; the layer itself knows nothing about FLOP counting.  The route is not taken
+    under ``torch.compile``/``torch.export``."""
+    global _frozen_route
+    previous, _frozen_route = _frozen_route, route
+    return previous
 
 
 class GBLRLinear(StructuredCost, nn.Module):
@@ -110,6 +125,7 @@ class GBLRLinear(StructuredCost, nn.Module):
             self.register_parameter("bias", None)
         self.register_buffer("sigma", torch.tensor(math.inf, device=device))
         self.register_buffer("frozen", torch.tensor(False, device=device))
+        self._frozen_flag = False
         self.set_sigma(sigma)
         self._mask_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
         self.reset_parameters()
@@ -119,9 +135,17 @@ class GBLRLinear(StructuredCost, nn.Module):
     def num_components(self) -> int:
         return self.weight_in.shape[0]
 
+    # Python mirror of the ``frozen`` buffer (which stays the checkpointed truth), kept in sync wherever the
+    # buffer is written, so that reading the flag needs no device sync and no graph break under torch.compile.
+    # ``None`` (the class default) only for a layer pickled before the mirror existed: read from the buffer once.
+    _frozen_flag: bool | None = None
+
     @property
     def is_frozen(self) -> bool:
-        return bool(self.frozen)
+        flag = self._frozen_flag
+        if flag is None:
+            flag = self._frozen_flag = bool(self.frozen)
+        return flag
 
     def reset_parameters(self) -> None:
         """Random init (SVD of a trunc-normal dense matrix) and ``width_init``/``location_init`` structure."""
@@ -135,6 +159,7 @@ class GBLRLinear(StructuredCost, nn.Module):
                 bound = 1 / math.sqrt(self.in_features)
                 nn.init.uniform_(self.bias, -bound, bound)
             self.frozen.fill_(False)
+            self._frozen_flag = False
         self.widths.requires_grad_(True)
         self.locations.requires_grad_(True)
         self.invalidate_cache()
@@ -237,7 +262,9 @@ class GBLRLinear(StructuredCost, nn.Module):
         """Input masks ``(K, in)`` and output masks ``(K, out)`` in the weights' dtype.
 
         Frozen layers use exact integer boxcars; otherwise Gaudi masks with straight-through
-        rounding.  Masks are cached when no gradient to the structure is needed."""
+        rounding.  Masks are cached when no gradient to the structure is needed (in eager mode)."""
+        if torch.compiler.is_compiling():
+            return self._traced_masks()
         needs_grad = (
             not self.is_frozen
             and torch.is_grad_enabled()
@@ -257,6 +284,21 @@ class GBLRLinear(StructuredCost, nn.Module):
         if not needs_grad:
             m_in, m_out = m_in.detach(), m_out.detach()
             self._mask_cache = (self._cache_key(), (m_in, m_out))
+        return m_in, m_out
+
+    def _traced_masks(self) -> tuple[Tensor, Tensor]:
+        """:meth:`masks` under ``torch.compile``/``torch.export``: the same masks, traced without graph breaks.
+        No cache (the graph recomputes them), no finiteness check (it would need the values on the host) and
+        sigma read as a tensor, so that a new sigma (annealing) needs no recompilation."""
+        dtype = self.weight_in.dtype
+        if self.is_frozen:
+            m_in = boxcar_mask(self.widths[0], self.locations[0], self.in_features, dtype)
+            m_out = boxcar_mask(self.widths[1], self.locations[1], self.out_features, dtype)
+            return m_in, m_out
+        m_in = gaudi_mask(self.widths[0], self.locations[0], self.in_features, self.sigma).to(dtype)
+        m_out = gaudi_mask(self.widths[1], self.locations[1], self.out_features, self.sigma).to(dtype)
+        if not (torch.is_grad_enabled() and (self.widths.requires_grad or self.locations.requires_grad)):
+            m_in, m_out = m_in.detach(), m_out.detach()
         return m_in, m_out
 
     def _check_finite(self) -> None:
@@ -296,11 +338,10 @@ class GBLRLinear(StructuredCost, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"GBLRLinear expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        if self.is_frozen:
-            from .flop_count import frozen_forward, is_flop_counting  # flop_count imports this module
-
-            if is_flop_counting():  # FlopCounterMode sees the true structured cost of a frozen layer
-                return frozen_forward(self, x)
+        if self.is_frozen and _frozen_route is not None and not torch.compiler.is_compiling():
+            routed = _frozen_route(self, x)  # see set_frozen_route (FLOP counting)
+            if routed is not None:
+                return routed
         v, u = self.masked_factors()
         tokens = x.numel() // self.in_features if self.in_features else 0
         if self._use_dense(tokens):
@@ -401,6 +442,7 @@ class GBLRLinear(StructuredCost, nn.Module):
         self.widths.requires_grad_(False)
         self.locations.requires_grad_(False)
         self.frozen.fill_(True)
+        self._frozen_flag = True
         m_in, m_out = self.masks()
         self.weight_in.mul_(m_in.unsqueeze(1))
         self.weight_out.mul_(m_out.unsqueeze(1))
@@ -430,6 +472,7 @@ class GBLRLinear(StructuredCost, nn.Module):
                 self.widths.requires_grad_(structure_grad)
                 self.locations.requires_grad_(structure_grad)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._frozen_flag = bool(self.frozen)
         self.invalidate_cache()
 
     # ------------------------------------------------------------ builders

@@ -29,7 +29,9 @@ __all__ = [
 ]
 
 
-def _check_sigma(sigma: float | None) -> float:
+def _check_sigma(sigma: float | Tensor | None) -> float | Tensor:
+    if isinstance(sigma, Tensor):  # a 0-dim tensor (e.g. GBLRLinear's buffer under torch.compile): not read on the host
+        return sigma
     if sigma is None:
         return math.inf
     sigma = float(sigma)
@@ -55,8 +57,12 @@ def to_grid(x: Tensor, n: int) -> Tensor:
     return torch.round(_real(x.detach()) * n).to(torch.int64)
 
 
-def gaudi_spectrum(width: Tensor, location: Tensor, n: int, sigma: float | None = None) -> Tensor:
-    """Complex rfft spectrum ``(..., K, n // 2 + 1)`` of Gaudi masks of length ``n``."""
+def gaudi_spectrum(width: Tensor, location: Tensor, n: int, sigma: float | Tensor | None = None) -> Tensor:
+    """Complex rfft spectrum ``(..., K, n // 2 + 1)`` of Gaudi masks of length ``n``.
+
+    ``sigma`` may also be a 0-dim tensor (> 0, not validated; ``inf`` gives a Gaussian factor of exactly 1):
+    then nothing is read on the host, so the spectrum traces under ``torch.compile`` without a graph break
+    or a recompilation per sigma value."""
     sigma = _check_sigma(sigma)
     if n < 1:
         raise ValueError(f"mask length n must be >= 1, got {n}")
@@ -67,7 +73,10 @@ def gaudi_spectrum(width: Tensor, location: Tensor, n: int, sigma: float | None 
     # w * sinc(k w) / sinc(k / n): the Dirichlet kernel divided by n.  The
     # denominator is never 0 for k <= n/2.
     amp = width * torch.sinc(k * width) / torch.sinc(k / n)
-    if math.isfinite(sigma):
+    if isinstance(sigma, Tensor):
+        s = sigma.to(real_dtype)
+        amp = amp * torch.exp(-(k * k) / (2.0 * s * s))
+    elif math.isfinite(sigma):
         amp = amp * torch.exp(-(k * k) / (2.0 * sigma * sigma))
     phase = -2.0 * math.pi * k * location + math.pi * k * (1.0 / n - width)
     return torch.complex(amp * torch.cos(phase), amp * torch.sin(phase))
@@ -77,7 +86,7 @@ def gaudi_mask(
     width: Tensor,
     location: Tensor,
     n: int,
-    sigma: float | None = None,
+    sigma: float | Tensor | None = None,
     ste: bool = True,
 ) -> Tensor:
     """Gaudi masks ``(..., K, n)`` for width/location fractions of shape ``(..., K)``.

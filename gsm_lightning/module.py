@@ -585,6 +585,7 @@ class GSMModule(LightningModule):
             if s["num_components"] != m.num_components:
                 m._resize(s["num_components"])
             m.frozen.fill_(bool(s["frozen"]))
+            m._frozen_flag = bool(s["frozen"])
             m.widths.requires_grad_(not s["frozen"])
             m.locations.requires_grad_(not s["frozen"])
         ck_budget = checkpoint.get("hyper_parameters", {}).get("budget")
