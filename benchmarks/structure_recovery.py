@@ -105,6 +105,9 @@ def run_one(teacher_name: str, student: str, seed: int, args: argparse.Namespace
         kwargs.update(method="gblr", phase1_epochs=0, layer_kwargs={"width_init": min(1.0, width), "location_init": "random"})
     elif student == "dense":
         kwargs.update(method="dense", budget=1.0)
+    elif student == "blocksparse":  # the largest square blocks (32, 16, 8 or 4) of which one fits the budget
+        size = next(b for b in (32, 16, 8, 4) if b * b <= budget * teacher.in_features * teacher.out_features)
+        kwargs.update(method="blocksparse", layer_kwargs={"block_size": size})
     else:
         kwargs.update(method=student)
     backbone = nn.Sequential(nn.Linear(teacher.in_features, teacher.out_features, bias=False))

@@ -79,7 +79,9 @@ class GSMModule(LightningModule):
             own weights to the budget).
         method: ``"gblr"`` (learned structure), ``"dense"`` (no conversion) or a fixed baseline
             (``"lowrank"``, ``"monarch"``, ``"blocksparse"``) at the same budget.
-        layer_kwargs: extra :class:`GBLRLinear` arguments (``rank_per_component``, ``width_init``, ...).  With
+        layer_kwargs: extra :class:`GBLRLinear` arguments (``rank_per_component``, ``width_init``, ...); for a
+            baseline ``method``, :func:`~gsm_lightning.baselines.baselinify` options (``rank``, ``nblocks``,
+            ``block_size``).  With
             ``init="random"`` and ``shrink="budget"``, ``location_init`` defaults to ``"uniform"``.
         fit_steps: fitting steps of the pretrained conversion.
         phase1_epochs: epochs of structure learning; the structure is frozen at the start of the next
@@ -211,7 +213,7 @@ class GSMModule(LightningModule):
             from .baselines import baselinify
 
             self.report = baselinify(backbone, method=method, budget=budget, include=include, exclude=exclude,
-                                     init=init)
+                                     init=init, **(layer_kwargs or {}))
         else:
             self.report = None
         self._setup_metrics(num_classes)
