@@ -236,8 +236,9 @@ def write_ablation(results: list[dict[str, Any]], labels: list[str], cmd: str, t
             cells.append(f"{rel:.1e} / {iou:.2f}{'' if ok else f' / end {end:.2f}'}")
         over = ", ".join(f"{k}={v}" for k, v in VARIANTS[label].items()) or "GSMModule defaults"
         lines.append(f"| {label} | {over} | " + " | ".join(cells) + f" | {reached}/{len(teachers)} |")
-    text = (f"### Ablation of the learner (gblr student only)\n\nCommand: `{cmd}` ({total_s / 60:.1f} min, "
-            f"{args.threads} thread(s)); seeds {args.seeds}, same recipe as above.  \nEach cell: median relative test "
+    text = (f"### Ablation of the learner (gblr student only)\n\nCommand: `{cmd}` ({total_s / 60:.1f} min of "
+            f"ablation runs, {args.threads} thread(s) each); seeds {args.seeds}, same recipe as above; the default row is "
+            "the gblr student of the full run.  \nEach cell: median relative test "
             "MSE / support IoU; `end` = FLOPs ratio at the end of phase 1 when it missed the budget by more than 0.02 "
             "(the switch then projects).\n\n" + "\n".join(lines))
     print(text)
@@ -282,9 +283,10 @@ def main() -> None:
             results = default + abl
             labels = list(dict.fromkeys(r["variant"] for r in results))
             cmd = "; ".join(run["command"] for run in runs) + "; python benchmarks/structure_recovery.py " + " ".join(sys.argv[1:])
-            args.seeds = runs[0]["args"]["seeds"]
-            args.threads = runs[0]["args"]["threads"]
-            write_ablation(results, labels, cmd, sum(run["total_s"] for run in runs), args)
+            abl_runs = [run for run in runs if any("variant" in r for r in run["results"])]
+            args.seeds = abl_runs[0]["args"]["seeds"]
+            args.threads = abl_runs[0]["args"]["threads"]
+            write_ablation(results, labels, cmd, sum(run["total_s"] for run in abl_runs), args)
             return
         # later files win for the same (teacher, student, seed): rerun one student and merge it over a full run
         merged = {(r["teacher"], r["student"], r["seed"]): r for run in runs for r in run["results"]}
