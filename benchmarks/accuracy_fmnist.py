@@ -201,7 +201,9 @@ def main() -> None:
         runs = [json.loads(Path(f).read_text()) for f in args.report]
         results = [r for run in runs for r in run["results"]]
         cmd = "; ".join(run["command"] for run in runs) + "; python benchmarks/accuracy_fmnist.py " + " ".join(sys.argv[1:])
-        meta = runs[0]["meta"]
+        # the recipe of the GBLR runs (baseline-only runs may come from an older script with other GBLR defaults)
+        meta = next((run["meta"] for run in runs if any(r["method"].startswith("gblr") for r in run["results"])),
+                    runs[0]["meta"])
     else:
         results = []
         for model in args.models.split(","):
