@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import lightning.pytorch as pl  # noqa: E402
 
+from benchmarks.common import parse_overrides, write_section  # noqa: E402
 from gsm_lightning.data import FashionMNISTDataModule  # noqa: E402
 from gsm_lightning.models import MLPMixer, ViT  # noqa: E402
 from gsm_lightning.module import GSMModule  # noqa: E402
@@ -66,17 +66,6 @@ def _targets(module: GSMModule) -> list[str]:
 
     return select_linear_layers(module.backbone, include=module.backbone.gsm_default_include)
 
-
-def parse_overrides(items: list[str]) -> dict:
-    """``key=value`` GSMModule overrides for GBLR, values parsed as JSON where possible."""
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def run_one(model: str, method: str, budget: float, seed: int, args: argparse.Namespace) -> dict:
@@ -153,15 +142,6 @@ def plot(results: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
-
-def write_section(text: str, path: Path) -> None:
-    body = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text}\n{END}"
-    if START in body and END in body:
-        body = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, body, flags=re.S)
-    else:
-        body = body.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(body)
 
 
 def main() -> None:
@@ -240,7 +220,8 @@ def main() -> None:
               f"Total training time of all runs: {wall:.0f} min of single-thread CPU. "
               f"Seconds per epoch are wall-clock on a shared machine (other jobs ran at the same time): compare "
               f"them only within a row's neighbours, not as speed claims.\n")
-    write_section(header + "\n" + table(results) + "\n\n![accuracy vs FLOPs](docs/accuracy_vs_flops.png)", Path(args.out))
+    write_section(header + "\n" + table(results) + "\n\n![accuracy vs FLOPs](docs/accuracy_vs_flops.png)", Path(args.out),
+                  START, END)
     plot(results, Path(args.plot))
     print(table(results))
 

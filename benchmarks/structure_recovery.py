@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import lightning.pytorch as pl  # noqa: E402
 
+from benchmarks.common import parse_overrides, write_section  # noqa: E402
 from gsm_lightning.layer import gblr_layers  # noqa: E402
 from gsm_lightning.module import GSMModule  # noqa: E402
 from gsm_lightning.teacher import (  # noqa: E402
@@ -64,17 +64,6 @@ VARIANTS = {
     "no_sigma_anneal": {"sigma0": None, "sigma1": None},
 }
 
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs, values parsed as JSON where possible (``sigma0=null``, ``path_fraction=0.3``)."""
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def student_support(module: GSMModule) -> torch.Tensor | None:
@@ -186,15 +175,6 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"| {end}{r['flops_ratio']:.3f} | {proj} | {iou} | {r['seeds']} |")
     return "\n".join(lines)
 
-
-def write_section(text: str, path: Path, start: str = START, end: str = END) -> None:
-    body = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in body and end in body:
-        body = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, body, flags=re.S)
-    else:
-        body = body.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(body)
 
 
 def ablation(args: argparse.Namespace) -> None:
@@ -326,7 +306,8 @@ def main() -> None:
                   f"~{noise_floor:.0e}), AdamW lr {args.lr:g} wd 0, warmup + cosine, batch {args.batch_size}; gblr = "
                   f"GSMModule defaults{' + ' + ' '.join(args.gblr) if args.gblr else ''}.\n")
         verdict_text = "\n".join(f"- **{t}**: {v}" for t, v in judged.items())
-        write_section(header + "\n" + text + "\n\nGoals (from the medians):\n\n" + verdict_text, ROOT / "BENCHMARKS.md")
+        write_section(header + "\n" + text + "\n\nGoals (from the medians):\n\n" + verdict_text, ROOT / "BENCHMARKS.md",
+                      START, END)
 
 
 if __name__ == "__main__":
