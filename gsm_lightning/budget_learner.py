@@ -40,6 +40,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .flops import grid_cost
 from .layer import GBLRLinear, gblr_layers
 from .masks import boxcar_mask
 
@@ -83,9 +84,7 @@ class _Flat:
         self.widths = torch.cat([m.widths.detach().float().clamp(0, 1) for m in layers], dim=1)
 
     def ratio(self, widths: Tensor) -> float:
-        grid = torch.round(widths.clamp(0, 1) * self.n)
-        active = (grid[0] > 0) & (grid[1] > 0)
-        return float((self.r * grid.sum(0) * active).sum()) / self.dense
+        return float(grid_cost(widths, self.n[0], self.n[1], self.r)) / self.dense
 
     def write(self, widths: Tensor) -> None:
         for m, w in zip(self.layers, widths.split(self.sizes, dim=1)):

@@ -51,12 +51,13 @@ def structure_flops(int_widths: Tensor, in_features: int, out_features: int, ran
     return int(rank * (int_widths[0] + int_widths[1])[active].sum().item())
 
 
-def grid_cost(widths: Tensor, in_features: int, out_features: int, rank: int) -> Tensor:
-    """Cost of (..., 2, K) width fractions, batched over leading dims."""
+def grid_cost(widths: Tensor, in_features: int | Tensor, out_features: int | Tensor, rank: int | Tensor) -> Tensor:
+    """Cost of (..., 2, K) width fractions, batched over leading dims.  ``in_features``, ``out_features`` and
+    ``rank`` may also be ``(K,)`` tensors (components of several layers side by side)."""
     wi = torch.round(widths[..., 0, :].clamp(0, 1) * in_features)
     wo = torch.round(widths[..., 1, :].clamp(0, 1) * out_features)
     active = (wi > 0) & (wo > 0)
-    return rank * ((wi + wo) * active).sum(-1)
+    return ((wi + wo) * active * rank).sum(-1)
 
 
 def project_widths_to_budget(
