@@ -47,8 +47,8 @@ from .masks import boxcar_mask
 __all__ = ["BudgetPath", "BudgetLearner", "WidthStep", "CutWeighting", "Tracking"]
 
 WidthStep = Literal["side_rms", "adam"]
-CutWeighting = Literal["balanced", "density_energy", "density", "energy", "flops", "uniform"]
-_COST_POWER = {"energy": 0.0, "balanced": 0.5, "density": 1.0}
+CutWeighting = Literal["energy", "density", "density_energy", "flops", "uniform"]
+_COST_POWER = {"energy": 0.0, "density": 1.0}
 Tracking = Literal["project", "dual"]
 
 
@@ -103,7 +103,8 @@ class BudgetLearner:
         budget: target FLOPs ratio (structured over dense multiply-adds, FLOPs-weighted over layers).
         path_steps: steps of the cosine path from the starting ratio to the budget (0: the budget at once).
         width_step: ``"side_rms"`` or ``"adam"`` (see the module docstring).
-        cut_weighting: ``"energy"``, ``"density"``, ``"flops"`` or ``"uniform"``.
+        cut_weighting: ``"energy"``, ``"density"``, ``"density_energy"`` (density along the path, energy once
+            the budget is held), ``"flops"`` or ``"uniform"``.
         energy_start_step: first step at which the energy weighting applies.
         energy_clip: bounds of the energy weight.
         step_clip: bound of the normalised width step, in units of ``lr``.
@@ -132,9 +133,9 @@ class BudgetLearner:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
         if width_step not in ("side_rms", "adam"):
             raise ValueError(f"unknown width_step {width_step!r}; expected 'side_rms' or 'adam'")
-        if cut_weighting not in ("balanced", "density_energy", "density", "energy", "flops", "uniform"):
-            raise ValueError(f"unknown cut_weighting {cut_weighting!r}; expected 'balanced', 'density_energy', "
-                             "'density', 'energy', 'flops' or 'uniform'")
+        if cut_weighting not in ("energy", "density", "density_energy", "flops", "uniform"):
+            raise ValueError(f"unknown cut_weighting {cut_weighting!r}; expected 'energy', 'density', "
+                             "'density_energy', 'flops' or 'uniform'")
         if tracking not in ("project", "dual"):
             raise ValueError(f"unknown tracking {tracking!r}; expected 'project' or 'dual'")
         if not dual_gain > 0:

@@ -97,7 +97,8 @@ class GSMModule(LightningModule):
             for ``shrink="budget"``; the paper's rule always uses Adam.
         cut_weighting: where the ``"budget"`` cut falls: ``"energy"`` (FLOPs units, weak components
             faster; default), ``"density"`` (FLOPs units, components with little energy per FLOP faster),
-            ``"flops"`` (FLOPs units) or ``"uniform"``.
+            ``"density_energy"`` (density along the path, energy once the budget is held), ``"flops"``
+            (FLOPs units) or ``"uniform"``.
         energy_start: part of phase 1 after which the energy weighting applies.
         width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * structure_lr`` (scheduled like
             every group); locations keep ``structure_lr``.

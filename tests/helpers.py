@@ -40,3 +40,14 @@ class LossRecorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append((trainer.global_step, float(outputs["loss"])))
+
+
+def hand_layer():
+    """10 -> 12, three components: #0 wraps on both sides, #1 spans every input, #2 is inactive (output width 0)."""
+    from gsm_lightning import GBLRLinear
+
+    layer = GBLRLinear(10, 12, num_components=3)
+    with torch.no_grad():
+        layer.widths.copy_(torch.tensor([[4, 10, 3], [5, 2, 0]]) / torch.tensor([[10], [12]]))
+        layer.locations.copy_(torch.tensor([[8, 0, 2], [10, 1, 1]]) / torch.tensor([[10], [12]]))
+    return layer

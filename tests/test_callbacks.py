@@ -36,7 +36,7 @@ from gsm_lightning.layer import GBLRLinear
 from gsm_lightning.module import GSMModule
 from gsm_lightning.proximal import gblr_layers
 
-from .helpers import digits_loaders
+from .helpers import digits_loaders, hand_layer
 
 MAX_SIZE = 48
 
@@ -284,12 +284,6 @@ def test_no_logger_writes_report_to_root_dir(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ pieces
-def hand_layer() -> GBLRLinear:
-    layer = GBLRLinear(10, 12, num_components=3)
-    with torch.no_grad():
-        layer.widths.copy_(torch.tensor([[4, 10, 3], [5, 2, 0]]) / torch.tensor([[10], [12]]))
-        layer.locations.copy_(torch.tensor([[8, 0, 2], [10, 1, 1]]) / torch.tensor([[10], [12]]))
-    return layer
 
 
 def test_footprint_counts_and_pooling():

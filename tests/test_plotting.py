@@ -30,16 +30,11 @@ from gsm_lightning.plotting import (
 )
 from gsm_lightning.structure import flops_by_depth, layer_depth, layer_stats, structure_table
 
+from .helpers import hand_layer
+
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "gsm_lightning"
 
 
-def hand_layer() -> GBLRLinear:
-    """10 -> 12, three components: #0 wraps on both sides, #1 spans every input, #2 is inactive (output width 0)."""
-    layer = GBLRLinear(10, 12, num_components=3)
-    with torch.no_grad():
-        layer.widths.copy_(torch.tensor([[4, 10, 3], [5, 2, 0]]) / torch.tensor([[10], [12]]))
-        layer.locations.copy_(torch.tensor([[8, 0, 2], [10, 1, 1]]) / torch.tensor([[10], [12]]))
-    return layer
 
 
 def small_model() -> nn.Module:
