@@ -2,7 +2,9 @@
 
 Every module takes ``batch_size``, ``num_workers`` (default 0), ``seed`` and ``pin_memory``; ``setup``
 is idempotent; anything that touches the network happens in ``prepare_data`` (rank 0 under DDP) while
-``setup`` only reads local files.  Vision batches are ``(images, labels)``; language-model batches are
+``setup`` only reads local files.  The training loader is a :class:`ResumableDataLoader` over an
+:class:`EpochSeededSampler`: its order depends on the seed and the epoch only, and Lightning checkpoints its place in
+the epoch, so a run resumed from a mid-epoch checkpoint sees the same batches.  Vision batches are ``(images, labels)``; language-model batches are
 ``(input_ids, labels)`` with ``labels`` already shifted by one token (``labels[:, t]`` is the target of
 ``logits[:, t]``), so one loss ``cross_entropy(logits.flatten(0, -2), labels.flatten())`` serves both.
 
@@ -33,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 __all__ = [
     "DigitsDataModule", "FashionMNISTDataModule", "CIFARDataModule", "ImageFolderDataModule", "WikiText103DataModule",
-    "CharTokenizer", "read_idx", "read_idx_header", "DEFAULT_FASHION_MNIST_ROOT",
+    "CharTokenizer", "read_idx", "read_idx_header", "DEFAULT_FASHION_MNIST_ROOT", "EpochSeededSampler",
+    "ResumableDataLoader",
 ]
 
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -87,6 +90,118 @@ class EpochSeededSampler(Sampler[int]):
         return self.n
 
 
+def _sampler_epoch(loader: DataLoader) -> int | None:
+    """The epoch of the loader's (batch) sampler if it has one (``set_epoch`` samplers), else ``None``."""
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        epoch = getattr(sampler, "epoch", None)
+        if isinstance(epoch, int):
+            return epoch
+    return None
+
+
+def _set_epoch(loader: DataLoader, epoch: int) -> None:
+    seen: set[int] = set()
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if sampler is not None and id(sampler) not in seen and callable(getattr(sampler, "set_epoch", None)):
+            seen.add(id(sampler))
+            sampler.set_epoch(epoch)
+
+
+class _ResumeIndexSampler:
+    """The loader's index (batch) sampler, minus the batches a restored state says were already consumed.
+
+    The skip is decided when the index iterator is first advanced, so that Lightning's ``set_epoch`` (called after
+    the iterator is created, before the first batch) is seen: a pending position of epoch ``e`` is skipped only if
+    the sampler is still at epoch ``e`` (a mid-epoch resume), not at ``e + 1`` (a resume at the end of an epoch)."""
+
+    def __init__(self, loader: ResumableDataLoader, base: Any) -> None:
+        self.loader, self.base = loader, base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[Any]:
+        pending, self.loader._pending = self.loader._pending, None
+        return self._indices(pending)
+
+    def _indices(self, pending: tuple[int | None, int] | None) -> Iterator[Any]:
+        it = iter(self.base)
+        if pending is not None:
+            epoch, position = pending
+            if epoch is None or _sampler_epoch(self.loader) in (None, epoch):
+                for _ in range(position):
+                    if next(it, _END) is _END:
+                        return
+                self.loader._position = position
+        yield from it
+
+
+_END = object()
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose place in the epoch is saved in Lightning checkpoints and restored on resume.
+
+    Lightning checkpoints the state of a training loader that has ``state_dict``/``load_state_dict`` (it warns
+    "your dataloader is not resumable" otherwise and restarts the epoch from its first batch, so a mid-epoch
+    resume trains on other batches than the uninterrupted run).  This loader records ``{"epoch", "batches"}``:
+    the epoch of its sampler (a ``set_epoch`` sampler such as :class:`EpochSeededSampler`, whose order depends
+    on the seed and the epoch only) and how many batches of that epoch it has handed out.  After
+    ``load_state_dict`` the next pass sets the sampler to that epoch and skips those batches at the index level
+    (no data is loaded for them).  A state saved at the end of an epoch resumes with the next epoch.
+
+    With Lightning's DDP sampler injection the loader is re-created with the same arguments (the state then
+    counts this rank's batches).  Limitation: with ``num_workers > 0`` and ``limit_train_batches`` below the
+    epoch length, resume from an end-of-epoch checkpoint (not mid-epoch) would skip into the next epoch, as the
+    workers fetch their first indices before Lightning sets the epoch: checkpoint mid-epoch or use full epochs.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._position = 0  # batches of the current pass handed out (including any skipped on resume)
+        self._pending: tuple[int | None, int] | None = None
+
+    @property
+    def _index_sampler(self) -> Any:
+        return _ResumeIndexSampler(self, super()._index_sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._position = 0
+        return _CountingIterator(self, super().__iter__())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": _sampler_epoch(self), "batches": int(self._position)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, position = state.get("epoch"), int(state.get("batches", 0))
+        if position >= len(self):  # the epoch was complete: the next pass is a new epoch from its first batch
+            if epoch is not None:
+                _set_epoch(self, epoch + 1)
+            self._pending = None
+            return
+        if epoch is not None:
+            _set_epoch(self, epoch)  # before any eager (multi-worker) iterator draws its first indices
+        self._pending = (epoch, position)
+
+
+class _CountingIterator:
+    """Counts the batches a :class:`ResumableDataLoader` pass hands out."""
+
+    def __init__(self, loader: ResumableDataLoader, inner: Iterator[Any]) -> None:
+        self.loader, self.inner = loader, inner
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.inner)
+        self.loader._position += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 class _BaseDataModule(LightningDataModule):
     """Shared loader logic; subclasses fill ``train_set``/``val_set``/``test_set`` in ``setup``."""
 
@@ -103,7 +218,8 @@ class _BaseDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, split: str, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before {split}_dataloader()")
-        return DataLoader(
+        # The training loader is resumable: Lightning saves its place in the epoch, so a mid-epoch resume is exact.
+        return (ResumableDataLoader if shuffle else DataLoader)(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers,
             sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else None,
             pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,

@@ -57,6 +57,36 @@ def _user_stacklevel() -> int:
 Method = Literal["gblr", "dense", "lowrank", "monarch", "blocksparse"]
 
 
+def _rng_states() -> dict[str, Any]:
+    """The global random states (torch CPU and CUDA, numpy, Python) as tensors and plain Python values, so that
+    checkpoints stay loadable with ``torch.load(weights_only=True)``."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": (str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+
+
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=5e-4, weight_decay=0.05)
 
@@ -110,7 +140,10 @@ class GSMModule(LightningModule):
             widths unless ``width_step="side_rms"``.  Default ``2.5e-3`` for ``shrink="budget"`` (slow
             locations, widths at ``width_lr_scale`` times it) and ``5e-3`` (the paper's) for ``"paper"``.
         sigma0 / sigma1 / sigma_start_epoch / sigma_end_epoch: sigma annealing (``None`` = pure
-            Dirichlet); ``sigma_end_epoch`` defaults to ``phase1_epochs``.
+            Dirichlet): sigma0 until ``sigma_start_epoch``, then linear to sigma1 at ``sigma_end_epoch``, updated
+            after every optimizer step (epochs may be fractional).  ``sigma_end_epoch`` defaults to the start of
+            the last phase-1 epoch (``phase1_epochs - 1``; the end of phase 1 when it is one epoch long), so
+            sigma1 is reached in phase 1 and the last phase-1 epoch trains near the boxcars it freezes to.
         enforce_budget_at_freeze: project the widths onto the budget when freezing if phase 1 did not
             reach it (a last resort: a warning gives the numbers when it moves the ratio by more than 0.02).
         label_smoothing: for classification.
@@ -144,8 +177,8 @@ class GSMModule(LightningModule):
         structure_lr: float | None = None,
         sigma0: float | None = 1.0,
         sigma1: float | None = 100.0,
-        sigma_start_epoch: int = 0,
-        sigma_end_epoch: int | None = None,
+        sigma_start_epoch: float = 0,
+        sigma_end_epoch: float | None = None,
         enforce_budget_at_freeze: bool = True,
         label_smoothing: float = 0.1,
         optimizer: OptimizerCallable = _default_optimizer,
@@ -178,10 +211,11 @@ class GSMModule(LightningModule):
         self.task = task
         self.budget = float(budget)
         self.phase1_epochs = int(phase1_epochs)
-        self.sigma_schedule = SigmaSchedule(
-            sigma0, sigma1, sigma_start_epoch,
-            max(self.phase1_epochs, sigma_start_epoch) if sigma_end_epoch is None else sigma_end_epoch,
-        )
+        if sigma_end_epoch is None:
+            sigma_end_epoch = max(self.phase1_epochs - 1 if self.phase1_epochs > 1 else self.phase1_epochs,
+                                  sigma_start_epoch)
+        self.sigma_schedule = SigmaSchedule(sigma0, sigma1, sigma_start_epoch, sigma_end_epoch)
+        self._steps_per_epoch: float = 0.0  # optimizer steps per epoch, for the per-step sigma (configure_optimizers)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.real_optimizer_steps = 0
@@ -403,6 +437,7 @@ class GSMModule(LightningModule):
 
     def configure_optimizers(self) -> Any:
         widths_apart = self.learner is not None and self.learner.moves_widths
+        self._steps_per_epoch = self._phase1_steps() / self.phase1_epochs if self.phase1_epochs else 0.0
         groups = param_groups(self, self.hparams.structure_lr, widths_apart=widths_apart)
         if self.learner is not None:
             phase1 = self._phase1_steps()
@@ -441,6 +476,18 @@ class GSMModule(LightningModule):
         else:
             self._last_prox = proximal_step(self.backbone, self.hparams.prox_lambda, group["lr"], self.budget,
                                             shrink=active)
+        self._anneal_sigma()
+
+    def sigma_epoch(self) -> float:
+        """Position in the sigma schedule: optimizer steps so far in epochs (the epoch index when the steps per
+        epoch are unknown, e.g. before fit or with an iterable dataset)."""
+        if self._steps_per_epoch > 0:
+            return self.real_optimizer_steps / self._steps_per_epoch
+        return float(self.current_epoch) if self._trainer is not None else 0.0
+
+    def _anneal_sigma(self) -> None:
+        if self.hparams.method == "gblr" and self.phase == 1:
+            set_sigma(self.backbone, self.sigma_schedule(self.sigma_epoch()))
 
     # ------------------------------------------------------------- phases
     def on_fit_start(self) -> None:
@@ -483,8 +530,7 @@ class GSMModule(LightningModule):
         epoch = self.current_epoch
         if self.phase == 1 and epoch >= self.phase1_epochs:
             self.freeze_structure()
-        if self.phase == 1:
-            set_sigma(self.backbone, self.sigma_schedule(epoch))
+        self._anneal_sigma()
         self.log("gsm/epoch_start_flops_ratio", self.flops_ratio(), on_step=False, on_epoch=True, prog_bar=True, sync_dist=False)
 
     @torch.no_grad()
@@ -563,8 +609,12 @@ class GSMModule(LightningModule):
         checkpoint["gsm_structure"] = {name: m.structure() for name, m in self.gblr_layers}
         checkpoint["gsm_real_optimizer_steps"] = self.real_optimizer_steps
         checkpoint["gsm_phase1"] = {"end_ratio": self.phase1_end_ratio, "projection_delta": self.projection_delta}
+        # The budget also in a key of our own: load_from_checkpoint(..., budget=x) overwrites the checkpoint's
+        # hyper_parameters with x before on_load_checkpoint sees them.
+        checkpoint["gsm_budget"] = self.budget
         if self.learner is not None:
             checkpoint["gsm_learner"] = self.learner.state_dict()
+        checkpoint["gsm_rng"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild every GBLR layer for the checkpoint's structure before the weights load."""
@@ -591,7 +641,7 @@ class GSMModule(LightningModule):
             m._frozen_flag = bool(s["frozen"])
             m.widths.requires_grad_(not s["frozen"])
             m.locations.requires_grad_(not s["frozen"])
-        ck_budget = checkpoint.get("hyper_parameters", {}).get("budget")
+        ck_budget = checkpoint.get("gsm_budget", checkpoint.get("hyper_parameters", {}).get("budget"))
         if ck_budget is not None and not math.isclose(ck_budget, self.budget):
             warnings.warn(f"checkpoint was trained with budget {ck_budget:g}; this module targets {self.budget:g}. "
                           "The structure is restored from the checkpoint.", stacklevel=_user_stacklevel())
@@ -600,3 +650,33 @@ class GSMModule(LightningModule):
         self.phase1_end_ratio, self.projection_delta = phase1.get("end_ratio"), phase1.get("projection_delta")
         if self.learner is not None and "gsm_learner" in checkpoint:
             self.learner.load_state_dict(checkpoint["gsm_learner"])
+        # The random state (dropout, drop-path, augmentation), which Lightning does not checkpoint: set when the
+        # resumed fit starts training (on_train_start), not here, so that loading a checkpoint has no side effect.
+        trainer = self._trainer
+        self._rng_to_restore = (checkpoint.get("gsm_rng") if trainer is not None and trainer.state.fn == "fit"
+                                else None)
+
+    def on_train_start(self) -> None:
+        """On resume: the train loader's place in the epoch and the random state, so that the resumed fit trains on
+        the same batches with the same dropout as the run that saved the checkpoint."""
+        states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        fit_loop = self.trainer.fit_loop
+        pending = bool(getattr(fit_loop, "_combined_loader_states_to_load", None))
+        if states is None and not pending:
+            return
+        # The random state S was saved after a batch (mid-epoch: the epoch's loader iterator exists and has drawn its
+        # seed) or at an epoch end (the next epoch's iterator draws its seed from S): set S after, resp. before,
+        # re-creating the iterator.
+        mid_epoch = fit_loop.restarted_mid_epoch
+        if states is not None and not mid_epoch:
+            _set_rng_states(states)
+        if pending and fit_loop.restarting:
+            # Lightning applies the saved loader states only where it first builds the train loader, and
+            # configure_optimizers (estimated_stepping_batches) builds it before the loops are restored, so the states
+            # would be dropped (Lightning issue #20550): apply them here, then re-create the iterator from them.
+            fit_loop._load_combined_loader_states()
+        fetcher = getattr(fit_loop, "_data_fetcher", None)
+        if fetcher is not None:
+            iter(fetcher)
+        if states is not None and mid_epoch:
+            _set_rng_states(states)

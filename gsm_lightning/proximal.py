@@ -130,12 +130,14 @@ def param_groups(
 
 @dataclass
 class SigmaSchedule:
-    """sigma0 until ``start_epoch``, then linear to sigma1 at ``end_epoch`` (None = inf = pure Dirichlet)."""
+    """sigma0 until ``start_epoch``, then linear to sigma1 at ``end_epoch``, held after it (None = inf = pure
+    Dirichlet).  Epochs may be fractional: GSMModule evaluates it after every optimizer step at
+    ``steps / steps_per_epoch``, so sigma rises smoothly within epochs."""
 
     sigma0: float | None = 1.0
     sigma1: float | None = 100.0
-    start_epoch: int = 0
-    end_epoch: int = 1
+    start_epoch: float = 0
+    end_epoch: float = 1
 
     def __post_init__(self) -> None:
         for name in ("sigma0", "sigma1"):
@@ -145,13 +147,13 @@ class SigmaSchedule:
         if self.start_epoch < 0 or self.end_epoch < self.start_epoch:
             raise ValueError(f"sigma schedule needs 0 <= start_epoch <= end_epoch, got {self.start_epoch}, {self.end_epoch}")
 
-    def __call__(self, epoch: int) -> float:
+    def __call__(self, epoch: float) -> float:
         s0 = math.inf if self.sigma0 is None else float(self.sigma0)
         s1 = math.inf if self.sigma1 is None else float(self.sigma1)
-        if epoch <= self.start_epoch or s0 == s1:
-            return s0
         if epoch >= self.end_epoch:
             return s1
+        if epoch <= self.start_epoch or s0 == s1:
+            return s0
         if math.isinf(s0) or math.isinf(s1):
             return s1
         t = (epoch - self.start_epoch) / (self.end_epoch - self.start_epoch)

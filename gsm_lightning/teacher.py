@@ -11,12 +11,13 @@ structure and its FLOPs in GBLR accounting (``rank * (w_in + w_out)`` per compon
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 __all__ = ["Window", "Teacher", "TEACHERS", "make_teacher", "support_iou", "TeacherStudentDataModule"]
 
@@ -145,8 +146,12 @@ class TeacherStudentDataModule(LightningDataModule):
         self.train_set, self.val_set, self.test_set = sets
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.seed))
+        from .data import ResumableDataLoader
+
+        # The generator only seeds the iterator (as before this loader was resumable), so the global RNG is untouched.
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size,
+                                   sampler=_SeededStreamSampler(len(self.train_set), self.seed, self.batch_size),
+                                   generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)
@@ -156,3 +161,33 @@ class TeacherStudentDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.test_set.tensors[0]), batch_size=self.batch_size)
+
+
+class _SeededStreamSampler(Sampler[int]):
+    """The order in which Lightning drew the batches from this module's former train loader,
+    ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``, as a function of ``(seed, epoch)``
+    only: a resumed run sees the same batches, and runs keep the data order (and so the results) they had before.
+
+    Per epoch that loader drew from its generator the iterator's base seed and the permutation, plus a second,
+    empty permutation when ``RandomSampler`` was run to its end, which Lightning (it knows the number of batches)
+    only does when the last batch is partial (``n % batch_size != 0``).  Lightning calls ``set_epoch`` at every epoch
+    start."""
+
+    def __init__(self, n: int, seed: int, batch_size: int) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+        self.perms_per_epoch = 1 + int(self.n % int(batch_size) != 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch):
+            torch.empty((), dtype=torch.int64).random_(generator=g)
+            for _ in range(self.perms_per_epoch):
+                torch.randperm(self.n, generator=g)
+        torch.empty((), dtype=torch.int64).random_(generator=g)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n

@@ -1,6 +1,13 @@
-"""Launched by tests/test_ddp.py as `python tests/ddp_train.py OUT_DIR`: a 2-process CPU (gloo) DDP fit
-through phase 1, the phase switch and phase 2.  Every rank dumps its structure and weights right after
-the switch and at the end, so the test can check they are bit-identical across ranks."""
+"""Launched by tests/test_ddp.py as ``python tests/ddp_train.py OUT_DIR single|ddp``: a fit through phase 1, the phase
+switch and phase 2.
+
+``single``: one process, batches of 64.  ``ddp``: two CPU (gloo) ranks, batches of 32 each, so every optimizer step
+sees the same 64 images: rank r takes the images ``r::2`` of the same epoch order.  (Lightning's own distributed
+sampler would shuffle that order once more, with its own seed, so the sharding is done here, with
+use_distributed_sampler off.)  Rank 1 builds its model from another seed (DDP must start from rank 0's) and, just
+before the phase switch, moves its own structure away from rank 0's (the switch must take rank 0's).  Every rank dumps
+its state before the switch, right after it and at the end; in ``ddp`` mode rank 0 alone logs to TensorBoard
+(``OUT_DIR/tb``)."""
 
 from __future__ import annotations
 
@@ -12,45 +19,83 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gsm_lightning.data import EpochSeededSampler  # noqa: E402
 from gsm_lightning.module import GSMModule  # noqa: E402
 from tests.helpers import adamw, digits_loaders, mlp  # noqa: E402
+
+PHASE1, EPOCHS = 2, 3
+
+
+class RankShard(EpochSeededSampler):
+    """This rank's share ``perm[rank::world]`` of the epoch order of :class:`EpochSeededSampler`."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        super().__init__(n)
+        self.rank, self.world = rank, world
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.rank::self.world])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
 
 
 def dump(pl_module: GSMModule, path: Path) -> None:
     state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
     state["_structure"] = {n: m.structure() for n, m in pl_module.gblr_layers}
+    state["_learner"] = pl_module.learner.state_dict()
+    state["_phase1_end_ratio"] = pl_module.phase1_end_ratio
+    state["_real_optimizer_steps"] = pl_module.real_optimizer_steps
     torch.save(state, path)
 
 
 class Dumper(pl.Callback):
-    def __init__(self, out: Path, switch_epoch: int) -> None:
-        self.out, self.switch_epoch = out, switch_epoch
+    def __init__(self, out: Path, tag: str) -> None:
+        self.out, self.tag = out, tag
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.switch_epoch and batch_idx == 0:
-            dump(pl_module, self.out / f"switch_rank{trainer.global_rank}.pt")
+    def _path(self, trainer: pl.Trainer, when: str) -> Path:
+        return self.out / f"{self.tag}_{when}_rank{trainer.global_rank}.pt"
 
-    def on_train_end(self, trainer, pl_module):
-        dump(pl_module, self.out / f"end_rank{trainer.global_rank}.pt")
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # runs before the module's hook (the switch)
+        if trainer.current_epoch != PHASE1:
+            return
+        if trainer.global_rank == 1:  # disagree with rank 0: other active components, other locations
+            with torch.no_grad():
+                for _, m in pl_module.gblr_layers:
+                    active = m.active_components().nonzero().flatten()
+                    m.widths[:, active[:3]] = 0.0
+                    m.locations.add_(5.0 / m.in_features)
+        dump(pl_module, self._path(trainer, "pre"))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == PHASE1 and batch_idx == 0:
+            dump(pl_module, self._path(trainer, "post"))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        dump(pl_module, self._path(trainer, "end"))
 
 
-def main(out: Path) -> None:
-    pl.seed_everything(0, workers=True)
+def main(out: Path, mode: str) -> None:
     torch.set_num_threads(1)
-    train, val = digits_loaders(n_train=512, batch_size=32)
-    # different init per rank: DDP must broadcast rank 0's weights and structure
-    torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))
-    model = GSMModule(mlp(), num_classes=10, budget=0.35, include=["0", "2"], phase1_epochs=2, prox_lambda=2.0,
-                      structure_lr=0.02, optimizer=adamw())
+    ddp = mode == "ddp"
+    pl.seed_everything(0)
+    train, _ = digits_loaders(n_train=512, batch_size=32 if ddp else 64)
+    if ddp:
+        train = DataLoader(train.dataset, batch_size=32, sampler=RankShard(512, int(os.environ.get("LOCAL_RANK", 0)), 2))
+    torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))  # rank 1 starts from other weights and structure
+    model = GSMModule(mlp(), num_classes=10, budget=0.35, include=["0", "2"], phase1_epochs=PHASE1, optimizer=adamw())
+    strategy = DDPStrategy(find_unused_parameters=False, process_group_backend="gloo") if ddp else "auto"
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=DDPStrategy(find_unused_parameters=False, process_group_backend="gloo"),
-        max_epochs=3, logger=TensorBoardLogger(out, name="tb"), enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[Dumper(out, switch_epoch=2)],
+        accelerator="cpu", devices=2 if ddp else 1, strategy=strategy, max_epochs=EPOCHS,
+        logger=TensorBoardLogger(out, name="tb") if ddp else False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+        use_distributed_sampler=False, callbacks=[Dumper(out, mode)],
     )
-    trainer.fit(model, train, val)
+    trainer.fit(model, train)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -89,7 +89,8 @@ def test_monitor_scalars(tb_run):
     assert ratio[-1][1] == pytest.approx(module.flops_ratio())
     assert [v for _, v in scalars(acc, "structure/phase")] == [1.0, 2.0, 2.0]
     assert [v for _, v in scalars(acc, "structure/target")] == [0.5] * 3
-    assert [v for _, v in scalars(acc, "structure/sigma")] == [1.0]  # only while learning (sigma0 at epoch 0)
+    # only while learning; sigma rises every step and ends the one-epoch phase 1 at sigma1
+    assert [v for _, v in scalars(acc, "structure/sigma")] == [100.0]
     steps = [s for s, _ in ratio]
     assert steps == sorted(steps) and steps[-1] == trainer.global_step
     for name, layer in gblr_layers(module):

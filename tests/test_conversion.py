@@ -67,6 +67,22 @@ def test_from_linear_budget_fit_respects_budget_and_improves() -> None:
     torch.testing.assert_close(fitted.bias, lin.bias)
 
 
+def test_pretrained_fit_moves_widths_and_locations() -> None:
+    """The conversion fit learns the structure, not only the factors: locations move (only the fit's optimizer moves
+    them) and the widths spread out, where projecting onto the budget alone cuts every width alike."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24)
+    w = lin.weight.detach()
+    projected, fitted = GBLRLinear.from_linear(lin), GBLRLinear.from_linear(lin)  # full widths, evenly spaced
+    locations0 = fitted.int_locations().clone()
+    projected.fit_to(w, 0.3, steps=0)
+    fitted.fit_to(w, 0.3, steps=100)
+    assert len(set(projected.int_widths()[0].tolist())) == 1  # the projection: one common width
+    assert int((fitted.int_locations() != locations0).sum()) > 0
+    assert len(set(fitted.int_widths()[0].tolist())) > 1, fitted.int_widths()
+    assert fitted.flops_ratio() <= 0.3
+
+
 def test_from_linear_is_never_worse_than_equal_cost_truncated_svd() -> None:
     for shape in ((32, 24), (24, 64)):
         lin = nn.Linear(*shape)

@@ -131,23 +131,39 @@ def test_lightning_measure_flops_and_model_summary():
         assert ModelSummary(model).total_flops == want
 
 
-def test_proposed_layer_patch_routes_automatically(monkeypatch):
-    """The change proposed for GBLRLinear.forward: frozen layers use the counted operator whenever a
-    FlopCounterMode is active, so ModelSummary / measure_flops need no context manager."""
+def test_frozen_layer_forward_routes_through_the_counted_operator():
+    """The real eager forward of a frozen layer (no context manager, no patch): while a FlopCounterMode is active it
+    computes through ``gsm_lightning::gblr_linear`` (installed by ``set_frozen_route`` on import), so
+    ``measure_flops`` and ``ModelSummary`` charge the true cost; the values are those of the uncounted forward."""
     from lightning.fabric.utilities.throughput import measure_flops
 
-    original = GBLRLinear.forward
-
-    def forward(self, x):
-        if is_flop_counting() and self.is_frozen:
-            return frozen_forward(self, x)
-        return original(self, x)
+    from gsm_lightning.layer import set_frozen_route
 
     model = nn.Sequential(frozen(32, 48), nn.GELU(), nn.Linear(48, 10))
     x = torch.randn(6, 32)
     want = 2 * 6 * (model[0].flops() + 48 * 10)
-    monkeypatch.setattr(GBLRLinear, "forward", forward)
+    assert "forward" not in model[0].__dict__ and GBLRLinear.forward.__module__ == "gsm_lightning.layer"
+    with torch.no_grad():
+        ref = model(x)
+        with FlopCounterMode(display=False) as counter:
+            out = model(x)
+    assert counter.get_total_flops() == want
+    ops = {str(op) for op in counter.get_flop_counts()["Global"]}
+    assert "gsm_lightning.gblr_linear" in ops, ops
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     assert measure_flops(model, lambda: model(x)) == want
+    # the route is what makes the difference: without it the counter sees the dense masked products
+    previous = set_frozen_route(None)
+    try:
+        assert plain_count(lambda: model(x)) != want
+    finally:
+        set_frozen_route(previous)
+    assert plain_count(lambda: model(x)) == want
+    # a layer that still learns its structure is never routed (it really computes the masked dense products)
+    learning = GBLRLinear(32, 48, width_init=0.3)
+    with FlopCounterMode(display=False) as counter:
+        learning(x)
+    assert "gsm_lightning.gblr_linear" not in {str(op) for op in counter.get_flop_counts()["Global"]}
 
 
 def test_forward_restored_after_error_and_nested_swaps():

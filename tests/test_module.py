@@ -89,6 +89,38 @@ def test_sigma_schedule():
     assert math.isinf(SigmaSchedule(None, None)(3))
     with pytest.raises(ValueError, match="sigma0"):
         SigmaSchedule(0.0, 1.0)
+    assert s(3.0) == pytest.approx(25.75) and s(2.5) == pytest.approx(1 + 99 / 8)  # fractional epochs
+    assert SigmaSchedule(1.0, 100.0, start_epoch=2, end_epoch=2)(2) == 100.0  # a step at start == end
+
+
+class SigmaRecorder(pl.Callback):
+    """sigma of the first GBLR layer seen by every training batch, with the epoch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float]] = []
+        self.frozen: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        layer = next(m for m in pl_module.modules() if isinstance(m, GBLRLinear))
+        self.seen.append((trainer.current_epoch, float(layer.sigma)))
+        self.frozen.append(layer.is_frozen)
+
+
+@pytest.mark.parametrize("phase1_epochs", [1, 3])
+def test_sigma_rises_every_step_and_reaches_sigma1_in_phase1(tmp_path, phase1_epochs):
+    """Default schedule: linear per optimizer step from sigma0, reaching sigma1 at the start of the last phase-1
+    epoch (at the end of phase 1 when it is one epoch), held there; phase 2 uses the frozen boxcars."""
+    train, val = digits_loaders(n_train=256)  # 4 batches per epoch
+    rec = SigmaRecorder()
+    module = make_module(phase1_epochs=phase1_epochs)
+    trainer(tmp_path, max_epochs=phase1_epochs + 1, callbacks=[rec]).fit(module, train, val)
+    p1 = [s for e, s in rec.seen if e < phase1_epochs]
+    end_step = 4 * max(phase1_epochs - 1, 1)
+    expected = [1.0 + 99.0 * min(k / end_step, 1.0) for k in range(len(p1))]
+    assert p1 == pytest.approx(expected, rel=1e-6)
+    if phase1_epochs > 1:
+        assert p1[-4:] == [100.0] * 4  # the whole last phase-1 epoch at sigma1
+    assert rec.frozen == [e >= phase1_epochs for e, _ in rec.seen]
 
 
 @pytest.mark.parametrize("shrink", ["paper", "budget"])
@@ -133,7 +165,7 @@ def test_amp_skipped_step_does_not_count():
 
 def test_phase_switch_freezes_and_drops_components(tmp_path):
     train, val = digits_loaders()
-    m = make_module(budget=0.3, phase1_epochs=2)
+    m = make_module(budget=0.3, phase1_epochs=2, shrink="budget")  # reaches the budget by learning, no projection
     snap = {}
 
     class Snapshot(pl.Callback):
@@ -151,6 +183,7 @@ def test_phase_switch_freezes_and_drops_components(tmp_path):
         assert bool(layer.active_components().all())  # inactive components were dropped
         assert layer.num_components == layer.weight_in.shape[0] < min(layer.in_features, layer.out_features)
     assert m.flops_ratio() <= 0.3 + 1e-9
+    assert m.phase1_end_ratio <= 0.3 + 1e-9 and m.projection_delta == 0.0
     opt = t.optimizers[0]
     structure = next(g for g in opt.param_groups if g["name"] == "structure")
     assert structure["params"] == []
@@ -162,16 +195,21 @@ def test_phase_switch_freezes_and_drops_components(tmp_path):
 
 
 def test_freeze_at_epoch_zero(tmp_path):
+    """With no phase 1 nothing is learned: the switch projects the initial widths onto the budget, and says so."""
     train, val = digits_loaders()
     m = make_module(phase1_epochs=0, budget=0.5)
-    trainer(tmp_path, max_epochs=1).fit(m, train, val)
+    initial = m.flops_ratio()
+    with pytest.warns(UserWarning, match=rf"phase 1 ended at FLOPs ratio {initial:.4f}, above the budget 0\.5"):
+        trainer(tmp_path, max_epochs=1).fit(m, train, val)
     assert m.phase == 2 and m.flops_ratio() <= 0.5
+    assert m.phase1_end_ratio == initial > 0.9
+    assert m.projection_delta == pytest.approx(initial - m.flops_ratio(), abs=1e-12)
 
 
 def _fit_with_checkpoints(tmp_path, ckpt_path=None, max_epochs=4):
     pl.seed_everything(7, workers=True)
     train, val = digits_loaders()
-    m = make_module(budget=0.35, phase1_epochs=2)
+    m = make_module(budget=0.35, phase1_epochs=2, shrink="budget")
     rec = LossRecorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     t = trainer(tmp_path, max_epochs=max_epochs, enable_checkpointing=True, callbacks=[rec, ckpt])
@@ -192,13 +230,14 @@ def test_resume_reproduces_structure_and_losses(tmp_path, resume_epoch):
     for (name, a), (_, b) in zip(full.gblr_layers, resumed.gblr_layers):
         assert a.structure() == b.structure(), name
         torch.testing.assert_close(a.weight_in, b.weight_in)
+    assert full.projection_delta == resumed.projection_delta == 0.0  # the budget was reached by learning
 
 
 def test_checkpoint_of_phase2_loads_into_fresh_module(tmp_path):
     _fit_with_checkpoints(tmp_path, max_epochs=3)
     ckpt = torch.load(tmp_path / "ckpt" / "epoch=2.ckpt", weights_only=False)
     assert all(s["frozen"] for s in ckpt["gsm_structure"].values())
-    fresh = make_module(budget=0.35, phase1_epochs=2)
+    fresh = make_module(budget=0.35, phase1_epochs=2, shrink="budget")
     fresh.on_load_checkpoint(ckpt)
     fresh.load_state_dict(ckpt["state_dict"])
     assert {n: m.structure() for n, m in fresh.gblr_layers} == ckpt["gsm_structure"]
