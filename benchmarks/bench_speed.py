@@ -8,7 +8,10 @@ Sections (see benchmarks/README.md for what exactly is measured):
   P2  frozen inference: plain frozen GBLRLinear, CompactGBLR and the auto choice vs nn.Linear
   MEM peak CPU memory allocated during one training step (torch.profiler memory events)
   SC  scaling of mask computation and training step with n = in = out, K = n
+  P3  frozen inference on real learned structures (benchmarks/data/structures_*.json, random weights)
 Every number written comes from this run; ratios are against nn.Linear measured in the same run.
+
+    python benchmarks/bench_speed.py --sections p3 --output /tmp/p3.md   # only P3, written to another file
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from gsm_lightning.inference import CompactGBLR, optimize_inference  # noqa: E402
 from gsm_lightning.layer import GBLRLinear  # noqa: E402
+from gsm_lightning.structure_io import frozen_layer, load_structure  # noqa: E402
 
 START, END = "<!-- speed:start -->", "<!-- speed:end -->"
 Timer = Callable[[Callable[[], Any], int], float]
@@ -210,10 +214,12 @@ def bench_p2(shapes: list[tuple[int, int]], ratios: list[float], tokens_list: li
                             torch.set_num_threads(threads)
                             holder = nn.Sequential(layer)
                             rep = optimize_inference(holder, mode="auto", tokens=tokens, reps=reps)
-                            choice = rep.layers[0].choice
-                        t_auto = t_c if choice == "compact" else t_d
+                            c = rep.layers[0]
+                            choice = c.choice if c.choice == "dense" else f"{c.path}"
+                            auto = holder[0]
+                            t_auto = t_d if c.choice == "dense" else timer(lambda auto=auto, x=x: auto(x), threads)
                         rows.append(f"| {n_in}x{n_out} | {sname} | {layer.flops_ratio():.2f} | {tokens} | {threads} | "
-                                    f"{t_d * 1e6:.0f} | {t_g / t_d:.2f}x | {t_c / t_d:.2f}x | {compact.macs() / (n_in * n_out):.2f} "
+                                    f"{t_d * 1e6:.0f} | {t_g / t_d:.2f}x | {t_c / t_d:.2f}x ({compact.path}) | {compact.macs() / (n_in * n_out):.2f} "
                                     f"| {choice} | {t_auto / t_d:.2f}x |")
                         print(rows[-1], flush=True)
     torch.set_num_threads(default_threads)
@@ -253,6 +259,102 @@ def bench_scaling(sizes: list[int], tokens: int, threads: int, timer: Timer, dev
     return rows
 
 
+# ------------------------------------------------------------------------------- real structures
+DATA = ROOT / "benchmarks" / "data"
+MINILM = "structures_minilm_b0.3.json"
+OTHER_FIXTURES = ("structures_recovery_block_diagonal.json", "structures_recovery_few_windows.json",
+                  "structures_recovery_rectangular.json", "structures_fmnist_vit_b0.3_s0.json",
+                  "structures_fmnist_vit_b0.5_s0.json", "structures_fmnist_mixer_b0.3_s0.json",
+                  "structures_fmnist_mixer_b0.5_s0.json")
+
+
+def interleaved_ratios(fns: dict[str, Callable[[], Any]], threads: int, rounds: int, min_run_time: float,
+                       ref: str = "dense") -> tuple[dict[str, float], float]:
+    """Median over ``rounds`` of each variant's time over ``ref``'s time in the same round (the variants are
+    timed one after the other inside every round), and ``ref``'s median time (s)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+            times[k].append(t.blocked_autorange(min_run_time=min_run_time).median)
+    ratios = {k: float(np.median([a / b for a, b in zip(v, times[ref])])) for k, v in times.items()}
+    return ratios, float(np.median(times[ref]))
+
+
+def time_real_layer(rec: dict[str, Any], tokens: int, threads: int, rounds: int, min_run_time: float,
+                    seed: int = 0) -> dict[str, Any]:
+    """Dense, ``CompactGBLR.from_gblr(tokens=T)`` and ``optimize_inference(mode='auto', tokens=T)`` on one stored
+    structure (random weights), interleaved."""
+    layer = frozen_layer(rec, seed=seed)
+    lin = layer.to_linear()
+    compact = CompactGBLR.from_gblr(layer, tokens=tokens)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    holder = nn.Sequential(layer)
+    rep = optimize_inference(holder, mode="auto", tokens=tokens, reps=10)
+    torch.set_num_threads(previous)
+    auto = holder[0]
+    x = torch.randn(tokens, layer.in_features)
+    with torch.no_grad():
+        ref = lin(x)
+        for m in (compact, auto):
+            err = float((m(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+            assert err < 1e-4, f"mismatch {err}"
+        ratios, t_dense = interleaved_ratios({"dense": lambda: lin(x), "compact": lambda: compact(x), "auto": lambda: auto(x)},
+                                             threads, rounds, min_run_time)
+    c = rep.layers[0]
+    return {"flops": layer.flops_ratio(), "path": compact.path, "macs": compact.macs() / (layer.in_features * layer.out_features),
+            "dense_us": t_dense * 1e6, "compact": ratios["compact"], "auto": ratios["auto"],
+            "auto_choice": c.choice if c.choice == "dense" else f"{c.path}" + (f" (dense < {c.dense_below})" if c.dense_below else ""),
+            "dense_at": c.choice == "dense" or c.dense_below > tokens}
+
+
+def bench_real(threads: int, rounds: int, min_run_time: float, quick: bool = False) -> tuple[list[str], list[str], list[str]]:
+    """P3: per MiniLM layer (both sides >= 384) at 1, 64 and 256 tokens, and per other fixture (median over its layers)."""
+    minilm = load_structure(DATA / MINILM)
+    names = list(minilm["layers"])[: 2 if quick else None]
+    tokens_list = [1, 64, 256]
+    rows = ["| layer (MiniLM-L6, 30 % FLOPs) | shape | FLOPs | path (256) | MACs (256) | 1 tok: auto | 64: compact | 64: auto "
+            "| 256: compact | 256: auto | goal: auto <= 1.2 x FLOPs at 64 and 256, dense or <= 1.0 at 1 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    met = 0
+    for name in names:
+        rec = minilm["layers"][name]
+        res = {t: time_real_layer(rec, t, threads, rounds, min_run_time) for t in tokens_list}
+        f = res[256]["flops"]
+        # at one token: the routed layer runs the dense weight (same op as nn.Linear), or is measured no slower
+        ok = all(res[t]["auto"] <= 1.2 * f for t in (64, 256)) and (res[1]["dense_at"] or res[1]["auto"] <= 1.0)
+        met += ok
+        short = name.replace("encoder.layer.", "L").replace(".attention.self.", ".").replace(".intermediate.dense", ".ffn_in").replace(".output.dense", ".ffn_out")
+        rows.append(f"| {short} | {rec['in_features']}x{rec['out_features']} | {f:.3f} | {res[256]['path']} | {res[256]['macs']:.2f} | "
+                    f"{res[1]['auto']:.2f}x ({res[1]['auto_choice']}) | {res[64]['compact']:.2f}x | {res[64]['auto']:.2f}x | "
+                    f"{res[256]['compact']:.2f}x | {res[256]['auto']:.2f}x | {'yes' if ok else 'no'} "
+                    f"(target {1.2 * f:.2f}) |")
+        print(rows[-1], flush=True)
+    summary = [f"Goal met for {met} of {len(names)} layers (median timings; dense at 256 tokens took "
+               f"{res[256]['dense_us']:.0f} us for the last layer)."]
+    other = ["| fixture | layers | shapes | FLOPs (median) | tokens | compact (median, max) | auto (median, max) | auto chose compact |",
+             "|---|---|---|---|---|---|---|---|"]
+    for fname in OTHER_FIXTURES[:2] if quick else OTHER_FIXTURES:
+        path = DATA / fname
+        if not path.exists():
+            continue
+        st = load_structure(path)
+        # the first and last blocks of the 4-block models (layers of the same type look alike across depth)
+        recs = [r for n, r in st["layers"].items() if len(st["layers"]) <= 4 or n.startswith(("blocks.0.", "blocks.3."))]
+        recs = recs[: 2 if quick else None]
+        shapes = sorted({f"{r['in_features']}x{r['out_features']}" for r in recs})
+        for t in ([1, 256] if quick else [1, 64, 1024]):
+            res_l = [time_real_layer(r, t, threads, max(2, rounds // 2), min_run_time) for r in recs]
+            comp = [r["compact"] for r in res_l]
+            auto = [r["auto"] for r in res_l]
+            other.append(f"| {fname.removeprefix('structures_').removesuffix('.json')} | {len(recs)} | {', '.join(shapes)} | "
+                         f"{np.median([r['flops'] for r in res_l]):.3f} | {t} | {np.median(comp):.2f}x, {max(comp):.2f}x | "
+                         f"{np.median(auto):.2f}x, {max(auto):.2f}x | {sum(r['auto_choice'] != 'dense' for r in res_l)}/{len(res_l)} |")
+            print(other[-1], flush=True)
+    return rows, summary, other
+
+
 # ---------------------------------------------------------------------------------------- output
 def machine_info() -> str:
     cpu = platform.processor() or "unknown CPU"
@@ -265,10 +367,30 @@ def machine_info() -> str:
             f"default torch threads {torch.get_num_threads()}, Python {platform.python_version()}")
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the speed markers of ``path`` (created with a title if missing)."""
+SUBSECTIONS = {"p1": "### P1", "p2": "### P2", "p3": "### P3", "mem": "### Memory", "sc": "### Scaling"}
+
+
+def _subsections(body: str) -> dict[str, str]:
+    """The ``### ...`` subsections of a speed section, by key of :data:`SUBSECTIONS`."""
+    out: dict[str, str] = {}
+    chunks = re.split(r"(?m)^(?=### )", body)
+    for chunk in chunks:
+        for key, head in SUBSECTIONS.items():
+            if chunk.startswith(head):
+                out[key] = chunk.rstrip()
+    return out
+
+
+def write_section(path: Path, header: str, blocks: dict[str, str]) -> None:
+    """Rewrite the text between the speed markers of ``path`` (created with a title if missing): ``header``, then the
+    subsections in :data:`SUBSECTIONS` order, the new ``blocks`` replacing the old ones and the others kept."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{body.rstrip()}\n{END}"
+    old: dict[str, str] = {}
+    if START in text and END in text:
+        old = _subsections(text[text.index(START) + len(START):text.index(END)])
+    merged = {k: blocks.get(k, old.get(k)) for k in SUBSECTIONS}
+    body = "\n\n".join([header.rstrip(), *(v for v in merged.values() if v)])
+    block = f"{START}\n{body}\n{END}"
     if START in text and END in text:
         a, b = text.index(START), text.index(END) + len(END)
         text = text[:a] + block + text[b:]
@@ -282,7 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small shapes and short timings (smoke run)")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file whose speed section is rewritten")
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1.0, quick 0.02)")
+    ap.add_argument("--sections", default="p1,p2,mem,sc,p3", help="comma list of p1, p2, mem, sc, p3 (default: all)")
+    ap.add_argument("--rounds", type=int, default=None, help="P3: interleaved rounds per timing (default 7, quick 2)")
+    ap.add_argument("--p2-threads", default=None, help="P2: comma list of torch thread counts (default 1,2; quick 1)")
     args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
+    unknown = sections - {"p1", "p2", "mem", "sc", "p3"}
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}")
     q = args.quick
     mrt = args.min_run_time if args.min_run_time is not None else (0.02 if q else 1.0)
     timer = cpu_timer(mrt)
@@ -290,62 +419,76 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     torch.manual_seed(0)
     cmd = "python benchmarks/bench_speed.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+    blocks: dict[str, list[str]] = {}
 
-    p1_shapes = [(64, 64), (64, 256)] if q else [(768, 768), (768, 3072), (3072, 768)]
-    p1_tokens = 256 if q else 8192
-    print("P1 training step", flush=True)
-    p1, p1_notes = bench_p1(p1_shapes, p1_tokens, sorted({1, max_threads}), timer)
+    if "p1" in sections:
+        p1_shapes = [(64, 64), (64, 256)] if q else [(768, 768), (768, 3072), (3072, 768)]
+        p1_tokens = 256 if q else 8192
+        print("P1 training step", flush=True)
+        p1, p1_notes = bench_p1(p1_shapes, p1_tokens, sorted({1, max_threads}), timer)
+        blocks["p1"] = ["### P1: training step (forward + backward, structure learning: not frozen, sigma = 1, 'splr' init)", "", *p1, "",
+                  *(["Over the 1.3x target: " + "; ".join(p1_notes) + "."] if p1_notes else ["All shapes within the 1.3x target."]), ""]
 
-    p2_shapes = [(128, 512)] if q else [(768, 3072), (3072, 768)]
-    print("P2 frozen inference", flush=True)
-    p2 = bench_p2(p2_shapes, [0.3] if q else [0.3, 0.5], [1, 32] if q else [1, 256], [1] if q else [1, 2],
-                  timer, list(STRUCTURES), reps=3 if q else 20)
+    if "p2" in sections:
+        p2_shapes = [(128, 512)] if q else [(768, 3072), (3072, 768)]
+        print("P2 frozen inference", flush=True)
+        p2_threads = [int(t) for t in args.p2_threads.split(",")] if args.p2_threads else ([1] if q else [1, 2])
+        p2 = bench_p2(p2_shapes, [0.3] if q else [0.3, 0.5], [1, 32] if q else [1, 256], p2_threads,
+                      timer, list(STRUCTURES), reps=3 if q else 20)
+        blocks["p2"] = ["### P2: frozen inference, latency relative to nn.Linear", "",
+                  "`frozen GBLRLinear` = the plain forward of the frozen layer; `CompactGBLR` = planned for the token count "
+                  "(path chosen by the cost model); `compact MACs` = multiply-adds of CompactGBLR per token / in*out (padding "
+                  "included); `auto` = what `optimize_inference(mode='auto', tokens=T)` chose (dense or a compact path, by its "
+                  "own timing; a compact layer may run its dense fallback at few tokens) and the latency of that choice.", "", *p2, ""]
 
-    print("Memory", flush=True)
-    mem = bench_memory([(64, 256)] if q else [(768, 3072)], 256 if q else 8192)
+    if "p3" in sections:
+        rounds = args.rounds or (2 if q else 7)
+        p3_mrt = args.min_run_time if args.min_run_time is not None else (0.02 if q else 0.1)
+        print("P3 real learned structures", flush=True)
+        p3, p3_summary, p3_other = bench_real(1, rounds, p3_mrt, quick=q)
+        blocks["p3"] = ["### P3: frozen inference on real learned structures (1 thread)", "",
+                  "Structures from runs of the package (`benchmarks/data/structures_*.json`, regenerated by "
+                  "`benchmarks/save_structures.py`), **random weights** (`gsm_lightning.structure_io.frozen_layer`). "
+                  "Per layer and token count: `nn.Linear`, `CompactGBLR.from_gblr(tokens=T)` (path by the cost model) and "
+                  "`optimize_inference(mode='auto', tokens=T)` (fastest path or dense by its own timing, with the dense "
+                  f"fallback below the token count where dense was faster), interleaved in {rounds} rounds of "
+                  f"`blocked_autorange(min_run_time={p3_mrt})`; each ratio is the median over rounds of the per-round ratio "
+                  "against `nn.Linear`. `MACs`: multiply-adds per token of the compact layer / in*out (padding included).",
+                  "", *p3, "", *p3_summary, "",
+                  "Other fixtures (median and max over their layers, for the Fashion-MNIST models the layers of blocks 0 and 3; "
+                  "`auto chose compact` counts layers not merged to dense):",
+                  "", *p3_other, ""]
 
-    print("Scaling", flush=True)
-    sc_tokens = 128 if q else 1024
-    sc = bench_scaling([64, 128] if q else [256, 512, 1024, 2048, 4096], sc_tokens, max_threads, timer)
+    if "mem" in sections:
+        print("Memory", flush=True)
+        mem = bench_memory([(64, 256)] if q else [(768, 3072)], 256 if q else 8192)
+        blocks["mem"] = ["### Memory: peak CPU memory allocated during one training step", "",
+                  "torch.profiler with `profile_memory=True`: each event's self CPU memory (allocations minus frees inside the op; "
+                  "`[memory]` events are frees outside ops) summed in start-time order; the peak of that running sum during one "
+                  "forward+backward, above the level at its start (parameters and inputs excluded, gradients and saved activations "
+                  "included; op granularity).", "", *mem, ""]
+
+    if "sc" in sections:
+        print("Scaling", flush=True)
+        sc_tokens = 128 if q else 1024
+        sc = bench_scaling([64, 128] if q else [256, 512, 1024, 2048, 4096], sc_tokens, max_threads, timer)
+        blocks["sc"] = [f"### Scaling with n (K = n, {sc_tokens} tokens, {max_threads} threads, structure learning, sigma = 1)", "", *sc, ""]
 
     elapsed = time.time() - t0
     date = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    body = "\n".join([
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    provenance = (f"_Measured by `{cmd}` (the whole run took {elapsed:.0f} s) on {date}; {machine_info()}; load average "
+                  f"{load:.1f} at the end of the run; `blocked_autorange(min_run_time={mrt})` unless the text says otherwise._")
+    for lines in blocks.values():
+        lines[1:1] = ["", provenance]
+    header = "\n".join([
         "## Speed (CPU)" + (" -- QUICK SMOKE RUN, not representative" if q else ""),
         "",
-        f"- Machine: {machine_info()}",
-        f"- Command: `{cmd}` (took {elapsed:.0f} s); date: {date}",
-        f"- Timings: `torch.utils.benchmark.Timer.blocked_autorange(min_run_time={mrt})`, median; ratios are against "
-        "`nn.Linear` measured in the same run. See `benchmarks/README.md` for the definitions.",
-        "",
-        "### P1: training step (forward + backward, structure learning: not frozen, sigma = 1, 'splr' init)",
-        "",
-        *p1,
-        "",
-        *(["Over the 1.3x target: " + "; ".join(p1_notes) + "."] if p1_notes else ["All shapes within the 1.3x target."]),
-        "",
-        "### P2: frozen inference, latency relative to nn.Linear",
-        "",
-        "`frozen GBLRLinear` = the plain forward of the frozen layer; `CompactGBLR` = planned for the token count; "
-        "`compact MACs` = multiply-adds of CompactGBLR per token / in*out (padding included); `auto` = what "
-        "`optimize_inference(mode='auto', tokens=T)` chose (by its own timing) and the latency of that choice.",
-        "",
-        *p2,
-        "",
-        "### Memory: peak CPU memory allocated during one training step",
-        "",
-        "torch.profiler with `profile_memory=True`: each event's self CPU memory (allocations minus frees inside the op; "
-        "`[memory]` events are frees outside ops) summed in start-time order; the peak of that running sum during one "
-        "forward+backward, above the level at its start (parameters and inputs excluded, gradients and saved activations "
-        "included; op granularity).",
-        "",
-        *mem,
-        "",
-        f"### Scaling with n (K = n, {sc_tokens} tokens, {max_threads} threads, structure learning, sigma = 1)",
-        "",
-        *sc,
+        "Each subsection names the command, machine, load and date of the run that measured it "
+        "(`python benchmarks/bench_speed.py --sections ...` reruns some subsections and keeps the others). Timings are "
+        "medians; ratios are against `nn.Linear` measured in the same run. See `benchmarks/README.md` for the definitions.",
     ])
-    write_section(args.output, body)
+    write_section(args.output, header, {k: "\n".join(v).rstrip() for k, v in blocks.items()})
     print(f"wrote {args.output} ({elapsed:.0f} s)")
     return 0
 

@@ -249,6 +249,7 @@ def _prepared(model: nn.Module, mode: InferenceMode, example_inputs: tuple, **kw
     if isinstance(m, GBLRLinear):
         wrapper = nn.Sequential(m)
         m = wrapper
+    kw.setdefault("fallback", False)  # an exported graph does not branch on the token count: no dense copy to carry
     return m, optimize_inference(m, mode=mode, **kw)
 
 

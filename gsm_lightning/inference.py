@@ -17,11 +17,23 @@ A frozen :class:`~gsm_lightning.layer.GBLRLinear` computes ``y = (x V_m^T) U_m +
 Multiply-adds are ``sum_k r (W_in_k + W_out_k)`` plus tile-boundary and bucket padding waste.  There
 is no Python loop over components, tiles or chunks in ``forward`` (only over the <= ``max_buckets``
 buckets per side).  Identity gathers/scatters are replaced by views, so a low-rank layer (all widths
-full, one tile per side) is two thin gemms and block-diagonal / block-low-rank structures with
-block-aligned tiles are clean batched block gemms.  Tile sizes (powers of two, the side length and
-the structure's block size) and bucketing are chosen per side by a cost model (:func:`plan_cost`).
-:func:`optimize_inference` replaces every frozen GBLR layer of a model by the faster of a
-:class:`CompactGBLR` and the merged ``nn.Linear``.
+full, one tile per side) is two thin gemms on the row-major input (no transpose), a side that is one
+full tile is one gemm, and block-diagonal / block-low-rank structures with block-aligned tiles are clean
+batched block gemms.  Tile sizes (powers of two, the side length and the structure's block size) and
+bucketing are chosen per side by a cost model (:func:`plan_cost`).
+
+A second path, **blocks** (:func:`plan_blocks`), groups the components into a few low-rank blocks:
+components with identical windows are merged exactly into one block of higher rank, then blocks whose
+union windows cost less than their separate gemms are merged (zero padding, still exact).  Each block is
+``y[:, out window] += (x[:, in window] @ V_b) @ U_b`` on contiguous column slices (a window that wraps
+around the end of its side takes one more gemm): no gather, scatter or transpose.  It suits structures
+made of few distinct windows (nearly full windows, as in converted pretrained layers, or a few blocks);
+``CompactGBLR.from_gblr(path="auto")`` picks the path by the cost model (:func:`blocks_cost`).
+
+:func:`optimize_inference` replaces every frozen GBLR layer of a model by the faster of the
+:class:`CompactGBLR` paths and the merged ``nn.Linear``, timed when given ``tokens`` or a sample input, and
+by default keeps a dense copy of the weight for the token counts below which dense was faster
+(:meth:`CompactGBLR.set_dense_fallback`), so that a compact layer is not slower than dense at one token.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layer import GBLRLinear, gblr_layers
@@ -41,7 +54,10 @@ from .layer import GBLRLinear, gblr_layers
 __all__ = [
     "CompactGBLR",
     "SidePlan",
+    "BlockPlan",
     "plan_side",
+    "plan_blocks",
+    "blocks_cost",
     "best_side_plan",
     "plan_cost",
     "dense_cost",
@@ -64,6 +80,8 @@ COST_BMM_WEIGHT_READ = 0.35
 COST_MOVE = 0.4
 COST_LAUNCH = 4000.0
 BMM_EFFICIENCY = 0.9
+# blocks path: a gemm whose smallest dimension (the block rank) is R runs at R / (R + BLOCK_RANK_HALF) of peak
+BLOCK_RANK_HALF = 12.0
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -176,7 +194,9 @@ def _side_cost(p: SidePlan, tokens: int, output: bool) -> float:
 def plan_cost(plan_in: SidePlan, plan_out: SidePlan, tokens: int = 256) -> float:
     """Modelled time (ns, CPU constants) of a :class:`CompactGBLR` forward over ``tokens`` tokens."""
     t = max(int(tokens), 1)
-    transposes = t * COST_MOVE * (plan_in.n + plan_out.n)
+    in_view = plan_in.tiles_identity and plan_in.n_tiles * plan_in.tile == plan_in.n  # strided view of x, no copy
+    out_full = plan_out.tiles_identity and plan_out.members_identity and plan_out.n_tiles == 1  # one gemm into y
+    transposes = t * COST_MOVE * ((0 if in_view else plan_in.n) + (0 if out_full else plan_out.n))
     return _side_cost(plan_in, t, False) + _side_cost(plan_out, t, True) + transposes + 2 * COST_LAUNCH
 
 
@@ -215,26 +235,213 @@ def best_side_plan(starts: np.ndarray, widths: np.ndarray, n: int, rank: int, to
     return best[1]
 
 
+# ------------------------------------------------------------------------------------------ blocks
+@dataclass
+class BlockPlan:
+    """Components grouped into low-rank *blocks*: block ``p`` holds the components ``comps[p]`` and covers the
+    cyclic input window ``[in_start[p], in_start[p] + in_len[p])`` and output window likewise; every member's own
+    windows lie inside the block's, so zero-padding the members' factors to the block windows is exact.  A block is
+    computed as two gemms on contiguous slices of the input and the output (a window that wraps around the end of
+    its side takes one more gemm), so no gather or scatter is needed.  Full windows start at 0."""
+
+    n_in: int
+    n_out: int
+    rank: int
+    in_start: np.ndarray
+    in_len: np.ndarray
+    out_start: np.ndarray
+    out_len: np.ndarray
+    comps: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.comps)
+
+    def block_rank(self, p: int) -> int:
+        return int(self.comps[p].size) * self.rank
+
+    def wraps(self, p: int) -> tuple[bool, bool]:
+        """Whether block ``p``'s input / output window wraps around the end of its side."""
+        return (bool(self.in_start[p] + self.in_len[p] > self.n_in), bool(self.out_start[p] + self.out_len[p] > self.n_out))
+
+    @property
+    def weights(self) -> int:
+        """Stored block weights (= multiply-adds per token, padding to the block windows included)."""
+        return sum(self.block_rank(p) * int(self.in_len[p] + self.out_len[p]) for p in range(self.num_blocks))
+
+
+def _arc_union(a1: np.ndarray, w1: np.ndarray, a2: np.ndarray, w2: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest cyclic window containing the windows ``(a1, w1)`` and ``(a2, w2)`` on a side of length ``n``
+    (vectorised; full windows are returned as ``(0, n)``)."""
+    len1 = np.maximum(w1, (a2 - a1) % n + w2)  # start at a1
+    len2 = np.maximum(w2, (a1 - a2) % n + w1)  # start at a2
+    start = np.where(len1 <= len2, a1, a2)
+    length = np.minimum(len1, len2)
+    full = length >= n
+    return np.where(full, 0, start), np.where(full, n, length)
+
+
+def _gemm_efficiency(rank: np.ndarray | int) -> np.ndarray:
+    """Modelled efficiency of a gemm whose smallest dimension is ``rank`` (skinny gemms run below peak)."""
+    r = np.asarray(rank, dtype=np.float64)
+    return r / (r + BLOCK_RANK_HALF)
+
+
+def _block_cost(rank: np.ndarray, li: np.ndarray, lo: np.ndarray, launches: np.ndarray | int, tokens: int) -> np.ndarray:
+    w = rank * (li + lo)
+    gemm = w * np.maximum(COST_WEIGHT_READ, tokens * COST_MAC / _gemm_efficiency(rank))
+    return gemm + COST_LAUNCH * launches
+
+
+def plan_blocks(
+    starts_in: Sequence[int] | np.ndarray,
+    widths_in: Sequence[int] | np.ndarray,
+    starts_out: Sequence[int] | np.ndarray,
+    widths_out: Sequence[int] | np.ndarray,
+    n_in: int,
+    n_out: int,
+    rank: int,
+    tokens: int = 256,
+    max_blocks: int | None = None,
+    merge: bool = True,
+) -> BlockPlan:
+    """Group components into blocks (:class:`BlockPlan`).
+
+    Components with identical input and output windows always share a block (exact, no padding).  With ``merge``
+    the blocks are then merged greedily, the pair whose union windows lower the modelled time the most first
+    (fewer, higher-rank gemms against padding), until no merge helps; ``max_blocks`` forces merging beyond that."""
+    si = np.asarray(starts_in, dtype=np.int64).reshape(-1)
+    wi = np.asarray(widths_in, dtype=np.int64).reshape(-1)
+    so = np.asarray(starts_out, dtype=np.int64).reshape(-1)
+    wo = np.asarray(widths_out, dtype=np.int64).reshape(-1)
+    k = si.size
+    if not (wi.size == so.size == wo.size == k):
+        raise ValueError("starts and widths of both sides must have the same length")
+    if k and (((wi < 1) | (wi > n_in) | (wo < 1) | (wo > n_out)).any() or ((si < 0) | (si >= n_in) | (so < 0) | (so >= n_out)).any()):
+        raise ValueError(f"widths must be in [1, n] and starts in [0, n) for a frozen structure (n = {n_in}, {n_out})")
+    si, so = np.where(wi == n_in, 0, si), np.where(wo == n_out, 0, so)
+    keys: dict[tuple[int, int, int, int], list[int]] = {}
+    for c, key in enumerate(zip(si.tolist(), wi.tolist(), so.tolist(), wo.tolist())):  # build time only
+        keys.setdefault(key, []).append(c)
+    groups = [np.asarray(v, dtype=np.int64) for v in keys.values()]
+    win = np.asarray(list(keys.keys()), dtype=np.int64).reshape(-1, 4)
+    a_i, l_i, a_o, l_o = (win[:, j].copy() for j in range(4))
+    r = np.asarray([g.size * rank for g in groups], dtype=np.float64)
+    t = max(int(tokens), 1)
+
+    def launches(ai: np.ndarray, li: np.ndarray, ao: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        return 2 + (ai + li > n_in) + (ao + lo > n_out)
+
+    def cost(rr: np.ndarray, ai: np.ndarray, li: np.ndarray, ao: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        return _block_cost(rr, li, lo, launches(ai, li, ao, lo), t)
+
+    if merge and len(groups) > 1:
+        alive = np.ones(len(groups), dtype=bool)
+        own = cost(r, a_i, l_i, a_o, l_o)
+
+        def delta_row(i: int) -> tuple[np.ndarray, ...]:
+            ui_a, ui_l = _arc_union(np.full_like(a_i, a_i[i]), np.full_like(l_i, l_i[i]), a_i, l_i, n_in)
+            uo_a, uo_l = _arc_union(np.full_like(a_o, a_o[i]), np.full_like(l_o, l_o[i]), a_o, l_o, n_out)
+            d = cost(r[i] + r, ui_a, ui_l, uo_a, uo_l) - own[i] - own
+            d[i] = np.inf
+            d[~alive] = np.inf
+            return d, ui_a, ui_l, uo_a, uo_l
+
+        delta = np.stack([delta_row(i)[0] for i in range(len(groups))])
+        while alive.sum() > 1:
+            flat = int(np.argmin(delta))
+            i, j = divmod(flat, delta.shape[1])
+            best = delta[i, j]
+            if not (best < 0 or (max_blocks is not None and alive.sum() > max_blocks)) or not np.isfinite(best):
+                break
+            _, ui_a, ui_l, uo_a, uo_l = delta_row(i)
+            a_i[i], l_i[i], a_o[i], l_o[i] = ui_a[j], ui_l[j], uo_a[j], uo_l[j]
+            r[i] += r[j]
+            groups[i] = np.concatenate([groups[i], groups[j]])
+            alive[j] = False
+            own[i] = cost(r[i:i + 1], a_i[i:i + 1], l_i[i:i + 1], a_o[i:i + 1], l_o[i:i + 1])[0]
+            delta[j, :] = np.inf
+            delta[:, j] = np.inf
+            row = delta_row(i)[0]
+            delta[i, :] = row
+            delta[:, i] = row
+        keep = np.flatnonzero(alive)
+        groups = [np.sort(groups[i]) for i in keep]
+        a_i, l_i, a_o, l_o = a_i[keep], l_i[keep], a_o[keep], l_o[keep]
+    # the block that can start the output (full, not wrapping) first, then by output then input location
+    order = sorted(range(len(groups)), key=lambda p: (not (a_o[p] == 0 and l_o[p] == n_out), int(a_o[p]), int(a_i[p])))
+    return BlockPlan(n_in=int(n_in), n_out=int(n_out), rank=int(rank), in_start=a_i[order], in_len=l_i[order],
+                     out_start=a_o[order], out_len=l_o[order], comps=[groups[p] for p in order])
+
+
+def blocks_cost(plan: BlockPlan, tokens: int = 256) -> float:
+    """Modelled time (ns) of the blocks path of :class:`CompactGBLR` over ``tokens`` tokens."""
+    t = max(int(tokens), 1)
+    if plan.num_blocks == 0:
+        return COST_LAUNCH
+    rr = np.asarray([plan.block_rank(p) for p in range(plan.num_blocks)], dtype=np.float64)
+    wraps = np.asarray([sum(plan.wraps(p)) for p in range(plan.num_blocks)])
+    total = float(_block_cost(rr, plan.in_len, plan.out_len, 2 + wraps, t).sum())
+    full_first = plan.out_start[0] == 0 and plan.out_len[0] == plan.n_out
+    return total + (0.0 if full_first else t * COST_MOVE * plan.n_out + COST_LAUNCH)
+
+
 # ------------------------------------------------------------------------------------------ module
+CompactPath = Literal["auto", "tiles", "blocks"]
+
+
 class CompactGBLR(nn.Module):
     """Inference-only form of a frozen :class:`GBLRLinear` that only computes inside the windows.
 
-    Build it with :meth:`from_gblr`.  Shapes: input ``(*, in_features)``, output ``(*, out_features)``.
-    Equal to the merged dense layer up to float summation order.  Weights are buffers (no training)."""
+    Build it with :meth:`from_gblr`.  Shapes: input ``(*, in_features)``, output ``(*, out_features)`` (contiguous).
+    Equal to the merged dense layer up to float summation order.  Weights are buffers (no training).
+
+    Two execution paths (``self.path``), both exact:
+
+    * ``"tiles"``: the tiled, bucketed bmm scheme of the module docstring (any structure; sides that are one
+      full tile skip their gather/scatter, and a layer whose both sides are full is two thin gemms on the
+      row-major input, with no transpose);
+    * ``"blocks"``: components grouped into a few low-rank blocks over union windows (:func:`plan_blocks`):
+      per block two gemms on contiguous column slices of the input and the output (no gather, no transpose).
+      Components with identical windows always share a block (exact merge into a block of higher rank).
+
+    With a dense fallback (:meth:`set_dense_fallback`, set by :func:`optimize_inference`) inputs of fewer than
+    ``dense_below`` tokens use the merged dense weight instead."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, plan_in: SidePlan, plan_out: SidePlan,
-                 bias: Tensor | None, structure: dict[str, Any]) -> None:
+                 bias: Tensor | None, structure: dict[str, Any], path: str = "tiles", blocks: BlockPlan | None = None) -> None:
         super().__init__()
+        if path not in ("tiles", "blocks"):
+            raise ValueError(f"unknown path {path!r}; expected 'tiles' or 'blocks'")
+        if path == "blocks" and blocks is None:
+            raise ValueError("the blocks path needs a BlockPlan")
         self.in_features, self.out_features, self.rank = int(in_features), int(out_features), int(rank)
         self.plan_in, self.plan_out = plan_in, plan_out
+        self.path = path
+        self.blocks = blocks
         self.structure_info = structure
         self.num_components = plan_in.num_components
         self.in_view = plan_in.tiles_identity and plan_in.n_tiles * plan_in.tile == in_features
         self.z_identity_in = plan_in.members_identity
         self.z_identity_out = plan_out.members_identity
         self.out_identity = plan_out.tiles_identity
+        # output side = one full tile holding every component in order: y = z^T U by one gemm, no transpose
+        self.out_full = self.out_identity and self.z_identity_out and plan_out.n_tiles == 1
+        # both sides full: two thin gemms on the row-major input
+        self.lowrank = self.out_full and self.in_view and self.z_identity_in and plan_in.n_tiles == 1
         self.in_shapes = [(t.size, m.shape[1] * rank) for t, m in plan_in.buckets]
         self.out_shapes = [(t.size, m.shape[1] * rank) for t, m in plan_out.buckets]
+        self.block_meta: list[tuple[int, int, bool, int, int, bool]] = []
+        if blocks is not None:
+            for p in range(blocks.num_blocks):
+                wi, wo = blocks.wraps(p)
+                self.block_meta.append((int(blocks.in_start[p]), int(blocks.in_len[p]), wi,
+                                        int(blocks.out_start[p]), int(blocks.out_len[p]), wo))
+        # what forward needs per block, precomputed (Python overhead matters at few tokens): buffer names, and
+        # whether a window is the whole side (no slice) -- (a, li, wrap_in, full_in, c, lo, wrap_out, full_out, v, u)
+        self._block_exec = [(a, li, wi, a == 0 and li == self.in_features, c, lo, wo, c == 0 and lo == self.out_features,
+                             f"blk_v{p}", f"blk_u{p}") for p, (a, li, wi, c, lo, wo) in enumerate(self.block_meta)]
+        self.dense_below = 0
         if bias is not None:
             self.register_buffer("bias", bias.detach().clone())
         else:
@@ -250,19 +457,29 @@ class CompactGBLR(nn.Module):
         max_buckets: int = 8,
         tile_in: int | None = None,
         tile_out: int | None = None,
+        path: CompactPath = "auto",
+        merge_blocks: bool = True,
+        max_blocks: int | None = None,
     ) -> CompactGBLR:
         """Build from a frozen :class:`GBLRLinear`.
 
         Args:
             layer: a frozen layer (``layer.freeze_structure()``), else ``ValueError``.
             tokens: token count the cost model optimises for.
-            max_buckets: most bmms per side.
-            tile_in / tile_out: force a tile size per side (default: chosen by the cost model).
+            max_buckets: most bmms per side (tiles path).
+            tile_in / tile_out: force a tile size per side (default: chosen by the cost model; forcing one
+                selects the tiles path unless ``path`` says otherwise).
+            path: ``"tiles"``, ``"blocks"`` or ``"auto"`` (the cheaper by the cost model).
+            merge_blocks: blocks path: merge blocks of different windows when the model says it pays
+                (components with identical windows are always merged).
+            max_blocks: blocks path: merge until at most this many blocks remain.
         """
         if not isinstance(layer, GBLRLinear):
             raise TypeError(f"CompactGBLR.from_gblr expects a GBLRLinear, got {type(layer).__name__}")
         if not layer.is_frozen:
             raise ValueError("CompactGBLR needs a frozen GBLRLinear: call layer.freeze_structure() first")
+        if path not in ("auto", "tiles", "blocks"):
+            raise ValueError(f"unknown path {path!r}; expected 'auto', 'tiles' or 'blocks'")
         n_in, n_out, r, k = layer.in_features, layer.out_features, layer.rank_per_component, layer.num_components
         w = layer.int_widths().cpu().numpy()
         loc = layer.int_locations().cpu().numpy()
@@ -271,11 +488,22 @@ class CompactGBLR(nn.Module):
         plan_in = best_side_plan(loc[0], w[0], n_in, r, tokens, max_buckets, None if tile_in is None else [tile_in])
         plan_out = best_side_plan(loc[1], w[1], n_out, r, tokens, max_buckets,
                                   None if tile_out is None else [tile_out], output=True)
+        blocks = None
+        if path == "auto" and (tile_in is not None or tile_out is not None or k == 0):
+            path = "tiles"
+        if path in ("auto", "blocks"):
+            blocks = plan_blocks(loc[0], w[0], loc[1], w[1], n_in, n_out, r, tokens, max_blocks, merge_blocks)
+            if path == "auto":
+                path = "blocks" if blocks_cost(blocks, tokens) < plan_cost(plan_in, plan_out, tokens) else "tiles"
         v, u = layer.masked_factors()  # (K*r, in), (K*r, out), zero outside the windows
         structure = {"in_features": n_in, "out_features": n_out, "rank_per_component": r,
                      "widths": w.tolist(), "locations": loc.tolist()}
-        mod = cls(n_in, n_out, r, plan_in, plan_out, layer.bias, structure)
-        mod._build(v.detach().reshape(k, r, n_in), u.detach().reshape(k, r, n_out))
+        mod = cls(n_in, n_out, r, plan_in, plan_out, layer.bias, structure, path, blocks if path == "blocks" else None)
+        v, u = v.detach().reshape(k, r, n_in), u.detach().reshape(k, r, n_out)
+        if path == "blocks":
+            mod._build_blocks(v, u)
+        else:
+            mod._build(v, u)
         return mod
 
     @staticmethod
@@ -301,7 +529,7 @@ class CompactGBLR(nn.Module):
         return w.reshape(nb, s * r, plan.tile).contiguous(), pos.reshape(-1), zrows
 
     def _build(self, v: Tensor, u: Tensor) -> None:
-        """Register the per-bucket weight tiles and index tensors as buffers."""
+        """Tiles path: register the per-bucket weight tiles and index tensors as buffers."""
         for b, (tiles, members) in enumerate(self.plan_in.buckets):
             w, pos, zrows = self._tile_weights(v, self.plan_in, tiles, members)
             self.register_buffer(f"in_w{b}", w)  # (n_b, S*r, tile)
@@ -314,63 +542,166 @@ class CompactGBLR(nn.Module):
             self.register_buffer(f"out_rows{b}", rows.reshape(-1).to(u.device))  # rows of the padded output
             self.register_buffer(f"out_z{b}", zrows)
 
+    def _block_positions(self, p: int, device: Any = None) -> tuple[Tensor, Tensor, Tensor]:
+        """z rows ``(R_p,)``, input positions ``(L_p,)`` and output positions ``(M_p,)`` of block ``p``."""
+        bp = self.blocks
+        assert bp is not None
+        r = self.rank
+        rows = (torch.as_tensor(bp.comps[p])[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
+        pin = (int(bp.in_start[p]) + torch.arange(int(bp.in_len[p]))) % self.in_features
+        pout = (int(bp.out_start[p]) + torch.arange(int(bp.out_len[p]))) % self.out_features
+        return rows.to(device), pin.to(device), pout.to(device)
+
+    def _build_blocks(self, v: Tensor, u: Tensor) -> None:
+        """Blocks path: register per block ``blk_v{p}`` ``(L_p, R_p)`` (input window x rank, so that the product
+        is ``x[:, window] @ blk_v``) and ``blk_u{p}`` ``(R_p, M_p)``."""
+        k, r = self.num_components, self.rank
+        v2, u2 = v.reshape(k * r, self.in_features), u.reshape(k * r, self.out_features)
+        for p in range(len(self.block_meta)):
+            rows, pin, pout = self._block_positions(p, v.device)
+            self.register_buffer(f"blk_v{p}", v2[rows][:, pin].t().contiguous())
+            self.register_buffer(f"blk_u{p}", u2[rows][:, pout].contiguous())
+
+    @torch.no_grad()
+    def set_dense_fallback(self, below_tokens: int, weight: Tensor | None = None) -> CompactGBLR:
+        """Use the merged dense weight (``weight``, default :meth:`to_dense`) for inputs of fewer than ``below_tokens``
+        tokens (0 switches the fallback off and frees the weight).  Costs the memory of a dense weight."""
+        below_tokens = int(below_tokens)
+        if below_tokens < 0:
+            raise ValueError(f"below_tokens must be >= 0, got {below_tokens}")
+        self.dense_below = 0  # to_dense below must not see a half-set fallback
+        if below_tokens == 0:
+            if "dense_weight" in self._buffers:
+                del self._buffers["dense_weight"]
+            return self
+        w = self.to_dense() if weight is None else weight.detach()
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"dense weight must be {(self.out_features, self.in_features)}, got {tuple(w.shape)}")
+        self.register_buffer("dense_weight", w.clone().contiguous())
+        self.dense_below = below_tokens
+        return self
+
     # ------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"CompactGBLR expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        xt = x.reshape(-1, self.in_features).t()  # (in, T) view
-        t = xt.shape[1]
-        r, k = self.rank, self.num_components
-        if k == 0:
-            y = x.new_zeros(lead + (self.out_features,))
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, self.in_features)
+        if self.dense_below and x2.shape[0] < self.dense_below and not torch.compiler.is_exporting():
+            return F.linear(x, self.dense_weight, self.bias)
+        if self.num_components == 0:
+            y = x.new_zeros(x.shape[:-1] + (self.out_features,))
             return y if self.bias is None else y + self.bias
+        y = self._forward_blocks(x2) if self.path == "blocks" else self._forward_tiles(x2)
+        return y if flat else y.view(x.shape[:-1] + (self.out_features,))
+
+    def _forward_blocks(self, x2: Tensor) -> Tensor:
+        n_in = self.in_features
+        bufs, bias = self._buffers, self.bias
+        y: Tensor | None = None
+        for a, li, wrap_in, full_in, c, lo, wrap_out, full_out, vname, uname in self._block_exec:  # a few blocks
+            vt, u = bufs[vname], bufs[uname]
+            if full_in:
+                z = torch.mm(x2, vt)
+            elif wrap_in:  # window [a, n) + [0, li - (n - a))
+                h = n_in - a
+                z = torch.addmm(torch.mm(x2.narrow(1, a, h), vt.narrow(0, 0, h)), x2.narrow(1, 0, li - h), vt.narrow(0, h, li - h))
+            else:
+                z = torch.mm(x2.narrow(1, a, li), vt)
+            if y is None:
+                if full_out:
+                    y = torch.mm(z, u) if bias is None else torch.addmm(bias, z, u)
+                    continue
+                # clone, not contiguous(): at one token the expanded bias is already contiguous and would be written
+                y = (x2.new_zeros(x2.shape[0], self.out_features) if bias is None
+                     else bias.expand(x2.shape[0], self.out_features).clone(memory_format=torch.contiguous_format))
+            if full_out:
+                y.addmm_(z, u)
+            elif wrap_out:
+                h = self.out_features - c
+                y.narrow(1, c, h).addmm_(z, u.narrow(1, 0, h))
+                y.narrow(1, 0, lo - h).addmm_(z, u.narrow(1, h, lo - h))
+            else:
+                y.narrow(1, c, lo).addmm_(z, u)
+        assert y is not None
+        return y
+
+    def _forward_tiles(self, x2: Tensor) -> Tensor:
+        r, k = self.rank, self.num_components
         tile_in, tile_out = self.plan_in.tile, self.plan_out.tile
+        bufs = self._buffers
+        if self.lowrank:  # two thin gemms, row-major
+            z = torch.mm(x2, bufs["in_w0"].select(0, 0).t())
+            u = bufs["out_w0"].select(0, 0).t()
+            return torch.mm(z, u) if self.bias is None else torch.addmm(self.bias, z, u)
+        xt = x2.t()  # (in, T) view
+        t = xt.shape[1]
         if not self.in_view:
             xt = xt.contiguous()
         # input side: z (K*r [+ r dump rows], T)
         if self.z_identity_in:
             nb, sr = self.in_shapes[0]
-            xg = xt.reshape(nb, tile_in, t) if self.in_view else xt.index_select(0, self.in_pos0).view(nb, tile_in, t)
-            zt = torch.bmm(self.in_w0, xg).view(nb * sr, t)
+            xg = xt.reshape(nb, tile_in, t) if self.in_view else xt.index_select(0, bufs["in_pos0"]).view(nb, tile_in, t)
+            zt = torch.bmm(bufs["in_w0"], xg).view(nb * sr, t)
         else:
             zt = xt.new_zeros((k + 1) * r, t)
             for b, (nb, sr) in enumerate(self.in_shapes):
                 if self.in_view:
                     xg = xt.reshape(nb, tile_in, t)
                 else:
-                    xg = xt.index_select(0, getattr(self, f"in_pos{b}")).view(nb, tile_in, t)
-                zt.index_add_(0, getattr(self, f"in_z{b}"), torch.bmm(getattr(self, f"in_w{b}"), xg).view(nb * sr, t))
+                    xg = xt.index_select(0, bufs[f"in_pos{b}"]).view(nb, tile_in, t)
+                zt.index_add_(0, bufs[f"in_z{b}"], torch.bmm(bufs[f"in_w{b}"], xg).view(nb * sr, t))
+        if self.out_full:  # y = z^T U, one gemm into the row-major output
+            u = bufs["out_w0"].select(0, 0).t()
+            zk = zt[: k * r].t()
+            return torch.mm(zk, u) if self.bias is None else torch.addmm(self.bias, zk, u)
         # output side: y tiles (padded to whole tiles)
         if self.out_identity:
             nb, sr = self.out_shapes[0]
-            zg = zt[: nb * sr].view(nb, sr, t) if self.z_identity_out else zt.index_select(0, self.out_z0).view(nb, sr, t)
-            yt = torch.bmm(self.out_w0, zg).view(nb * tile_out, t)
+            zg = zt[: nb * sr].view(nb, sr, t) if self.z_identity_out else zt.index_select(0, bufs["out_z0"]).view(nb, sr, t)
+            yt = torch.bmm(bufs["out_w0"], zg).view(nb * tile_out, t)
         else:
             yt = xt.new_zeros(self.plan_out.n_tiles * tile_out, t)
             for b, (nb, sr) in enumerate(self.out_shapes):
-                zg = zt.index_select(0, getattr(self, f"out_z{b}")).view(nb, sr, t)
-                yt.index_copy_(0, getattr(self, f"out_rows{b}"), torch.bmm(getattr(self, f"out_w{b}"), zg).view(nb * tile_out, t))
-        y = yt[: self.out_features].t()
-        y = y + self.bias if self.bias is not None else y.contiguous()
-        return y.reshape(lead + (self.out_features,))
+                zg = zt.index_select(0, bufs[f"out_z{b}"]).view(nb, sr, t)
+                yt.index_copy_(0, bufs[f"out_rows{b}"], torch.bmm(bufs[f"out_w{b}"], zg).view(nb * tile_out, t))
+        y = yt[: self.out_features].t().contiguous()
+        return y if self.bias is None else y.add_(self.bias)
 
     # ----------------------------------------------------------- analysis
     def modelled_cost(self, tokens: int = 256) -> float:
-        """Cost-model estimate (ns) of a forward over ``tokens`` tokens (see :func:`plan_cost`)."""
+        """Cost-model estimate (ns) of a forward over ``tokens`` tokens (:func:`plan_cost` or :func:`blocks_cost`)."""
+        if self.path == "blocks":
+            assert self.blocks is not None
+            return blocks_cost(self.blocks, tokens)
         return plan_cost(self.plan_in, self.plan_out, tokens)
 
     def macs(self) -> int:
-        """Multiply-adds per token performed by the bmms (padding included)."""
+        """Multiply-adds per token performed by the gemms (padding included)."""
+        if self.path == "blocks":
+            assert self.blocks is not None
+            return self.blocks.weights
         return self.plan_in.weights + self.plan_out.weights
+
+    def _buffer_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        for name, buf in self._buffers.items():
+            if buf is not None and name != "dense_weight":
+                return buf.dtype, buf.device
+        return torch.float32, torch.device("cpu")
 
     @torch.no_grad()
     def masked_factors(self) -> tuple[Tensor, Tensor]:
-        """Recover the masked factors ``V_m`` ``(K*r, in)`` and ``U_m`` ``(K*r, out)`` from the tiles."""
+        """Recover the masked factors ``V_m`` ``(K*r, in)`` and ``U_m`` ``(K*r, out)`` from the tiles or blocks."""
         k, r = self.num_components, self.rank
-        ref = next(iter(self.buffers()), None)
-        dev = ref.device if ref is not None else torch.device("cpu")
-        dt = getattr(self, "in_w0", ref).dtype if ref is not None else torch.float32
+        dt, dev = self._buffer_dtype_device()
+        if self.path == "blocks":
+            v = torch.zeros(k * r, self.in_features, device=dev, dtype=dt)
+            u = torch.zeros(k * r, self.out_features, device=dev, dtype=dt)
+            for p in range(len(self.block_meta)):  # each component row belongs to exactly one block
+                rows, pin, pout = self._block_positions(p, dev)
+                v[rows[:, None], pin[None, :]] = getattr(self, f"blk_v{p}").t()
+                u[rows[:, None], pout[None, :]] = getattr(self, f"blk_u{p}")
+            return v, u
         v = torch.zeros((k + 1) * r, self.in_features + 1, device=dev, dtype=dt)
         u = torch.zeros((k + 1) * r, self.out_features + 1, device=dev, dtype=dt)
         for side, f, plan, n in (("in", v, self.plan_in, self.in_features), ("out", u, self.plan_out, self.out_features)):
@@ -408,14 +739,24 @@ class CompactGBLR(nn.Module):
         def side(p: SidePlan) -> str:
             b = ",".join(f"{t.size}x{m.shape[1]}" for t, m in p.buckets)
             return f"tile={p.tile} buckets(tiles x members)=[{b}]"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"K={self.num_components}, in: {side(self.plan_in)}; out: {side(self.plan_out)}")
+        head = (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"K={self.num_components}, path={self.path}")
+        if self.dense_below:
+            head += f", dense below {self.dense_below} tokens"
+        if self.path == "blocks":
+            assert self.blocks is not None
+            shapes = ",".join(f"{self.blocks.block_rank(p)}:{li}x{lo}" for p, (_, li, _, _, lo, _) in enumerate(self.block_meta))
+            return f"{head}, blocks(rank:in x out)=[{shapes}]"
+        return f"{head}, in: {side(self.plan_in)}; out: {side(self.plan_out)}"
 
 
 # ----------------------------------------------------------------------------------- model level
 @dataclass
 class InferenceChoice:
-    """What :func:`optimize_inference` did with one layer (times in seconds, ``None`` if not measured)."""
+    """What :func:`optimize_inference` did with one layer (times in seconds, ``None`` if not measured).
+
+    ``path``: the :class:`CompactGBLR` path (``None`` for dense); ``dense_below``: the compact layer uses the
+    merged dense weight below this many tokens (0: never)."""
 
     name: str
     in_features: int
@@ -426,6 +767,8 @@ class InferenceChoice:
     dense_cost: float
     compact_time: float | None = None
     dense_time: float | None = None
+    path: str | None = None
+    dense_below: int = 0
 
 
 @dataclass
@@ -446,21 +789,69 @@ class InferenceReport:
         lines = [f"optimize_inference(mode={self.mode}, tokens={self.tokens}): {len(self.layers)} layers"]
         for c in self.layers:
             t = "" if c.compact_time is None else f" measured compact {c.compact_time * 1e6:.1f}us dense {c.dense_time * 1e6:.1f}us"
-            lines.append(f"  {c.name:<40} {c.in_features:>5}->{c.out_features:<5} flops {c.flops_ratio:.3f} -> {c.choice}{t}")
+            how = c.choice if c.path is None else f"{c.choice} ({c.path}{f', dense below {c.dense_below} tokens' if c.dense_below else ''})"
+            lines.append(f"  {c.name:<40} {c.in_features:>5}->{c.out_features:<5} flops {c.flops_ratio:.3f} -> {how}{t}")
         return "\n".join(lines)
 
 
-def _median_time(fn: Any, x: Tensor, reps: int) -> float:
+#: token counts at which :func:`optimize_inference` compares a compact layer with dense below the planned count
+FALLBACK_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _fallback_threshold(faster: dict[int, bool]) -> int:
+    """Dense-fallback threshold from ``{tokens: compact was faster}``: the smallest measured count above the
+    largest count at which compact was not faster (so dense is used up to there), 0 if compact always was."""
+    bad = [t for t, ok in faster.items() if not ok]
+    if not bad:
+        return 0
+    above = [t for t in faster if t > max(bad)]
+    return min(above) if above else max(bad) + 1
+
+
+def _sync(x: Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def _burst_times(fns: Sequence[Any], x: Tensor, reps: int, rounds: int = 3, min_burst_s: float = 0.01) -> list[list[float]]:
+    """Per function, per round: the mean time (s) of one call in a burst of back-to-back calls (at least
+    ``reps // rounds`` calls and ``min_burst_s`` seconds, after one untimed call: warm caches, as a layer timed on
+    its own); the functions take turns within every round."""
+    per_burst = max(int(reps) // rounds, 1)
+    out: list[list[float]] = [[] for _ in fns]
     with torch.no_grad():
-        fn(x)
-        times = []
-        for _ in range(reps):
+        for _ in range(rounds):
+            for i, fn in enumerate(fns):
+                fn(x)  # refill the caches with this function's weights
+                _sync(x)
+                n, t0 = 0, time.perf_counter()
+                while n < per_burst or time.perf_counter() - t0 < min_burst_s:
+                    fn(x)
+                    n += 1
+                _sync(x)
+                out[i].append((time.perf_counter() - t0) / n)
+    return out
+
+
+def _faster(a: Any, b: Any, x: Tensor, reps: int) -> bool:
+    """Whether ``a`` beats ``b`` on ``x`` both in bursts of back-to-back calls (warm caches) and in single calls
+    taking turns (each call finds the caches holding the other's weights, as inside a model): in each, the median
+    over rounds of the per-round time ratio must be below 1."""
+    hot = _burst_times([a, b], x, reps)
+    if float(np.median([ta / tb for ta, tb in zip(*hot)])) >= 1.0:
+        return False
+    ratios = []
+    with torch.no_grad():
+        for _ in range(max(int(reps), 1)):
             t0 = time.perf_counter()
-            fn(x)
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+            a(x)
+            _sync(x)
+            t1 = time.perf_counter()
+            b(x)
+            _sync(x)
+            t2 = time.perf_counter()
+            ratios.append((t1 - t0) / max(t2 - t1, 1e-12))
+    return float(np.median(ratios)) < 1.0
 
 
 def _layer_inputs(model: nn.Module, names: list[str], sample_input: Any) -> dict[str, Tensor]:
@@ -491,6 +882,8 @@ def optimize_inference(
     sample_input: Any = None,
     tokens: int | None = None,
     reps: int = 20,
+    fallback: bool = True,
+    paths: Sequence[str] = ("tiles", "blocks"),
     **compact_kwargs: Any,
 ) -> InferenceReport:
     """Replace every frozen :class:`GBLRLinear` of ``model`` (in place) by a :class:`CompactGBLR` or a
@@ -499,12 +892,19 @@ def optimize_inference(
     Args:
         model: any module tree (or a single frozen ``GBLRLinear``: then use the returned report and
             ``CompactGBLR.from_gblr``; a bare layer cannot be replaced in place).
-        mode: ``"compact"``, ``"dense"`` (merge) or ``"auto"``: the faster of both, by a short timing
-            (median of ``reps`` runs) when ``sample_input`` (model input) or ``tokens`` is given, else by
-            the cost model at 256 tokens.
+        mode: ``"compact"``, ``"dense"`` (merge) or ``"auto"``: the fastest of dense and the compact ``paths``,
+            by a short timing (about ``reps`` calls each) when ``sample_input`` (model input) or ``tokens`` is given,
+            else dense against the cost model's compact path at 256 tokens.  A compact layer is kept only if it
+            beats dense both in bursts of back-to-back calls and in single calls taking turns with dense.
         sample_input: a model input (tensor, tuple of args or dict of kwargs) used to time each layer on
             its real input.
         tokens: time each layer on random ``(tokens, in_features)`` inputs instead.
+        fallback: ``"auto"`` only: where the compact layer wins at the planned token count, also compare it with
+            dense at the token counts of :data:`FALLBACK_LADDER` below it (timed, or by the cost model when not
+            measuring) and keep the merged dense weight for the counts where dense was faster
+            (:meth:`CompactGBLR.set_dense_fallback`; costs the memory of the dense weight), so that the layer is
+            not slower than dense at a small batch.
+        paths: compact paths to time in measured ``"auto"`` mode.
         **compact_kwargs: passed to :meth:`CompactGBLR.from_gblr`.
 
     Unfrozen GBLR layers are left alone (they are still training).  Returns an :class:`InferenceReport`.
@@ -516,6 +916,9 @@ def optimize_inference(
                          "CompactGBLR.from_gblr(layer) or layer.to_linear()")
     if tokens is not None and tokens < 1:
         raise ValueError(f"tokens must be >= 1, got {tokens}")
+    bad = [p for p in paths if p not in ("tiles", "blocks")]
+    if bad or not paths:
+        raise ValueError(f"paths must be a non-empty subset of ('tiles', 'blocks'), got {tuple(paths)}")
     names = [n for n, m in gblr_layers(model) if m.is_frozen]
     measured = mode == "auto" and (sample_input is not None or tokens is not None)
     plan_tokens = tokens if tokens is not None else 256
@@ -526,29 +929,53 @@ def optimize_inference(
     report = InferenceReport(mode=mode, tokens=plan_tokens)
     for name in names:
         layer = model.get_submodule(name)
-        compact = CompactGBLR.from_gblr(layer, **compact_kwargs) if mode != "dense" else None
+        compact = None
+        if mode == "compact" or (mode == "auto" and not measured):
+            compact = CompactGBLR.from_gblr(layer, **compact_kwargs)
         dense = layer.to_linear() if mode != "compact" else None
-        c_cost = compact.modelled_cost(plan_tokens) if compact is not None else math.nan
         d_cost = dense_cost(layer.in_features, layer.out_features, plan_tokens)
         choice = mode
         ct = dt = None
         if mode == "auto":
-            assert compact is not None and dense is not None
+            assert dense is not None
             if measured:
                 x = inputs.get(name)
                 if x is None:
                     p = next(layer.parameters())
                     x = torch.randn(plan_tokens, layer.in_features, device=p.device, dtype=p.dtype)
-                ct, dt = _median_time(compact, x, reps), _median_time(dense, x, reps)
-                choice = "compact" if ct < dt else "dense"
+                wanted = [compact_kwargs["path"]] if "path" in compact_kwargs else list(paths)
+                kwargs = {k: v for k, v in compact_kwargs.items() if k != "path"}
+                cands = [CompactGBLR.from_gblr(layer, path=pth, **kwargs) for pth in dict.fromkeys(wanted)]
+                *cts, dt = (float(np.median(t)) for t in _burst_times([*cands, dense], x, reps))
+                best = int(np.argmin(cts))
+                ct, compact = cts[best], cands[best]
+                choice = "compact" if ct < dt and _faster(compact, dense, x, reps) else "dense"
             else:
-                choice = "compact" if c_cost < d_cost else "dense"
+                assert compact is not None
+                choice = "compact" if compact.modelled_cost(plan_tokens) < d_cost else "dense"
+            if choice == "compact" and fallback:
+                assert compact is not None
+                faster = {plan_tokens: True}
+                x2 = x.reshape(-1, layer.in_features) if measured else None
+                for t in (t for t in FALLBACK_LADDER if t < plan_tokens):
+                    if measured:
+                        assert x2 is not None
+                        xt = x2[:t] if x2.shape[0] >= t else torch.randn(t, layer.in_features, device=x2.device, dtype=x2.dtype)
+                        faster[t] = _faster(compact, dense, xt, reps)
+                    else:
+                        faster[t] = compact.modelled_cost(t) < dense_cost(layer.in_features, layer.out_features, t)
+                below = _fallback_threshold(faster)
+                if below > 1:
+                    compact.set_dense_fallback(below, dense.weight)
+        c_cost = compact.modelled_cost(plan_tokens) if compact is not None else math.nan
         new = compact if choice == "compact" else dense
         assert new is not None
         new.train(layer.training)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-        report.layers.append(InferenceChoice(name=name, in_features=layer.in_features, out_features=layer.out_features,
-                                             flops_ratio=layer.flops_ratio(), choice=choice, compact_cost=c_cost,
-                                             dense_cost=d_cost, compact_time=ct, dense_time=dt))
+        report.layers.append(InferenceChoice(
+            name=name, in_features=layer.in_features, out_features=layer.out_features, flops_ratio=layer.flops_ratio(),
+            choice=choice, compact_cost=c_cost, dense_cost=d_cost, compact_time=ct, dense_time=dt,
+            path=compact.path if choice == "compact" and compact is not None else None,
+            dense_below=compact.dense_below if choice == "compact" and compact is not None else 0))
     return report

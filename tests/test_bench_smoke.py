@@ -42,9 +42,34 @@ def test_quick_run_writes_only_its_section(tmp_path):
     assert text.startswith("# Benchmarks\n\nother section\n") and text.rstrip().endswith("tail section")
     body = text[text.index("<!-- speed:start -->"):text.index("<!-- speed:end -->")]
     assert "old" not in body and "QUICK" in body
-    for heading in ("### P1", "### P2", "### Memory", "### Scaling"):
+    for heading in ("### P1", "### P2", "### P3", "### Memory", "### Scaling"):
         assert heading in body
     assert "| 128x512 | block-low-rank |" in body
+    assert "| L0.query | 384x384 |" in body and "| recovery_block_diagonal |" in body
+
+
+def test_partial_run_keeps_other_subsections(tmp_path):
+    bench = _load("bench_speed")
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# B\n\n<!-- speed:start -->\n## Speed (CPU)\n\nold header\n\n### P1: kept\n\nold p1 table\n\n"
+                   "### P3: replaced\n\nold p3\n\n### Scaling kept\n\nold sc\n<!-- speed:end -->\ntail\n")
+    assert bench.main(["--quick", "--sections", "p3", "--min-run-time", "0.001", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "old header" not in text and "old p3" not in text and "| L0.query |" in text
+    assert text.index("### P1: kept\n\nold p1 table") < text.index("### P3: frozen inference on real") < text.index("### Scaling kept\n\nold sc")
+    assert text.rstrip().endswith("tail")
+
+
+def test_models_quick_run_writes_only_its_section(tmp_path):
+    bench = _load("bench_models")
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\n<!-- models:start -->\nold\n<!-- models:end -->\n\ntail section\n")
+    assert bench.main(["--quick", "--models", "vit", "--budgets", "0.3", "--rounds", "1", "--no-predict",
+                       "--output", str(out)]) == 0
+    text = out.read_text()
+    body = text[text.index("<!-- models:start -->"):text.index("<!-- models:end -->")]
+    assert "old" not in body and "QUICK" in body and "| vit | 0.3 | 8 | 1 |" in body
+    assert text.rstrip().endswith("tail section")
 
 
 def test_gpu_script_exits_cleanly_without_cuda(capsys):

@@ -142,9 +142,14 @@ def _compact_cases():
     yield "low_rank", CompactGBLR.from_gblr(GBLRLinear.low_rank(24, 40, rank=3).freeze_structure())
     yield "block_diag", CompactGBLR.from_gblr(
         GBLRLinear.from_block_diagonal([torch.randn(8, 8) for _ in range(3)]).freeze_structure())
+    yield "blocks", CompactGBLR.from_gblr(frozen_layer(), path="blocks", merge_blocks=False)  # some windows wrap
+    yield "blocks_merged", CompactGBLR.from_gblr(frozen_layer(), path="blocks", max_blocks=2)
+    yield "tiles_padded_out", CompactGBLR.from_gblr(frozen_layer(), path="tiles", tile_in=24, tile_out=16)
+    yield "fallback", CompactGBLR.from_gblr(frozen_layer(), path="blocks").set_dense_fallback(10)  # 18 vs 9 tokens
 
 
-@pytest.mark.parametrize("case", ["random", "buckets", "low_rank", "block_diag"])
+@pytest.mark.parametrize("case", ["random", "buckets", "low_rank", "block_diag", "blocks", "blocks_merged",
+                                  "tiles_padded_out", "fallback"])
 def test_compact_fullgraph(case):
     compact = dict(_compact_cases())[case]
     x = torch.randn(2, 9, compact.in_features)

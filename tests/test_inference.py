@@ -201,3 +201,168 @@ def test_mixed_identity_and_tiled_sides(seed):
         for tile_out in (None, int(rng.integers(1, n_out + 1)), n_out):
             for mb in (1, 3):
                 check_equal(layer, CompactGBLR.from_gblr(layer, tile_in=tile_in, tile_out=tile_out, max_buckets=mb), lead=(4,))
+
+
+# ------------------------------------------------------------------------------------- blocks path, fallback
+def from_windows(n_in: int, n_out: int, widths, locations, r: int = 1, seed: int = 0) -> GBLRLinear:
+    g = torch.Generator().manual_seed(seed)
+    k = len(widths[0])
+    return GBLRLinear._from_factors(torch.randn(k, r, n_out, generator=g, dtype=D), torch.randn(k, r, n_in, generator=g, dtype=D),
+                                    torch.tensor(widths), torch.tensor(locations), torch.randn(n_out, generator=g, dtype=D)).freeze_structure()
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("merge,max_blocks", [(False, None), (True, None), (True, 1), (True, 3)])
+def test_blocks_path_matches_dense(seed, merge, max_blocks):
+    rng = np.random.default_rng(100 + seed)
+    n_in, n_out, k, r = int(rng.integers(5, 48)), int(rng.integers(5, 48)), int(rng.integers(1, 14)), int(rng.integers(1, 3))
+    layer = random_frozen(n_in, n_out, k, r, seed=seed)
+    c = CompactGBLR.from_gblr(layer, path="blocks", merge_blocks=merge, max_blocks=max_blocks)
+    assert c.path == "blocks"
+    if max_blocks is not None:
+        assert len(c.block_meta) <= max_blocks
+    check_equal(layer, c)
+    v, u = c.masked_factors()
+    v0, u0 = layer.masked_factors()
+    assert torch.equal(v, v0) and torch.equal(u, u0)
+    assert c.macs() >= layer.flops()
+    torch.testing.assert_close(c.to_gblr().to_dense(), layer.to_dense(), rtol=0, atol=0)
+
+
+def test_blocks_wrapping_windows_both_sides():
+    # block 0 wraps on the input side, block 1 on the output side, block 2 on both, block 3 is full on both
+    layer = from_windows(20, 16, [[8, 5, 12, 20], [6, 10, 9, 16]], [[15, 2, 14, 7], [3, 12, 10, 5]], r=2)
+    c = CompactGBLR.from_gblr(layer, path="blocks", merge_blocks=False)
+    wraps = [(m[2], m[5]) for m in c.block_meta]
+    assert sorted(wraps) == sorted([(True, False), (False, True), (True, True), (False, False)])
+    assert c.block_meta[0][3] == 0 and c.block_meta[0][4] == 16  # the full-output block starts the output
+    assert c.macs() == layer.flops()
+    check_equal(layer, c)
+    check_equal(layer, c, lead=(1,))
+
+
+def test_blocks_merge_identical_windows_is_exact():
+    # 6 components, 2 distinct window pairs: 2 blocks of rank 4 and 2, no padding
+    layer = from_windows(32, 24, [[8, 8, 8, 8, 16, 16], [12, 12, 12, 12, 6, 6]],
+                         [[4, 4, 4, 4, 30, 30], [0, 0, 0, 0, 20, 20]])
+    c = CompactGBLR.from_gblr(layer, path="blocks", merge_blocks=False)
+    assert len(c.block_meta) == 2
+    assert sorted(c.blocks.block_rank(p) for p in range(2)) == [2, 4]
+    assert c.macs() == layer.flops()
+    check_equal(layer, c)
+
+
+def test_blocks_merge_nearly_identical_windows():
+    # windows shifted by one position: merging pads a little and saves gemm launches
+    k = 8
+    layer = from_windows(64, 64, [[32] * k, [32] * k], [list(range(k)), list(range(10, 10 + k))])
+    c = CompactGBLR.from_gblr(layer, path="blocks", tokens=16)
+    assert len(c.block_meta) == 1 and c.block_meta[0][1] == 32 + k - 1
+    assert c.macs() == k * 2 * (32 + k - 1)
+    check_equal(layer, c)
+    plain = CompactGBLR.from_gblr(layer, path="blocks", merge_blocks=False)
+    assert len(plain.block_meta) == k and plain.macs() == layer.flops()
+    check_equal(layer, plain)
+
+
+def test_arc_union():
+    from gsm_lightning.inference import _arc_union
+
+    a, w = _arc_union(np.array([2, 30, 0, 10]), np.array([5, 6, 40, 4]), np.array([4, 1, 7, 30]), np.array([6, 3, 3, 8]), 40)
+    # [2,7)+[4,10) -> [2,10); [30,36)+[1,4) wraps -> [30,44); full stays full; [10,14)+[30,38) -> [30,54) (wrapping
+    # is shorter than [10,38))
+    assert a.tolist() == [2, 30, 0, 30] and w.tolist() == [8, 14, 40, 24]
+
+
+@pytest.mark.parametrize("path", ["tiles", "blocks"])
+def test_outputs_are_contiguous(path):
+    layer = random_frozen(40, 24, 12, seed=9, max_width=0.5)
+    for tile in (None, 8):
+        c = CompactGBLR.from_gblr(layer, path=path, tile_in=tile, tile_out=tile)
+        y = c(torch.randn(3, 7, 40, dtype=D))
+        assert y.is_contiguous() and y.shape == (3, 7, 24)
+
+
+def test_low_rank_path_is_row_major():
+    layer = GBLRLinear.from_low_rank(torch.randn(30, 4, dtype=D), torch.randn(4, 20, dtype=D), torch.randn(30, dtype=D)).freeze_structure()
+    for path in ("tiles", "blocks"):
+        c = CompactGBLR.from_gblr(layer, path=path)
+        assert c.macs() == layer.flops()
+        assert c.lowrank if path == "tiles" else len(c.block_meta) == 1
+        check_equal(layer, c)
+
+
+def test_auto_path_choice_is_exact():
+    for seed in range(4):
+        layer = random_frozen(64, 48, 30, seed=seed, max_width=0.6)
+        c = CompactGBLR.from_gblr(layer, tokens=64)
+        assert c.path in ("tiles", "blocks")
+        check_equal(layer, c)
+    with pytest.raises(ValueError, match="unknown path"):
+        CompactGBLR.from_gblr(layer, path="fast")
+
+
+def test_dense_fallback_below_threshold():
+    layer = random_frozen(24, 16, 10, seed=11)
+    c = CompactGBLR.from_gblr(layer, path="blocks")
+    marker = torch.zeros(16, 24, dtype=D)  # a wrong dense weight shows which branch ran
+    c.set_dense_fallback(8, marker)
+    assert c.dense_below == 8 and "dense below 8" in repr(c)
+    x = torch.randn(5, 24, dtype=D)
+    torch.testing.assert_close(c(x), layer.bias.expand(5, 16))  # dense branch: bias only
+    check_equal(layer, c, lead=(2, 4))  # 8 tokens: compact branch
+    c.set_dense_fallback(8)  # the true dense weight
+    check_equal(layer, c, lead=(5,))
+    torch.testing.assert_close(c.to_dense(), layer.to_dense())
+    c.set_dense_fallback(0)
+    assert c.dense_below == 0 and "dense_weight" not in dict(c.named_buffers())
+    with pytest.raises(ValueError, match="must be"):
+        c.set_dense_fallback(4, torch.zeros(3, 3, dtype=D))
+
+
+def test_fallback_threshold():
+    from gsm_lightning.inference import _fallback_threshold
+
+    assert _fallback_threshold({1: True, 8: True, 64: True}) == 0
+    assert _fallback_threshold({1: False, 8: False, 64: True}) == 64
+    assert _fallback_threshold({1: False, 8: True, 16: False, 64: True}) == 64
+    assert _fallback_threshold({1: True, 8: False, 64: True, 256: True}) == 64
+
+
+@pytest.mark.parametrize("kw", [{"tokens": 64}, {}])
+def test_optimize_inference_fallback_and_paths(kw):
+    model = make_model()
+    x = torch.randn(70, 24, dtype=D)
+    with torch.no_grad():
+        ref = model(x)
+    report = optimize_inference(model, mode="auto", reps=3, **kw)
+    for c in report.layers:
+        mod = model.get_submodule(c.name)
+        if c.choice == "compact":
+            assert isinstance(mod, CompactGBLR) and c.path == mod.path and c.dense_below == mod.dense_below
+        else:
+            assert c.path is None and c.dense_below == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model(x[:3]), ref[:3], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="paths"):
+        optimize_inference(make_model(), paths=("fast",))
+
+
+def test_optimize_inference_single_path_and_no_fallback():
+    model = make_model()
+    report = optimize_inference(model, mode="auto", tokens=16, reps=2, fallback=False, path="blocks")
+    assert all(c.dense_below == 0 for c in report.layers)
+    assert all(c.path in (None, "blocks") for c in report.layers)
+
+
+@pytest.mark.parametrize("path", ["tiles", "blocks"])
+def test_single_token_calls_leave_buffers_alone(path):
+    # a partial output window: the blocks path starts y from the bias (regression: at one token it wrote into it)
+    layer = from_windows(12, 10, [[12, 5], [6, 4]], [[0, 3], [2, 7]])
+    c = CompactGBLR.from_gblr(layer, path=path)
+    state = {k: v.clone() for k, v in c.state_dict().items()}
+    for _ in range(3):
+        check_equal(layer, c, lead=(1,))
+        check_equal(layer, c, lead=())
+    assert all(torch.equal(v, c.state_dict()[k]) for k, v in state.items())
