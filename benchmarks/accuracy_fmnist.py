@@ -38,6 +38,7 @@ from benchmarks.common import parse_overrides, write_section  # noqa: E402
 from gsm_lightning.data import FashionMNISTDataModule  # noqa: E402
 from gsm_lightning.models import MLPMixer, ViT  # noqa: E402
 from gsm_lightning.module import GSMModule  # noqa: E402
+from gsm_lightning.structure_io import save_structure  # noqa: E402
 
 START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 
@@ -92,6 +93,11 @@ def run_one(model: str, method: str, budget: float, seed: int, args: argparse.Na
     trainer.fit(module, datamodule=data)
     fit_s = time.perf_counter() - t0
     result = trainer.test(module, datamodule=data, verbose=False)[0]
+    if args.structures and method == "gblr" and module.phase == 2:
+        out = Path(args.structures) / f"structures_fmnist_{model}_b{budget:g}_s{seed}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_structure(module.backbone, out, source=f"benchmarks/accuracy_fmnist.py ({model}, budget {budget:g}, "
+                       f"seed {seed}, {args.epochs} epochs, {args.train_subset} images)", test_acc=float(result["test/acc"]))
     return {
         "model": model, "method": method if not args.label else f"{method}[{args.label}]",
         "budget": budget if method != "dense" else 1.0, "seed": seed,
@@ -167,6 +173,8 @@ def main() -> None:
     p.add_argument("--gblr-location-init", default=None, help="GBLR location_init (default 'zero')")
     p.add_argument("--quick", action="store_true", help="a smoke run on a few hundred images")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--structures", default=None, metavar="DIR",
+                   help="write the learned structure of every GBLR run to DIR/structures_fmnist_*.json")
     p.add_argument("--no-report", action="store_true", help="only write --json (merge later with --report)")
     p.add_argument("--report", nargs="+", default=None, help="merge result JSON files into the table and plot")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
