@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [1, 8] if q else [1, 32, 256]
     threads_list = [1] if q else [1, 2]
     t0 = time.time()
+    default_threads = torch.get_num_threads()
     cmd = "python benchmarks/bench_models.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
     models: dict[str, dict[str, nn.Module]] = {}
     infos = []
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{info['compact']} of {info['layers']} GBLR layers compact (paths: {', '.join(info['paths']) or '-'}), "
                          f"{info['fallback']} of them with the dense fallback")
             print(infos[-1], flush=True)
-    default_threads = torch.get_num_threads()
+    torch.set_num_threads(default_threads)
     print("latency", flush=True)
     lat = bench_latency(models, batches, threads_list, rounds, mrt)
     pred: list[str] = []
