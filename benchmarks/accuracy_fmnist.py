@@ -35,10 +35,11 @@ sys.path.insert(0, str(ROOT))
 import lightning.pytorch as pl  # noqa: E402
 
 from benchmarks.common import parse_overrides, write_section  # noqa: E402
+from gsm_lightning.baselines import rank_for_budget  # noqa: E402
 from gsm_lightning.data import FashionMNISTDataModule  # noqa: E402
 from gsm_lightning.models import MLPMixer, ViT  # noqa: E402
 from gsm_lightning.module import GSMModule  # noqa: E402
-from gsm_lightning.structure_io import save_structure  # noqa: E402
+from gsm_lightning.structure_io import load_structure, save_structure, set_structure  # noqa: E402
 
 START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 
@@ -63,10 +64,28 @@ def converted_params(module: GSMModule) -> int:
 
 
 def _targets(module: GSMModule) -> list[str]:
+    return _targets_of(module.backbone)
+
+
+def _targets_of(net: torch.nn.Module) -> list[str]:
     from gsm_lightning.conversion import select_linear_layers
 
-    return select_linear_layers(module.backbone, include=module.backbone.gsm_default_include)
+    return select_linear_layers(net, include=net.gsm_default_include)
 
+
+
+def fixed_structure(module: GSMModule, source: str, model: str, budget: float, seed: int) -> dict:
+    """The structure for ``--gblr-fixed``: ``lowrank`` (every converted layer at the low-rank baseline's rank, full
+    width) or the file saved by ``--structures`` in the folder ``source``."""
+    if source != "lowrank":
+        return load_structure(Path(source) / f"structures_fmnist_{model}_b{budget:g}_s{seed}.json")
+    layers = {}
+    for name in module.report.names:
+        m = module.backbone.get_submodule(name)
+        k = rank_for_budget(m.in_features, m.out_features, budget)
+        layers[name] = {"in_features": m.in_features, "out_features": m.out_features, "rank_per_component": 1,
+                        "widths": [[m.in_features] * k, [m.out_features] * k], "locations": [[0] * k, [0] * k]}
+    return {"layers": layers}
 
 
 def run_one(model: str, method: str, budget: float, seed: int, args: argparse.Namespace) -> dict:
@@ -76,16 +95,30 @@ def run_one(model: str, method: str, budget: float, seed: int, args: argparse.Na
     gblr = parse_overrides(args.gblr) if method == "gblr" else {}
     if args.prox_lambda is not None:
         gblr.setdefault("prox_lambda", args.prox_lambda)
-    module = GSMModule(
-        backbone(model), num_classes=10, budget=budget if method != "dense" else 1.0, method=method, init="random",
+    kwargs = dict(
+        num_classes=10, budget=budget if method != "dense" else 1.0, method=method, init="random",
         phase1_epochs=args.phase1_epochs if method == "gblr" else 0,
         structure_lr=args.structure_lr, sigma0=1.0, sigma1=100.0, sigma_start_epoch=0, label_smoothing=0.1,
         warmup_epochs=args.warmup_epochs,
         layer_kwargs={k: v for k, v in (("width_init", args.gblr_width_init),
                                         ("location_init", args.gblr_location_init)) if v is not None},
         optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.05),
-        **gblr,
     )
+    kwargs.update(gblr)  # --gblr KEY=VALUE overrides the recipe's own settings (sigma0, ...)
+    net = backbone(model)
+    if method == "dense" and args.dense_init == "fan_in":
+        # The layers GBLR would convert, re-drawn at GBLR's default scale (trunc-normal, std 1/sqrt(in)):
+        # separates the init scale from the structure in the comparison.
+        with torch.no_grad():
+            for name in _targets_of(net):
+                lin = net.get_submodule(name)
+                std = lin.in_features ** -0.5
+                torch.nn.init.trunc_normal_(lin.weight, std=std, a=-2 * std, b=2 * std)
+    if method == "gblr" and args.gblr_fixed:
+        kwargs["phase1_epochs"] = 0  # frozen at the first epoch: the stored structure, trained from a fresh init
+    module = GSMModule(net, **kwargs)
+    if method == "gblr" and args.gblr_fixed:
+        set_structure(module.backbone, fixed_structure(module, args.gblr_fixed, model, budget, seed))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0)
@@ -173,6 +206,13 @@ def main() -> None:
     p.add_argument("--gblr-location-init", default=None, help="GBLR location_init (default 'zero')")
     p.add_argument("--quick", action="store_true", help="a smoke run on a few hundred images")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--gblr-fixed", default=None, metavar="DIR",
+                   help="train GBLR with a fixed structure from the start (GBLR's own init): the one stored by --structures "
+                        "in DIR (same model, budget, seed; the 'learned structure, restarted weights' ablation), or "
+                        "'lowrank' (full-width components at the low-rank baseline's rank)")
+    p.add_argument("--dense-init", choices=["backbone", "fan_in"], default="backbone",
+                   help="dense runs: the backbone's own init of the layers GBLR converts (timm-style std 0.02), or "
+                        "'fan_in' (std 1/sqrt(in), GBLR's default scale)")
     p.add_argument("--structures", default=None, metavar="DIR",
                    help="write the learned structure of every GBLR run to DIR/structures_fmnist_*.json")
     p.add_argument("--no-report", action="store_true", help="only write --json (merge later with --report)")

@@ -61,7 +61,10 @@ class GBLRLinear(StructuredCost, nn.Module):
         sigma: Gaussian bandwidth of the masks; ``None``/``inf`` = pure Dirichlet (hard boxcar on the grid).
         width_init: ``"splr"`` (equal cost to dense), ``"full"`` (all widths 1) or a float in (0, 1].
         location_init: ``"zero"``, ``"uniform"`` (evenly spaced) or ``"random"``.
-        init_std: std of the trunc-normal dense matrix whose SVD initialises the factors.
+        init_std: std of the trunc-normal dense matrix whose SVD initialises the factors: a float (the
+            paper's 0.02), or ``"fan_in"`` for ``1 / sqrt(in_features)`` (LeCun-normal; what ``GSMModule`` uses
+            for a random init with its budget learner: a factorised layer started at the paper's small scale
+            trains much worse, see BENCHMARKS.md).
         forward_mode: ``"auto"`` picks the cheaper of masked low-rank and materialised dense per call.
 
     Shapes: input ``(*, in_features)``, output ``(*, out_features)``.
@@ -77,7 +80,7 @@ class GBLRLinear(StructuredCost, nn.Module):
         sigma: float | None = None,
         width_init: WidthInit = "splr",
         location_init: LocationInit = "zero",
-        init_std: float = 0.02,
+        init_std: float | Literal["fan_in"] = 0.02,
         forward_mode: ForwardMode = "auto",
         device: Any = None,
         dtype: torch.dtype | None = None,
@@ -105,8 +108,10 @@ class GBLRLinear(StructuredCost, nn.Module):
             raise ValueError(f"unknown location_init {location_init!r}; expected one of {_LOCATION_INITS}")
         if forward_mode not in _FORWARD_MODES:
             raise ValueError(f"unknown forward_mode {forward_mode!r}; expected one of {_FORWARD_MODES}")
-        if not init_std > 0:
-            raise ValueError(f"init_std must be > 0, got {init_std}")
+        if init_std == "fan_in":
+            init_std = 1.0 / math.sqrt(int(in_features))
+        if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not init_std > 0:
+            raise ValueError(f"init_std must be a number > 0 or 'fan_in' (1/sqrt(in_features)), got {init_std!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features = int(in_features)
         self.out_features = int(out_features)

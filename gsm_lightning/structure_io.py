@@ -28,7 +28,7 @@ from .flops import structure_flops
 from .layer import GBLRLinear, gblr_layers
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "layer_record", "structure_record", "save_structure", "load_structure",
-           "frozen_layer", "compact_layer", "apply_structure", "structure_summary"]
+           "frozen_layer", "compact_layer", "apply_structure", "set_structure", "structure_summary"]
 
 FORMAT = "gsm_lightning.structure"
 FORMAT_VERSION = 1
@@ -159,4 +159,41 @@ def apply_structure(model: nn.Module, structure: Mapping[str, Any], seed: int = 
         new.train(old.training)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model
+
+
+@torch.no_grad()
+def set_structure(model: nn.Module, structure: Mapping[str, Any], strict: bool = True) -> nn.Module:
+    """Write a stored structure into the **trainable** GBLR layers of ``model``, keeping their factors: the first
+    K_stored components take the stored widths and locations, the others width 0 (dropped at the next
+    ``freeze_structure``).  Used to train a learned structure again from a fresh initialisation.  Raises if a
+    layer is missing, frozen, of another shape or rank, or has fewer components than stored."""
+    for name, rec in structure["layers"].items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            if strict:
+                raise ValueError(f"structure layer {name!r} does not exist in {type(model).__name__}") from None
+            continue
+        if not isinstance(layer, GBLRLinear) or layer.is_frozen:
+            raise ValueError(f"structure layer {name!r} must be a trainable GBLRLinear (convert the model first, and "
+                             f"set the structure before freezing), got {type(layer).__name__}")
+        if (layer.in_features, layer.out_features, layer.rank_per_component) != (
+                rec["in_features"], rec["out_features"], rec["rank_per_component"]):
+            raise ValueError(f"structure layer {name!r} is {rec['in_features']}->{rec['out_features']} rank "
+                             f"{rec['rank_per_component']} but the model's is {layer.in_features}->{layer.out_features} "
+                             f"rank {layer.rank_per_component}")
+        w = torch.tensor(rec["widths"], dtype=torch.float64).reshape(2, -1)
+        loc = torch.tensor(rec["locations"], dtype=torch.float64).reshape(2, -1)
+        k = w.shape[1]
+        if k > layer.num_components:
+            raise ValueError(f"structure layer {name!r} has {k} components but the model's has only "
+                             f"{layer.num_components}; raise num_components")
+        n = torch.tensor([[layer.in_features], [layer.out_features]], dtype=torch.float64)
+        widths = torch.zeros(2, layer.num_components, dtype=torch.float64)
+        locations = torch.zeros(2, layer.num_components, dtype=torch.float64)
+        widths[:, :k], locations[:, :k] = w / n, loc / n
+        layer.widths.copy_(widths.to(layer.widths.dtype))
+        layer.locations.copy_(locations.to(layer.locations.dtype))
+        layer.invalidate_cache()
     return model

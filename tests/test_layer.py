@@ -106,6 +106,8 @@ def test_constructor_validation() -> None:
         GBLRLinear(4, 4, forward_mode="sparse")
     with pytest.raises(ValueError, match="init_std"):
         GBLRLinear(4, 4, init_std=0.0)
+    with pytest.raises(ValueError, match="'fan_in'"):
+        GBLRLinear(4, 4, init_std="lecun")
 
 
 @pytest.mark.parametrize("width_init", ["splr", "full", 0.25])
@@ -151,6 +153,16 @@ def test_full_width_init_reconstructs_the_trunc_normal_matrix() -> None:
     # the full SVD reconstructs a trunc-normal matrix (cut at 2 std): bounded, with std ~0.88 * std
     assert w.abs().max() <= 2 * std + 1e-6
     assert 0.8 * std < w.std() < 0.95 * std
+
+
+def test_fan_in_init_std_is_lecun_scale() -> None:
+    layer = GBLRLinear(48, 40, width_init="full", init_std="fan_in")
+    std = 1 / 48 ** 0.5
+    assert layer.init_std == pytest.approx(std)
+    w = layer.to_dense()
+    assert w.abs().max() <= 2 * std + 1e-6
+    assert 0.8 * std < w.std() < 0.95 * std
+    assert GBLRLinear(96, 8, init_std="fan_in").init_std == pytest.approx(96 ** -0.5)  # the input side's fan-in
 
 
 def test_reset_parameters_restores_the_initial_structure() -> None:
