@@ -18,6 +18,7 @@ from gsm_lightning.structure_io import (
     frozen_layer,
     load_structure,
     save_structure,
+    set_structure,
     structure_record,
 )
 
@@ -103,3 +104,31 @@ def test_fmnist_fixture_fits_its_backbone():
     apply_structure(vit, load_structure(path))
     assert sum(isinstance(m, GBLRLinear) for m in vit.modules()) == 20
     assert vit(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_set_structure_trains_a_stored_structure_from_the_layer_s_own_factors():
+    stored = structure_record(small_model())
+    torch.manual_seed(1)
+    fresh = nn.Sequential(GBLRLinear(16, 24, num_components=8), nn.ReLU(), GBLRLinear(24, 8, bias=False), nn.Linear(8, 2))
+    factors = fresh[0].weight_in.detach().clone()
+    set_structure(fresh, stored)
+    assert torch.equal(fresh[0].weight_in, factors)  # only the structure is written
+    assert (fresh[0].widths[:, 6:] == 0).all()  # components beyond the stored ones get width 0
+    for i in (0, 2):
+        fresh[i].freeze_structure()
+    assert structure_record(fresh)["layers"] == stored["layers"]
+
+
+def test_set_structure_errors():
+    stored = structure_record(small_model())
+    too_few = nn.Sequential(GBLRLinear(16, 24, num_components=2), nn.ReLU(), GBLRLinear(24, 8, bias=False))
+    with pytest.raises(ValueError, match="6 components but the model's has only 2; raise num_components"):
+        set_structure(too_few, stored)
+    frozen = small_model()
+    with pytest.raises(ValueError, match="must be a trainable GBLRLinear"):
+        set_structure(frozen, stored)
+    wrong = nn.Sequential(GBLRLinear(16, 20), nn.ReLU(), GBLRLinear(24, 8, bias=False))
+    with pytest.raises(ValueError, match="is 16->24 rank 1 but the model's is 16->20 rank 1"):
+        set_structure(wrong, stored)
+    with pytest.raises(ValueError, match="does not exist"):
+        set_structure(nn.Sequential(GBLRLinear(16, 24)), stored)
