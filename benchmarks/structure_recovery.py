@@ -62,6 +62,7 @@ VARIANTS = {
     "same_lr": {"width_lr_scale": 1.0, "structure_lr": 5e-3},
     "zero_locations": {"layer_kwargs": {"location_init": "zero"}},
     "no_sigma_anneal": {"sigma0": None, "sigma1": None},
+    "fan_in_init": {"layer_kwargs": {"init_std": "fan_in"}},  # classification's default factor scale
 }
 
 
