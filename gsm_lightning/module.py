@@ -113,7 +113,7 @@ class GSMModule(LightningModule):
             baseline ``method``, :func:`~gsm_lightning.baselines.baselinify` options (``rank``, ``nblocks``,
             ``block_size``).  With
             ``init="random"`` and ``shrink="budget"``, ``location_init`` defaults to ``"uniform"`` and ``init_std``
-            to ``"fan_in"`` (``0.02`` for ``task="regression"``; see BENCHMARKS.md for both measurements).
+            to ``"fan_in"``.
         fit_steps: fitting steps of the pretrained conversion.
         phase1_epochs: epochs of structure learning; the structure is frozen at the start of the next
             epoch.  ``0`` freezes before training starts.
@@ -233,14 +233,12 @@ class GSMModule(LightningModule):
         if method == "gblr":
             layer_kwargs = dict(layer_kwargs or {})
             if init == "random" and shrink == "budget":
-                # Evenly spaced windows give the learner every offset to choose from.  Factor scale, measured
-                # (BENCHMARKS.md): for classification / LM from scratch, factors at the LeCun scale (the SVD
-                # of a 1/sqrt(in)-std matrix) train far better than the paper's 0.02 (Fashion-MNIST: +6 to +8
-                # points); for regression (teacher-student, distillation) the small 0.02 init is kept: its
-                # implicit low-rank bias is what lets the learner recover a low-rank teacher exactly, which
-                # the LeCun scale does not.  The paper's recipe (shrink='paper') keeps zero locations and 0.02.
+                # Evenly spaced windows give the learner every offset to choose from, and factors at the
+                # LeCun scale (the SVD of a 1/sqrt(in)-std matrix) train far better than the paper's 0.02
+                # (BENCHMARKS.md: Fashion-MNIST and teacher-student ablations); the paper's recipe
+                # (shrink='paper') keeps the reference's zero locations and 0.02.
                 layer_kwargs.setdefault("location_init", "uniform")
-                layer_kwargs.setdefault("init_std", 0.02 if task == "regression" else "fan_in")
+                layer_kwargs.setdefault("init_std", "fan_in")
             self.report = gsmify(backbone, budget=budget, include=include, exclude=exclude, init=init,
                                  fit_steps=fit_steps, **layer_kwargs)
             initial = self.report.flops_ratio

@@ -279,9 +279,9 @@ def test_nan_loss_fails_fast(tmp_path):
 
 
 def test_random_init_defaults_depend_on_the_rule():
-    """The budget learner starts from evenly spaced windows and, for classification, LeCun-scale factors (the
-    paper's 0.02 trains a factorised layer far worse, BENCHMARKS.md); regression keeps 0.02; the paper's rule
-    keeps the reference's zero locations and 0.02; an explicit layer_kwargs value always wins."""
+    """The budget learner starts from evenly spaced windows and LeCun-scale factors (the paper's 0.02 trains a
+    factorised layer far worse, BENCHMARKS.md); the paper's rule keeps the reference's zero locations and 0.02;
+    an explicit layer_kwargs value always wins."""
     def layers(module):
         return [m for m in module.backbone.modules() if isinstance(m, GBLRLinear)]
 
@@ -294,6 +294,3 @@ def test_random_init_defaults_depend_on_the_rule():
         assert m.init_std == 0.02 and m.location_init == "zero"
     for m in layers(make_module(shrink="budget", layer_kwargs={"init_std": 0.05, "location_init": "zero"})):
         assert m.init_std == 0.05 and m.location_init == "zero"
-    # regression (teacher-student) keeps the small init, whose low-rank bias recovers low-rank teachers
-    for m in layers(make_module(shrink="budget", task="regression", num_classes=None)):
-        assert m.init_std == 0.02 and m.location_init == "uniform"
