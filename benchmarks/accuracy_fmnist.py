@@ -157,6 +157,24 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot(results: list[dict]) -> str:
+    """Median test accuracy per method (rows, ablation labels included) and model x budget (columns); dense rows
+    fill every budget column of their model."""
+    cells = sorted({(r["model"], r["budget"]) for r in results if r["method"].split("[")[0] != "dense"},
+                   key=lambda c: (c[0] != "vit", c[0], c[1]))
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    head = "| method | " + " | ".join(f"{m} {100 * b:g} %" for m, b in cells) + " |"
+    lines = [head, "|---" * (len(cells) + 1) + "|"]
+    for method in methods:
+        row = []
+        for model, budget in cells:
+            accs = [100 * r["test_acc"] for r in results if r["method"] == method and r["model"] == model
+                    and (r["budget"] == budget or method.split("[")[0] == "dense")]
+            row.append(f"{statistics.median(accs):.2f}" if accs else "")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -268,8 +286,10 @@ def main() -> None:
               f"Total training time of all runs: {wall:.0f} min of single-thread CPU. "
               f"Seconds per epoch are wall-clock on a shared machine (other jobs ran at the same time): compare "
               f"them only within a row's neighbours, not as speed claims.\n")
-    write_section(header + "\n" + table(results) + "\n\n![accuracy vs FLOPs](docs/accuracy_vs_flops.png)", Path(args.out),
-                  START, END)
+    summary = ("\n\nMedian test accuracy (%) by method and cell (the same runs; dense fills both budgets of its "
+               "model):\n\n" + pivot(results))
+    write_section(header + "\n" + table(results) + summary + "\n\n![accuracy vs FLOPs](docs/accuracy_vs_flops.png)",
+                  Path(args.out), START, END)
     plot(results, Path(args.plot))
     print(table(results))
 

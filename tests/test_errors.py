@@ -449,12 +449,23 @@ def test_non_finite_loss_from_a_high_weight_lr_names_both_rates(tmp_path):
 
 def test_structure_blown_up_by_the_weight_lr_blames_the_weight_lr(tmp_path):
     train, _ = digits_loaders(n_train=256)
-    m = module(optimizer=lambda groups: torch.optim.SGD(groups, lr=1e4))
+    # The paper's small factor init: the widths blow up before the outputs overflow (with the default LeCun
+    # scale the outputs overflow first: test_outputs_overflowed_by_the_weight_lr_blames_the_weight_lr).
+    m = module(optimizer=lambda groups: torch.optim.SGD(groups, lr=1e4), layer_kwargs={"init_std": 0.02})
     with pytest.raises(FloatingPointError) as err:
         trainer(tmp_path, max_epochs=2, limit_train_batches=4).fit(m, train)
     msg = str(err.value)
     assert re.search(r"non-finite widths .* in layer '0'.*learning rates now: weights [\d.e+]+, structure [\d.e-]+; "
                      r"the weights have grown .* lower the weight learning rate", msg), msg
+
+
+def test_outputs_overflowed_by_the_weight_lr_blames_the_weight_lr(tmp_path):
+    train, _ = digits_loaders(n_train=256)
+    m = module(optimizer=lambda groups: torch.optim.SGD(groups, lr=1e4))
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss .* learning rates now: weights [\d.e+]+, "
+                                                 r"structure [\d.e-]+; every parameter and input is finite, so the "
+                                                 r"outputs overflowed: lower the weight learning rate"):
+        trainer(tmp_path, max_epochs=2, limit_train_batches=4).fit(m, train)
 
 
 def test_nan_input_is_blamed_on_the_data(tmp_path):
