@@ -62,7 +62,8 @@ VARIANTS = {
     "same_lr": {"width_lr_scale": 1.0, "structure_lr": 5e-3},
     "zero_locations": {"layer_kwargs": {"location_init": "zero"}},
     "no_sigma_anneal": {"sigma0": None, "sigma1": None},
-    "fan_in_init": {"layer_kwargs": {"init_std": "fan_in"}},  # classification's default factor scale
+    "init_0.02": {"layer_kwargs": {"init_std": 0.02}},  # the paper's factor scale (the default before 72a684b)
+    "energy_power2": {"energy_power": 2.0},
 }
 
 

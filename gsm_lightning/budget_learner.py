@@ -107,6 +107,8 @@ class BudgetLearner:
             the budget is held), ``"flops"`` or ``"uniform"``.
         energy_start_step: first step at which the energy weighting applies.
         energy_clip: bounds of the energy weight.
+        energy_power: the energy weight is ``clip(mean_e / e_k, *energy_clip) ** energy_power``, clipped again
+            (a stronger pull of weak components toward zero for ``> 1``).
         step_clip: bound of the normalised width step, in units of ``lr``.
         width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * lr`` (locations keep ``lr``).
         beta2: decay of the per-side mean-square gradient.
@@ -122,6 +124,7 @@ class BudgetLearner:
         cut_weighting: CutWeighting = "energy",
         energy_start_step: int = 0,
         energy_clip: tuple[float, float] = (0.1, 100.0),
+        energy_power: float = 1.0,
         step_clip: float = 3.0,
         width_lr_scale: float = 1.0,
         beta2: float = 0.999,
@@ -144,6 +147,8 @@ class BudgetLearner:
             raise ValueError(f"path_steps and energy_start_step must be >= 0, got {path_steps}, {energy_start_step}")
         if not 0 < energy_clip[0] <= 1 <= energy_clip[1]:
             raise ValueError(f"energy_clip must be (low <= 1, high >= 1) with low > 0, got {energy_clip}")
+        if isinstance(energy_power, bool) or not isinstance(energy_power, (int, float)) or not energy_power > 0:
+            raise ValueError(f"energy_power must be a number > 0, got {energy_power!r}")
         if not step_clip > 0 or not 0 <= beta2 < 1 or not width_lr_scale > 0:
             raise ValueError(f"step_clip and width_lr_scale must be > 0 and beta2 in [0, 1), got {step_clip}, "
                              f"{width_lr_scale}, {beta2}")
@@ -154,6 +159,7 @@ class BudgetLearner:
         self.cut_weighting = cut_weighting
         self.energy_start_step = int(energy_start_step)
         self.energy_clip = (float(energy_clip[0]), float(energy_clip[1]))
+        self.energy_power = float(energy_power)
         self.step_clip = float(step_clip)
         self.beta2 = float(beta2)
         self.eps = float(eps)
@@ -234,6 +240,8 @@ class BudgetLearner:
         if mode == "density_energy":  # energy per FLOP along the path, energy once the budget is held
             mode = "density" if self.steps < self.path_steps else "energy"
         comp = torch.cat([self._energy_weight(m, lo, hi, _COST_POWER[mode]) for m in layers])
+        if self.energy_power != 1.0:
+            comp = comp.pow(self.energy_power).clamp(lo, hi)
         return side * comp
 
     @staticmethod

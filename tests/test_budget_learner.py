@@ -141,10 +141,28 @@ def test_path_reaches_budget_by_its_end():
     (dict(budget=0.3, path_steps=1, width_step="sgd"), "width_step"),
     (dict(budget=0.3, path_steps=1, cut_weighting="norm"), "cut_weighting"),
     (dict(budget=0.3, path_steps=1, energy_clip=(2.0, 3.0)), "energy_clip"),
+    (dict(budget=0.3, path_steps=1, energy_power=0.0), "energy_power"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BudgetLearner(**kwargs)
+
+
+def test_energy_power_sharpens_the_cut_toward_the_weaker_component():
+    """Two components, one with half the energy of the other (ratio 0.0625, budget 0.05): the weaker one is cut
+    2x faster at power 1 and 4x faster at power 2, since the cut per component is ``tau * side * weight``."""
+    def drops(power):
+        layer = GBLRLinear(64, 64, num_components=2, width_init=1.0)
+        with torch.no_grad():
+            layer.weight_in.fill_(1.0)
+            layer.weight_out.fill_(1.0)
+            layer.weight_out[1].mul_(0.5)  # half the energy of component 0
+        BudgetLearner(budget=0.05, path_steps=0, width_step="adam", cut_weighting="energy",
+                      energy_power=power).step(nn.Sequential(layer), 1e-3)
+        drop = 1.0 - layer.widths.detach()
+        return float(drop[:, 1].mean() / drop[:, 0].mean())
+    assert drops(1.0) == pytest.approx(2.0, rel=0.1)
+    assert drops(2.0) == pytest.approx(4.0, rel=0.1)
 
 
 def test_dual_tracking_raises_its_threshold_while_above_the_path_and_relaxes_below():
