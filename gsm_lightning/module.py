@@ -131,8 +131,9 @@ class GSMModule(LightningModule):
             ``"density_energy"`` (density along the path, energy once the budget is held), ``"flops"``
             (FLOPs units) or ``"uniform"``.
         energy_start: part of phase 1 after which the energy weighting applies.
-        energy_power: exponent of the energy weight ``clip(mean_e / e_k, 0.1, 100) ** p`` (1: the default; 2
-            recovered a low-rank teacher better in the structure-recovery ablation, not yet measured elsewhere).
+        energy_power: exponent of the energy weight ``clip(mean_e / e_k, 0.1, 100) ** p``, clipped again (1: the
+            default). 2 pulls harder toward a few strong components: it meets every structure-recovery goal,
+            the low-rank teacher included, where 1 misses that one (BENCHMARKS.md); a candidate default.
         width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * structure_lr`` (scheduled like
             every group); locations keep ``structure_lr``.
         tracking: ``"project"`` (default: the exact cut onto the path) or ``"dual"`` (a soft threshold adapted
