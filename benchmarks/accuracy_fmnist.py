@@ -221,7 +221,7 @@ def main() -> None:
     p.add_argument("--label", default="", help="suffix for the method name in the table (ablations)")
     p.add_argument("--warmup-epochs", type=float, default=0.5)
     p.add_argument("--gblr-width-init", type=float, default=None, help="GBLR width_init (default 'splr')")
-    p.add_argument("--gblr-location-init", default=None, help="GBLR location_init (default 'zero')")
+    p.add_argument("--gblr-location-init", default=None, help="GBLR location_init (default: GSMModule's, 'uniform' with its budget learner)")
     p.add_argument("--quick", action="store_true", help="a smoke run on a few hundred images")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--gblr-fixed", default=None, metavar="DIR",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -133,17 +133,24 @@ def compact_layer(rec: Mapping[str, Any], seed: int = 0, dtype: torch.dtype = to
     return CompactGBLR.from_gblr(frozen_layer(rec, seed, dtype), **compact_kwargs)
 
 
-def apply_structure(model: nn.Module, structure: Mapping[str, Any], seed: int = 0, strict: bool = True) -> nn.Module:
-    """Replace (in place) every layer named in ``structure`` (an ``nn.Linear`` or GBLR layer of the stored shape)
-    by a frozen :class:`GBLRLinear` of the stored structure with random factors (the layer's own bias, if any, is
-    kept).  ``strict``: a stored name missing from ``model`` is an error.  Returns ``model``."""
+def _stored_layers(model: nn.Module, structure: Mapping[str, Any], strict: bool) -> Iterator[tuple[int, str, Mapping[str, Any], nn.Module]]:
+    """``(index, name, record, module)`` for every stored layer found in ``model``; a missing one raises when
+    ``strict`` and is skipped otherwise."""
     for i, (name, rec) in enumerate(structure["layers"].items()):
         try:
-            old = model.get_submodule(name)
+            module = model.get_submodule(name)
         except AttributeError:
             if strict:
                 raise ValueError(f"structure layer {name!r} does not exist in {type(model).__name__}") from None
             continue
+        yield i, name, rec, module
+
+
+def apply_structure(model: nn.Module, structure: Mapping[str, Any], seed: int = 0, strict: bool = True) -> nn.Module:
+    """Replace (in place) every layer named in ``structure`` (an ``nn.Linear`` or GBLR layer of the stored shape)
+    by a frozen :class:`GBLRLinear` of the stored structure with random factors (the layer's own bias, if any, is
+    kept).  ``strict``: a stored name missing from ``model`` is an error.  Returns ``model``."""
+    for i, name, rec, old in _stored_layers(model, structure, strict):
         shape = (getattr(old, "in_features", None), getattr(old, "out_features", None))
         if shape != (rec["in_features"], rec["out_features"]):
             raise ValueError(f"structure layer {name!r} is {rec['in_features']}->{rec['out_features']} but "
@@ -168,13 +175,7 @@ def set_structure(model: nn.Module, structure: Mapping[str, Any], strict: bool =
     K_stored components take the stored widths and locations, the others width 0 (dropped at the next
     ``freeze_structure``).  Used to train a learned structure again from a fresh initialisation.  Raises if a
     layer is missing, frozen, of another shape or rank, or has fewer components than stored."""
-    for name, rec in structure["layers"].items():
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            if strict:
-                raise ValueError(f"structure layer {name!r} does not exist in {type(model).__name__}") from None
-            continue
+    for _, name, rec, layer in _stored_layers(model, structure, strict):
         if not isinstance(layer, GBLRLinear) or layer.is_frozen:
             raise ValueError(f"structure layer {name!r} must be a trainable GBLRLinear (convert the model first, and "
                              f"set the structure before freezing), got {type(layer).__name__}")
