@@ -9,6 +9,7 @@ Sections (see benchmarks/README.md for what exactly is measured):
   MEM peak CPU memory allocated during one training step (torch.profiler memory events)
   SC  scaling of mask computation and training step with n = in = out, K = n
   P3  frozen inference on real learned structures (benchmarks/data/structures_*.json, random weights)
+  AL  the same MiniLM structures after a tile-aligned freeze (gsm_lightning.align) at several tile sizes
 Every number written comes from this run; ratios are against nn.Linear measured in the same run.
 
     python benchmarks/bench_speed.py --sections p3 --output /tmp/p3.md   # only P3, written to another file
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from gsm_lightning.align import align_structure  # noqa: E402
 from gsm_lightning.inference import CompactGBLR, optimize_inference  # noqa: E402
 from gsm_lightning.layer import GBLRLinear  # noqa: E402
 from gsm_lightning.structure_io import frozen_layer, load_structure  # noqa: E402
@@ -355,6 +357,45 @@ def bench_real(threads: int, rounds: int, min_run_time: float, quick: bool = Fal
     return rows, summary, other
 
 
+ALIGN_LAYERS = ("encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value",
+                "encoder.layer.2.attention.self.query", "encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense")
+
+
+def aligned_record(rec: dict[str, Any], align: int) -> dict[str, Any]:
+    """``rec`` with its windows snapped by :func:`gsm_lightning.align.align_structure` (what
+    ``freeze_structure(align=...)`` does at the phase switch)."""
+    w = torch.tensor(rec["widths"], dtype=torch.int64).reshape(2, -1)
+    loc = torch.tensor(rec["locations"], dtype=torch.int64).reshape(2, -1)
+    wa, la = align_structure(w, loc, int(rec["in_features"]), int(rec["out_features"]), align)
+    return {**rec, "widths": wa.tolist(), "locations": la.tolist()}
+
+
+def bench_align(threads: int, rounds: int, min_run_time: float, aligns: list[int], quick: bool = False) -> list[str]:
+    """AL: one MiniLM layer of each kind (low-rank-like and spread q/k/v, FFN in and out) with its windows aligned to
+    each tile size (1 = as stored), at 64 and 256 tokens."""
+    minilm = load_structure(DATA / MINILM)
+    names = ALIGN_LAYERS[:1] if quick else ALIGN_LAYERS
+    tokens_list = [64] if quick else [64, 256]
+    rows = ["| layer | shape | align | FLOPs | distinct windows (in, out) | tokens | path | MACs | compact | auto |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        rec = minilm["layers"][name]
+        short = name.replace("encoder.layer.", "L").replace(".attention.self.", ".").replace(".intermediate.dense", ".ffn_in").replace(".output.dense", ".ffn_out")
+        for a in aligns:
+            ra = aligned_record(rec, a)
+            w = torch.tensor(ra["widths"]).reshape(2, -1)
+            loc = torch.tensor(ra["locations"]).reshape(2, -1)
+            full = w == torch.tensor([[rec["in_features"]], [rec["out_features"]]])
+            win = torch.where(full, 0, loc) * 100_000 + w  # full windows are one window whatever their start
+            distinct = f"{win[0].unique().numel()}, {win[1].unique().numel()}"
+            for t in tokens_list:
+                res = time_real_layer(ra, t, threads, rounds, min_run_time)
+                rows.append(f"| {short} | {rec['in_features']}x{rec['out_features']} | {a} | {res['flops']:.3f} | {distinct} | {t} | "
+                            f"{res['path']} | {res['macs']:.2f} | {res['compact']:.2f}x | {res['auto']:.2f}x |")
+                print(rows[-1], flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- output
 def machine_info() -> str:
     cpu = platform.processor() or "unknown CPU"
@@ -367,7 +408,7 @@ def machine_info() -> str:
             f"default torch threads {torch.get_num_threads()}, Python {platform.python_version()}")
 
 
-SUBSECTIONS = {"p1": "### P1", "p2": "### P2", "p3": "### P3", "mem": "### Memory", "sc": "### Scaling"}
+SUBSECTIONS = {"p1": "### P1", "p2": "### P2", "p3": "### P3", "al": "### AL", "mem": "### Memory", "sc": "### Scaling"}
 
 
 def _subsections(body: str) -> dict[str, str]:
@@ -404,12 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small shapes and short timings (smoke run)")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file whose speed section is rewritten")
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1.0, quick 0.02)")
-    ap.add_argument("--sections", default="p1,p2,mem,sc,p3", help="comma list of p1, p2, mem, sc, p3 (default: all)")
+    ap.add_argument("--sections", default="p1,p2,mem,sc,p3,al", help="comma list of p1, p2, mem, sc, p3, al (default: all)")
+    ap.add_argument("--aligns", default=None, help="AL: comma list of tile sizes (1 = the stored structure; default "
+                    "1,8,16,32,64, quick 1,32)")
     ap.add_argument("--rounds", type=int, default=None, help="P3: interleaved rounds per timing (default 7, quick 2)")
     ap.add_argument("--p2-threads", default=None, help="P2: comma list of torch thread counts (default 1,2; quick 1)")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
-    unknown = sections - {"p1", "p2", "mem", "sc", "p3"}
+    unknown = sections - {"p1", "p2", "mem", "sc", "p3", "al"}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
     q = args.quick
@@ -458,6 +501,20 @@ def main(argv: list[str] | None = None) -> int:
                   "Other fixtures (median and max over their layers, for the Fashion-MNIST models the layers of blocks 0 and 3; "
                   "`auto chose compact` counts layers not merged to dense):",
                   "", *p3_other, ""]
+
+    if "al" in sections:
+        rounds = args.rounds or (2 if q else 7)
+        al_mrt = args.min_run_time if args.min_run_time is not None else (0.02 if q else 0.1)
+        aligns = [int(a) for a in args.aligns.split(",")] if args.aligns else ([1, 32] if q else [1, 8, 16, 32, 64])
+        print("AL tile-aligned freeze", flush=True)
+        al = bench_align(1, rounds, al_mrt, aligns, quick=q)
+        blocks["al"] = ["### AL: tile-aligned freeze on the MiniLM structures (1 thread)", "",
+                  "One layer of each kind of P3's MiniLM fixture (low-rank-like and spread q/k/v, FFN in, FFN out), its windows "
+                  "snapped to multiples of `align` by `gsm_lightning.align.align_structure` (what `freeze_structure(align=...)` / "
+                  "`GSMModule(freeze_align=...)` do at the phase switch; no side's total width rises), random weights; timed as "
+                  f"in P3 ({rounds} interleaved rounds of `blocked_autorange(min_run_time={al_mrt})`, medians of per-round ratios "
+                  "against `nn.Linear`). `FLOPs`: the aligned structure's ratio; `distinct windows`: per side, full windows "
+                  "counted as one.", "", *al, ""]
 
     if "mem" in sections:
         print("Memory", flush=True)

@@ -63,7 +63,7 @@ VARIANTS = {
     "zero_locations": {"layer_kwargs": {"location_init": "zero"}},
     "no_sigma_anneal": {"sigma0": None, "sigma1": None},
     "init_0.02": {"layer_kwargs": {"init_std": 0.02}},  # the paper's factor scale (the default before 72a684b)
-    "energy_power2": {"energy_power": 2.0},
+    "energy_power1": {"energy_power": 1.0},  # the default before energy_power 2
 }
 
 

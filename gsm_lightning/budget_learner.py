@@ -108,7 +108,7 @@ class BudgetLearner:
         energy_start_step: first step at which the energy weighting applies.
         energy_clip: bounds of the energy weight.
         energy_power: the energy weight is ``clip(mean_e / e_k, *energy_clip) ** energy_power``, clipped again
-            (a stronger pull of weak components toward zero for ``> 1``).
+            (default 2: weak components are pulled toward zero harder than linearly; 1 was the default before).
         step_clip: bound of the normalised width step, in units of ``lr``.
         width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * lr`` (locations keep ``lr``).
         beta2: decay of the per-side mean-square gradient.
@@ -124,7 +124,7 @@ class BudgetLearner:
         cut_weighting: CutWeighting = "energy",
         energy_start_step: int = 0,
         energy_clip: tuple[float, float] = (0.1, 100.0),
-        energy_power: float = 1.0,
+        energy_power: float = 2.0,
         step_clip: float = 3.0,
         width_lr_scale: float = 1.0,
         beta2: float = 0.999,

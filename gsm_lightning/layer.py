@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .align import align_structure
 from .flops import StructuredCost, grid_widths, project_widths_to_budget, structure_flops
 from .masks import boxcar_mask, gaudi_mask
 
@@ -424,17 +425,24 @@ class GBLRLinear(StructuredCost, nn.Module):
         self.invalidate_cache()
 
     @torch.no_grad()
-    def freeze_structure(self) -> GBLRLinear:
+    def freeze_structure(self, align: int = 1) -> GBLRLinear:
         """Switch to hard integer boxcars, drop inactive components, stop structure gradients.
 
         Widths and locations are snapped to the grid; the factors are zeroed outside their masks so
         the frozen layer is exactly the integer-boxcar GBLR matrix.  Returns ``self``.
-        Note: parameters are replaced, so rebuild optimizers afterwards."""
+        Note: parameters are replaced, so rebuild optimizers afterwards.
+
+        Args:
+            align: snap window starts and widths to multiples of ``gcd(side, align)`` (a tile-aligned
+                structure, :func:`gsm_lightning.align.align_structure`: no side's total width rises, no
+                component is dropped by it); 1 keeps the grid."""
         if self.is_frozen:
             return self
         self._check_finite()
         n = torch.tensor([[self.in_features], [self.out_features]], device=self.widths.device)
         w_int, l_int = self.int_widths(), self.int_locations()
+        if align != 1:
+            w_int, l_int = align_structure(w_int, l_int, self.in_features, self.out_features, align)
         keep = ((w_int[0] > 0) & (w_int[1] > 0)).nonzero().flatten()
         w_in, w_out = self.weight_in[keep].clone(), self.weight_out[keep].clone()
         widths = (w_int[:, keep].float() / n)

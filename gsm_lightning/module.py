@@ -22,6 +22,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from .align import side_alignment
 from .budget_learner import BudgetLearner, CutWeighting, Tracking, WidthStep
 from .conversion import gsmify
 from .proximal import (
@@ -131,9 +132,9 @@ class GSMModule(LightningModule):
             ``"density_energy"`` (density along the path, energy once the budget is held), ``"flops"``
             (FLOPs units) or ``"uniform"``.
         energy_start: part of phase 1 after which the energy weighting applies.
-        energy_power: exponent of the energy weight ``clip(mean_e / e_k, 0.1, 100) ** p``, clipped again (1: the
-            default). 2 pulls harder toward a few strong components: it meets every structure-recovery goal,
-            the low-rank teacher included, where 1 misses that one (BENCHMARKS.md); a candidate default.
+        energy_power: exponent of the energy weight ``clip(mean_e / e_k, 0.1, 100) ** p``, clipped again
+            (default 2). 2 pulls harder toward a few strong components than 1: it meets every
+            structure-recovery goal, the low-rank teacher included, where 1 misses that one (BENCHMARKS.md).
         width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * structure_lr`` (scheduled like
             every group); locations keep ``structure_lr``.
         tracking: ``"project"`` (default: the exact cut onto the path) or ``"dual"`` (a soft threshold adapted
@@ -150,6 +151,11 @@ class GSMModule(LightningModule):
             sigma1 is reached in phase 1 and the last phase-1 epoch trains near the boxcars it freezes to.
         enforce_budget_at_freeze: project the widths onto the budget when freezing if phase 1 did not
             reach it (a last resort: a warning gives the numbers when it moves the ratio by more than 0.02).
+        freeze_align: snap every window's start and width to multiples of ``freeze_align`` at the phase
+            switch (a side of length ``n`` to ``gcd(n, freeze_align)``; a warning names the layers that cannot take
+            the full tile), so that frozen layers map onto aligned tiles for :class:`~gsm_lightning.inference.CompactGBLR`.
+            No side's total width rises (largest-remainder rounding, :mod:`gsm_lightning.align`), so the FLOPs
+            ratio stays at or below the one reached; phase 2 fine-tunes on the aligned windows.  1 (default): off.
         label_smoothing: for classification.
         optimizer: optimizer callable (LightningCLI ``OptimizerCallable``); default AdamW(lr 5e-4, wd 0.05).
         lr_scheduler: scheduler callable; default: linear warmup (``warmup_epochs``) then cosine, per step.
@@ -174,7 +180,7 @@ class GSMModule(LightningModule):
         width_step: WidthStep = "side_rms",
         cut_weighting: CutWeighting = "energy",
         energy_start: float = 0.1,
-        energy_power: float = 1.0,
+        energy_power: float = 2.0,
         width_lr_scale: float = 4.0,
         tracking: Tracking = "project",
         prox_lambda: float = 0.02,
@@ -185,6 +191,7 @@ class GSMModule(LightningModule):
         sigma_start_epoch: float = 0,
         sigma_end_epoch: float | None = None,
         enforce_budget_at_freeze: bool = True,
+        freeze_align: int = 1,
         label_smoothing: float = 0.1,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -212,6 +219,9 @@ class GSMModule(LightningModule):
             raise ValueError(f"prox_lambda must be >= 0 and structure_lr > 0, got {prox_lambda}, {structure_lr}")
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if isinstance(freeze_align, bool) or not isinstance(freeze_align, int) or freeze_align < 1:
+            raise ValueError(f"freeze_align must be an integer >= 1 (a tile size such as 8, 16 or 32; 1 = off), "
+                             f"got {freeze_align!r}")
         self.backbone = backbone
         self.task = task
         self.budget = float(budget)
@@ -569,11 +579,21 @@ class GSMModule(LightningModule):
                     f"projected onto the budget before freezing (ratio {before:.4f} -> {after:.4f}, a cut of "
                     f"{self.projection_delta:.4f} the learner did not make). To reach it by learning, {hint}.",
                     stacklevel=_user_stacklevel())
+        align = int(self.hparams.get("freeze_align", 1))
+        if align > 1:
+            partial = [f"{name} ({m.in_features}x{m.out_features}: "
+                       f"{side_alignment(m.in_features, align)}/{side_alignment(m.out_features, align)})"
+                       for name, m in gblr_layers(self.backbone, include_frozen=False)
+                       if side_alignment(m.in_features, align) < align or side_alignment(m.out_features, align) < align]
+            if partial:
+                warnings.warn(f"freeze_align={align}: these layers have a side not divisible by {align} and are aligned "
+                              f"to gcd(side, {align}) instead (input/output tile): {', '.join(partial)}",
+                              stacklevel=_user_stacklevel())
         old = {m: (m.weight_in, m.weight_out, m.widths, m.locations) for m in layers}
         keeps = {}
         for m in layers:
             keeps[m] = m.active_components().nonzero().flatten()
-            m.freeze_structure()
+            m.freeze_structure(align=align)
         if trainer is not None and getattr(trainer, "strategy", None) is not None and trainer.optimizers:
             self._update_optimizers(trainer.optimizers, old, keeps)
             self._rewrap_ddp(trainer)

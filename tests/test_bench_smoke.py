@@ -42,9 +42,10 @@ def test_quick_run_writes_only_its_section(tmp_path):
     assert text.startswith("# Benchmarks\n\nother section\n") and text.rstrip().endswith("tail section")
     body = text[text.index("<!-- speed:start -->"):text.index("<!-- speed:end -->")]
     assert "old" not in body and "QUICK" in body
-    for heading in ("### P1", "### P2", "### P3", "### Memory", "### Scaling"):
+    for heading in ("### P1", "### P2", "### P3", "### AL", "### Memory", "### Scaling"):
         assert heading in body
     assert "| 128x512 | block-low-rank |" in body
+    assert "| L0.query | 384x384 | 32 |" in body  # the aligned MiniLM query
     assert "| L0.query | 384x384 |" in body and "| recovery_block_diagonal |" in body
 
 

@@ -194,6 +194,38 @@ def test_phase_switch_freezes_and_drops_components(tmp_path):
     assert not torch.equal(snap["w"], m.backbone[0].weight_in.detach())  # phase 2 trained the kept factors
 
 
+def test_freeze_align_snaps_the_learned_windows_and_checkpoints_keep_them(tmp_path):
+    train, val = digits_loaders()
+    m = make_module(budget=0.3, phase1_epochs=1, shrink="budget", freeze_align=32)  # sides 64 and 96: tiles of 32
+    t = trainer(tmp_path, max_epochs=2)
+    t.fit(m, train, val)
+    layers = [layer for _, layer in m.gblr_layers]
+    for layer in layers:
+        assert layer.is_frozen
+        assert (layer.int_widths() % 32 == 0).all() and (layer.int_locations() % 32 == 0).all()
+    assert m.flops_ratio() <= m.phase1_end_ratio + 1e-12  # aligning never raises the FLOPs
+    ckpt = tmp_path / "aligned.ckpt"
+    t.save_checkpoint(ckpt)
+    loaded = GSMModule.load_from_checkpoint(ckpt, backbone=mlp(), optimizer=adamw())
+    assert loaded.hparams.freeze_align == 32
+    for (_, a), (_, b) in zip(m.gblr_layers, loaded.gblr_layers):
+        assert a.structure() == b.structure()
+
+
+def test_freeze_align_names_layers_that_cannot_take_the_full_tile(tmp_path):
+    m = make_module(budget=0.5, phase1_epochs=0, freeze_align=64)
+    with pytest.warns(UserWarning, match=r"freeze_align=64: .*0 \(64x96: 64/32\), 2 \(96x96: 32/32\)"):
+        m.freeze_structure()
+    for _, layer in m.gblr_layers:
+        assert (layer.int_widths()[1] % 32 == 0).all()
+
+
+@pytest.mark.parametrize("bad", [0, 2.0, True])
+def test_freeze_align_rejects_non_tiles(bad):
+    with pytest.raises(ValueError, match="freeze_align must be an integer >= 1"):
+        make_module(freeze_align=bad)
+
+
 def test_freeze_at_epoch_zero(tmp_path):
     """With no phase 1 nothing is learned: the switch projects the initial widths onto the budget, and says so."""
     train, val = digits_loaders()
