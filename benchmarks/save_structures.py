@@ -3,6 +3,7 @@
     python benchmarks/save_structures.py minilm      # all-MiniLM-L6-v2 at 30 % FLOPs (~5 min, 1 thread)
     python benchmarks/save_structures.py recovery    # structure-recovery gblr students (3 teachers, ~2 min)
     python benchmarks/save_structures.py fmnist      # Fashion-MNIST ViT + Mixer at 30 % and 50 % (~20 min)
+    python benchmarks/save_structures.py fmnist --fmnist-from docs/fmnist/structures   # or: copy a full-length run's
     python benchmarks/save_structures.py all
 
 Each fixture comes from a real run of the package; the recipe is stored in the file (``command``, ``recipe``):
@@ -14,8 +15,9 @@ Each fixture comes from a real run of the package; the recipe is stored in the f
   teachers ``block_diagonal``, ``few_windows`` and ``rectangular``, seed 0.
 * ``fmnist``: the GBLR runs of ``benchmarks/accuracy_fmnist.py`` (its own ``run_one`` with ``--structures``, which
   writes the file) for the ViT and the Mixer at budgets 0.3 and 0.5, shortened (3 epochs, 2 of structure learning,
-  5000 training and 2000 test images, seed 0, 1 thread).  Structures of its full-length runs
-  (``accuracy_fmnist.py --structures DIR``) have the same format and can replace them.
+  5000 training and 2000 test images, seed 0, 1 thread); or, with ``--fmnist-from DIR``, the seed-0 structures of a
+  full-length run (``accuracy_fmnist.py --structures DIR``, same format), copied.  The committed fixtures are the
+  latter, from the Fashion-MNIST table's default runs (``docs/fmnist/structures``).
 
 The recipes of the other scripts are reused by calling their ``run_one`` (for ``recovery`` with a ``GSMModule``
 subclass that keeps a reference to the trained module; no edit of those scripts).  Load a fixture with
@@ -169,10 +171,33 @@ def save_fmnist(runs: list[tuple[str, float]] = FMNIST, seed: int = 0, threads: 
     return paths
 
 
+def copy_fmnist(src: Path, runs: list[tuple[str, float]] = FMNIST, seed: int = 0) -> list[Path]:
+    """Take the fixtures from a full-length ``accuracy_fmnist.py --structures SRC`` run instead of rerunning the
+    shortened recipe: copy its seed-``seed`` files into benchmarks/data, with the provenance added."""
+    paths = []
+    for model, budget in runs:
+        name = fixture_path("fmnist", model, budget, seed).name
+        if not (src / name).exists():
+            raise SystemExit(f"{src / name} not found: run benchmarks/accuracy_fmnist.py with --structures {src} first "
+                             "(the command is in BENCHMARKS.md, Fashion-MNIST)")
+        rec = load_structure(src / name)
+        rec.update(name=f"fmnist_{model}_b{budget:g}", architecture=f"benchmarks/accuracy_fmnist.py backbone({model!r})",
+                   budget=budget, command=f"python benchmarks/save_structures.py fmnist --fmnist-from {src.as_posix()}",
+                   recipe=f"the seed-{seed} structure of a full-length accuracy_fmnist.py run written to {src.as_posix()} "
+                          "(its command in BENCHMARKS.md)")
+        path = DATA / name
+        save_structure(rec, path)
+        paths.append(path)
+        print(f"{model} {budget}: acc {rec.get('test_acc', float('nan')):.4f}, ratio {rec['flops_ratio']:.3f} -> {path}", flush=True)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["minilm", "recovery", "fmnist", "all"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fmnist-from", type=Path, default=None, metavar="DIR",
+                   help="fmnist: copy the seed-0 structures of a full-length accuracy_fmnist.py --structures DIR run")
     args = p.parse_args(argv)
     DATA.mkdir(parents=True, exist_ok=True)
     if args.what in ("minilm", "all"):
@@ -180,11 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("recovery", "all"):
         save_recovery(threads=args.threads)
     if args.what in ("fmnist", "all"):
-        save_fmnist(threads=args.threads)
+        if args.fmnist_from is not None:
+            copy_fmnist(args.fmnist_from if args.fmnist_from.is_absolute() else ROOT / args.fmnist_from)
+        else:
+            save_fmnist(threads=args.threads)
     return 0
 
 
-__all__ = ["fixture_path", "save_minilm", "save_recovery", "save_fmnist", "structure_record"]
+__all__ = ["fixture_path", "save_minilm", "save_recovery", "save_fmnist", "copy_fmnist", "structure_record"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
