@@ -370,17 +370,22 @@ def aligned_record(rec: dict[str, Any], align: int) -> dict[str, Any]:
     return {**rec, "widths": wa.tolist(), "locations": la.tolist()}
 
 
-def bench_align(threads: int, rounds: int, min_run_time: float, aligns: list[int], quick: bool = False) -> list[str]:
+def bench_align(threads: int, rounds: int, min_run_time: float, aligns: list[int],
+                quick: bool = False) -> tuple[list[str], list[str]]:
     """AL: one MiniLM layer of each kind (low-rank-like and spread q/k/v, FFN in and out) with its windows aligned to
-    each tile size (1 = as stored), at 64 and 256 tokens."""
+    each tile size (1 = as stored), at 64 and 256 tokens; and the low-rank floor of each layer (table rows)."""
     minilm = load_structure(DATA / MINILM)
     names = ALIGN_LAYERS[:1] if quick else ALIGN_LAYERS
     tokens_list = [64] if quick else [64, 256]
     rows = ["| layer | shape | align | FLOPs | distinct windows (in, out) | tokens | path | MACs | compact | auto |",
             "|---|---|---|---|---|---|---|---|---|---|"]
+    floors = []
     for name in names:
         rec = minilm["layers"][name]
         short = name.replace("encoder.layer.", "L").replace(".attention.self.", ".").replace(".intermediate.dense", ".ffn_in").replace(".output.dense", ".ffn_out")
+        for t in tokens_list:
+            floors.append(f"| {short} | {t} | " + lowrank_floor(rec, t, threads, rounds, min_run_time) + " |")
+            print(floors[-1], flush=True)
         for a in aligns:
             ra = aligned_record(rec, a)
             w = torch.tensor(ra["widths"]).reshape(2, -1)
@@ -393,7 +398,24 @@ def bench_align(threads: int, rounds: int, min_run_time: float, aligns: list[int
                 rows.append(f"| {short} | {rec['in_features']}x{rec['out_features']} | {a} | {res['flops']:.3f} | {distinct} | {t} | "
                             f"{res['path']} | {res['macs']:.2f} | {res['compact']:.2f}x | {res['auto']:.2f}x |")
                 print(rows[-1], flush=True)
-    return rows
+    return rows, ["| layer | tokens | rank of the same FLOPs | x @ A @ B (+ bias), vs nn.Linear |", "|---|---|---|---|", *floors]
+
+
+def lowrank_floor(rec: dict[str, Any], tokens: int, threads: int, rounds: int, min_run_time: float) -> str:
+    """What two plain gemms achieve at the layer's FLOPs: ``x @ A @ B + b`` with the rank ``R`` of a low-rank layer of
+    the same multiply-adds (``R (in + out)`` = the structure's FLOPs), timed against ``nn.Linear`` like P3."""
+    n_in, n_out = int(rec["in_features"]), int(rec["out_features"])
+    w = torch.tensor(rec["widths"], dtype=torch.int64).reshape(2, -1)
+    active = (w[0] > 0) & (w[1] > 0)
+    flops = int(rec["rank_per_component"]) * int((w[0] + w[1])[active].sum())
+    r = max(1, round(flops / (n_in + n_out)))
+    lin = nn.Linear(n_in, n_out)
+    a, b = torch.randn(n_in, r) / n_in ** 0.5, torch.randn(r, n_out) / r ** 0.5
+    x = torch.randn(tokens, n_in)
+    with torch.no_grad():
+        ratios, _ = interleaved_ratios({"dense": lambda: lin(x), "floor": lambda: torch.addmm(lin.bias, x @ a, b)},
+                                       threads, rounds, min_run_time)
+    return f"{r} | {ratios['floor']:.2f}x"
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -507,14 +529,16 @@ def main(argv: list[str] | None = None) -> int:
         al_mrt = args.min_run_time if args.min_run_time is not None else (0.02 if q else 0.1)
         aligns = [int(a) for a in args.aligns.split(",")] if args.aligns else ([1, 32] if q else [1, 8, 16, 32, 64])
         print("AL tile-aligned freeze", flush=True)
-        al = bench_align(1, rounds, al_mrt, aligns, quick=q)
+        al, al_floor = bench_align(1, rounds, al_mrt, aligns, quick=q)
         blocks["al"] = ["### AL: tile-aligned freeze on the MiniLM structures (1 thread)", "",
                   "One layer of each kind of P3's MiniLM fixture (low-rank-like and spread q/k/v, FFN in, FFN out), its windows "
                   "snapped to multiples of `align` by `gsm_lightning.align.align_structure` (what `freeze_structure(align=...)` / "
                   "`GSMModule(freeze_align=...)` do at the phase switch; no side's total width rises), random weights; timed as "
                   f"in P3 ({rounds} interleaved rounds of `blocked_autorange(min_run_time={al_mrt})`, medians of per-round ratios "
                   "against `nn.Linear`). `FLOPs`: the aligned structure's ratio; `distinct windows`: per side, full windows "
-                  "counted as one.", "", *al, ""]
+                  "counted as one.", "", *al, "",
+                  "The floor: two plain gemms at the same FLOPs (`x @ A @ B + b`, A: in x R, B: R x out, R = FLOPs / (in + out)), "
+                  "what a low-rank layer of the same cost runs at on this CPU, timed the same way:", "", *al_floor, ""]
 
     if "mem" in sections:
         print("Memory", flush=True)
