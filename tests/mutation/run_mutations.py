@@ -2,7 +2,7 @@
 
 Each mutation below replaces one exact snippet of one file of ``gsm_lightning`` (it must occur exactly once, else the
 mutation is reported as stale) in a temporary copy of the repository (``gsm_lightning/``, ``tests/``,
-``pyproject.toml``; the working tree is never touched), then runs its chosen tests in that copy with pytest.  The
+``benchmarks/``, ``pyproject.toml``; the working tree is never touched), then runs its chosen tests in that copy with pytest.  The
 mutation is *killed* when pytest reports failing tests (exit status 1).  Before any mutation, the union of the chosen
 tests runs on an unmutated copy and must pass, so a kill is the mutation's doing.
 
@@ -131,6 +131,16 @@ MUTATIONS: tuple[Mutation, ...] = (
              '            checkpoint["gsm_learner"] = self.learner.state_dict()\n',
              "            pass\n",
              (RESUME, "-k", "mid_epoch")),
+    Mutation("energy_power_ignored", "the cut's energy weight is not raised to energy_power (the old rule, power 1)",
+             "gsm_lightning/budget_learner.py",
+             "        if self.energy_power != 1.0:\n",
+             "        if False:\n",
+             ("tests/test_structure_recovery.py", "-k", "full_recipe")),
+    Mutation("freeze_align_ignored", "the phase switch freezes on the unit grid whatever freeze_align says",
+             "gsm_lightning/module.py",
+             "            m.freeze_structure(align=align)\n",
+             "            m.freeze_structure()\n",
+             ("tests/test_module.py", "-k", "freeze_align")),
     Mutation("teacher_order_ignores_epoch", "the teacher-student order no longer depends on the epoch",
              "gsm_lightning/teacher.py",
              "        for _ in range(self.epoch):\n",
@@ -141,7 +151,7 @@ MUTATIONS: tuple[Mutation, ...] = (
 
 def copy_repo(dest: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("gsm_lightning", "tests"):
+    for name in ("gsm_lightning", "tests", "benchmarks"):  # benchmarks: the full-recipe recovery test runs its run_one
         shutil.copytree(ROOT / name, dest / name, ignore=ignore)
     shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
 
