@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gsm_lightning.align import align_structure  # noqa: E402
+from gsm_lightning.flops import structure_flops  # noqa: E402
 from gsm_lightning.inference import CompactGBLR, optimize_inference  # noqa: E402
 from gsm_lightning.layer import GBLRLinear  # noqa: E402
 from gsm_lightning.structure_io import frozen_layer, load_structure  # noqa: E402
@@ -406,8 +407,7 @@ def lowrank_floor(rec: dict[str, Any], tokens: int, threads: int, rounds: int, m
     the same multiply-adds (``R (in + out)`` = the structure's FLOPs), timed against ``nn.Linear`` like P3."""
     n_in, n_out = int(rec["in_features"]), int(rec["out_features"])
     w = torch.tensor(rec["widths"], dtype=torch.int64).reshape(2, -1)
-    active = (w[0] > 0) & (w[1] > 0)
-    flops = int(rec["rank_per_component"]) * int((w[0] + w[1])[active].sum())
+    flops = structure_flops(w, n_in, n_out, int(rec["rank_per_component"]))
     r = max(1, round(flops / (n_in + n_out)))
     lin = nn.Linear(n_in, n_out)
     a, b = torch.randn(n_in, r) / n_in ** 0.5, torch.randn(r, n_out) / r ** 0.5

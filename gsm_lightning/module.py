@@ -581,10 +581,10 @@ class GSMModule(LightningModule):
                     stacklevel=_user_stacklevel())
         align = int(self.hparams.get("freeze_align", 1))
         if align > 1:
-            partial = [f"{name} ({m.in_features}x{m.out_features}: "
-                       f"{side_alignment(m.in_features, align)}/{side_alignment(m.out_features, align)})"
-                       for name, m in gblr_layers(self.backbone, include_frozen=False)
-                       if side_alignment(m.in_features, align) < align or side_alignment(m.out_features, align) < align]
+            tiles = {name: (side_alignment(m.in_features, align), side_alignment(m.out_features, align), m)
+                     for name, m in gblr_layers(self.backbone, include_frozen=False)}
+            partial = [f"{name} ({m.in_features}x{m.out_features}: {a_in}/{a_out})"
+                       for name, (a_in, a_out, m) in tiles.items() if min(a_in, a_out) < align]
             if partial:
                 warnings.warn(f"freeze_align={align}: these layers have a side not divisible by {align} and are aligned "
                               f"to gcd(side, {align}) instead (input/output tile): {', '.join(partial)}",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
@@ -51,3 +54,12 @@ def hand_layer():
         layer.widths.copy_(torch.tensor([[4, 10, 3], [5, 2, 0]]) / torch.tensor([[10], [12]]))
         layer.locations.copy_(torch.tensor([[8, 0, 2], [10, 1, 1]]) / torch.tensor([[10], [12]]))
     return layer
+
+
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (the scripts are not a package; loaded by path, registered under ``name``)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "minilm_conversion.py"
+from .helpers import load_benchmark
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("minilm_conversion", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("minilm_conversion")
 
 
 def test_sentences_are_disjoint_and_varied():

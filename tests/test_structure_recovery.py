@@ -15,6 +15,8 @@ from torch import nn
 from gsm_lightning.module import GSMModule
 from gsm_lightning.teacher import TeacherStudentDataModule, make_teacher
 
+from .helpers import load_benchmark
+
 EPOCHS, PHASE1 = 24, 18
 
 
@@ -71,19 +73,9 @@ def test_paper_rule_loses_to_the_default_learner(teacher):
 def _benchmark_run_one(teacher: str, student: str, **overrides):
     """One run of ``benchmarks/structure_recovery.py`` with its full default recipe (seed 0)."""
     import argparse
-    import importlib.util
-    import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "structure_recovery.py"
-    mod = sys.modules.get("structure_recovery")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("structure_recovery", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["structure_recovery"] = mod
-        spec.loader.exec_module(mod)
     args = argparse.Namespace(num_train=4096, noise_std=0.01, batch_size=128, lr=3e-3, epochs=40, phase1_epochs=30)
-    return mod.run_one(teacher, student, 0, args, overrides or None)
+    return load_benchmark("structure_recovery").run_one(teacher, student, 0, args, overrides or None)
 
 
 def test_full_recipe_recovers_the_low_rank_teacher():
