@@ -11,7 +11,8 @@ timing does not depend on the values); every other layer is the dense twin's.  V
 * ``dense``: the dense twin (``nn.Linear`` everywhere);
 * ``frozen``: frozen ``GBLRLinear`` layers as trained (their plain forward);
 * ``auto``: ``optimize_inference(mode='auto', sample_input=<a batch of 32 images>)``: per layer the fastest of dense
-  and the ``CompactGBLR`` paths by its own timing, with the dense fallback for small token counts;
+  and the ``CompactGBLR`` paths by its own timing, with the dense fallback for small token counts, then the whole model
+  timed on those images against its dense merge (every layer merged to dense if it is not faster);
 * ``compact``: ``optimize_inference(mode='compact')`` (every GBLR layer a ``CompactGBLR``, no fallback).
 
 Latency: median over rounds of ``torch.utils.benchmark.Timer.blocked_autorange`` per variant, the variants of a
@@ -80,7 +81,7 @@ def build_variants(model: str, budget: float, routing_batch: int = 32, seed: int
             assert err < 1e-4, f"{model} {budget}: optimized model differs from the frozen one ({err:.2e})"
     info = {"layers": len(rep.layers), "compact": sum(c.choice == "compact" for c in rep.layers),
             "fallback": sum(c.dense_below > 0 for c in rep.layers), "flops_ratio": structure["flops_ratio"],
-            "paths": sorted({c.path for c in rep.layers if c.path})}
+            "paths": sorted({c.path for c in rep.layers if c.path}), "model_ratio": rep.model_ratio, "reverted": rep.reverted}
     return {"dense": dense, "frozen": frozen, "auto": auto, "compact": compact}, info
 
 
@@ -219,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             models[f"{name}@{budget:g}"] = variants
             infos.append(f"{name} {budget:g}: FLOPs ratio {info['flops_ratio']:.3f} of the converted layers; auto kept "
                          f"{info['compact']} of {info['layers']} GBLR layers compact (paths: {', '.join(info['paths']) or '-'}), "
-                         f"{info['fallback']} of them with the dense fallback")
+                         f"{info['fallback']} of them with the dense fallback"
+                         + ("" if info["model_ratio"] is None else
+                            f"; its whole-model check on the 32 images timed the per-layer choice at {info['model_ratio']:.2f}x "
+                            "the dense merge" + (", not faster: every layer merged to dense" if info["reverted"] else ", kept")))
             print(infos[-1], flush=True)
     torch.set_num_threads(default_threads)
     print("latency", flush=True)
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "49-64-49, channel MLP 96-384-96) of `benchmarks/accuracy_fmnist.py`; structures learned at 30 % / 50 % FLOPs "
         "(`benchmarks/data/structures_fmnist_*_s0.json`), **random weights**. `frozen` = the frozen GBLRLinear layers, "
         "`auto` = `optimize_inference(mode='auto', sample_input=<32 images>)` (timed per layer, dense fallback at small "
-        "token counts), `compact` = every GBLR layer a CompactGBLR. Ratios: median over rounds of the per-round ratio "
+        "token counts, then the whole model checked against its dense merge on those images), `compact` = every GBLR layer a CompactGBLR. Ratios: median over rounds of the per-round ratio "
         "against dense (variants interleaved within each round); dense in ms: median.",
         *[f"- {line}" for line in infos],
         "",

@@ -10,6 +10,7 @@ Sections (see benchmarks/README.md for what exactly is measured):
   SC  scaling of mask computation and training step with n = in = out, K = n
   P3  frozen inference on real learned structures (benchmarks/data/structures_*.json, random weights)
   AL  the same MiniLM structures after a tile-aligned freeze (gsm_lightning.align) at several tile sizes
+  FL  the low-rank floor of those layers on every CPU gemm backend of the torch build (eager, MKL packed, oneDNN, inductor)
 Every number written comes from this run; ratios are against nn.Linear measured in the same run.
 
     python benchmarks/bench_speed.py --sections p3 --output /tmp/p3.md   # only P3, written to another file
@@ -18,6 +19,7 @@ Every number written comes from this run; ratios are against nn.Linear measured 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import os
 import platform
@@ -418,6 +420,95 @@ def lowrank_floor(rec: dict[str, Any], tokens: int, threads: int, rounds: int, m
     return f"{r} | {ratios['floor']:.2f}x"
 
 
+FLOOR_LAYERS = ("encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense")
+
+
+def _floor_rank(rec: dict[str, Any]) -> int:
+    """Rank ``R`` of a low-rank layer with the multiply-adds of the stored structure: ``R (in + out)`` = its FLOPs."""
+    n_in, n_out = int(rec["in_features"]), int(rec["out_features"])
+    w = torch.tensor(rec["widths"], dtype=torch.int64).reshape(2, -1)
+    return max(1, round(structure_flops(w, n_in, n_out, int(rec["rank_per_component"])) / (n_in + n_out)))
+
+
+def _compiled(module: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    """``module`` compiled by inductor with ``mode='max-autotune'`` and weight freezing (the CPU gemm template
+    is benchmarked against aten/MKL per shape), warmed up on ``x``."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=True):
+        fn = torch.compile(module.eval(), mode="max-autotune", dynamic=False)
+        with torch.no_grad():
+            fn(x)
+    return lambda: fn(x)
+
+
+def bench_floor(threads: int, rounds: int, min_run_time: float, compile_: bool = True,
+                quick: bool = False) -> list[str]:
+    """FL: whether any CPU gemm backend in this torch build runs a low-rank layer (the cheapest exact form of the
+    low-rank-like MiniLM structures) closer to its FLOPs ratio than eager ``x @ A @ B``.  Per backend: the low-rank
+    product over the same backend's dense layer, and over eager ``nn.Linear``."""
+    minilm = load_structure(DATA / MINILM)
+    names = FLOOR_LAYERS[:1] if quick else FLOOR_LAYERS
+    mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+    onednn = torch.backends.mkldnn.is_available()
+    head = ["eager `x @ A @ B`", "eager `linear(linear(x))`"] + (["MKL packed"] if mkl else []) + \
+        (["oneDNN"] if onednn else []) + (["inductor max-autotune"] if compile_ else [])
+    rows = ["| layer | shape | tokens | R | FLOPs | target (1.2 x FLOPs) | " + " | ".join(head) + " |",
+            "|---" * (6 + len(head)) + "|"]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name in names:
+            rec = minilm["layers"][name]
+            short = name.replace("encoder.layer.", "L").replace(".attention.self.", ".").replace(
+                ".intermediate.dense", ".ffn_in").replace(".output.dense", ".ffn_out")
+            n_in, n_out, r = int(rec["in_features"]), int(rec["out_features"]), _floor_rank(rec)
+            torch.manual_seed(0)
+            dense = nn.Linear(n_in, n_out).eval()
+            lowrank = nn.Sequential(nn.Linear(n_in, r, bias=False), nn.Linear(r, n_out)).eval()
+            a, b = lowrank[0].weight.detach().t().contiguous(), lowrank[1].weight.detach().t().contiguous()
+            bias = lowrank[1].bias.detach()
+            for t in ([64] if quick else [64, 256]):
+                x = torch.randn(t, n_in)
+                torch._dynamo.reset()  # static shapes per token count, no cache shared with the previous row
+                fns: dict[str, Callable[[], Any]] = {
+                    "dense": lambda: dense(x),
+                    "eager `x @ A @ B`": lambda: torch.addmm(bias, x @ a, b),
+                    "eager `linear(linear(x))`": lambda: lowrank(x),
+                }
+                pairs = {"eager `x @ A @ B`": "dense", "eager `linear(linear(x))`": "dense"}
+                if mkl:
+                    wd, w1, w2 = dense.weight.detach(), lowrank[0].weight.detach(), lowrank[1].weight.detach()
+                    pd, p1, p2 = (torch.ops.mkl._mkl_reorder_linear_weight(w, t) for w in (wd, w1, w2))
+                    fns["MKL packed dense"] = lambda: torch.ops.mkl._mkl_linear(x, pd, wd, dense.bias, t)
+                    fns["MKL packed"] = lambda: torch.ops.mkl._mkl_linear(torch.ops.mkl._mkl_linear(x, p1, w1, None, t), p2, w2, bias, t)
+                    pairs["MKL packed"] = "MKL packed dense"
+                if onednn:
+                    from torch.utils import mkldnn as to_onednn
+
+                    # to_mkldnn replaces the children of a container in place: convert copies
+                    md, ml = (to_onednn.to_mkldnn(copy.deepcopy(nn.Sequential(m))) for m in (dense, lowrank))
+                    xm = x.to_mkldnn()
+                    fns["oneDNN dense"] = lambda: md(xm)
+                    fns["oneDNN"] = lambda: ml(xm)
+                    pairs["oneDNN"] = "oneDNN dense"
+                if compile_:
+                    fns["inductor dense"] = _compiled(copy.deepcopy(dense), x)
+                    fns["inductor max-autotune"] = _compiled(copy.deepcopy(lowrank), x)
+                    pairs["inductor max-autotune"] = "inductor dense"
+                with torch.no_grad():
+                    for fn in fns.values():  # first calls pick kernels and allocate: not timed
+                        fn(), fn()
+                    ratios, _ = interleaved_ratios(fns, threads, rounds, min_run_time)
+                flops = r * (n_in + n_out) / (n_in * n_out)
+                cells = [f"{ratios[k] / ratios[pairs[k]]:.2f}x ({ratios[k]:.2f}x)" for k in head]
+                rows.append(f"| {short} | {n_in}x{n_out} | {t} | {r} | {flops:.3f} | {1.2 * flops:.2f}x | " + " | ".join(cells) + " |")
+                print(rows[-1], flush=True)
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- output
 def machine_info() -> str:
     cpu = platform.processor() or "unknown CPU"
@@ -430,7 +521,7 @@ def machine_info() -> str:
             f"default torch threads {torch.get_num_threads()}, Python {platform.python_version()}")
 
 
-SUBSECTIONS = {"p1": "### P1", "p2": "### P2", "p3": "### P3", "al": "### AL", "mem": "### Memory", "sc": "### Scaling"}
+SUBSECTIONS = {"p1": "### P1", "p2": "### P2", "p3": "### P3", "al": "### AL", "fl": "### FL", "mem": "### Memory", "sc": "### Scaling"}
 
 
 def _subsections(body: str) -> dict[str, str]:
@@ -467,14 +558,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small shapes and short timings (smoke run)")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file whose speed section is rewritten")
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1.0, quick 0.02)")
-    ap.add_argument("--sections", default="p1,p2,mem,sc,p3,al", help="comma list of p1, p2, mem, sc, p3, al (default: all)")
+    ap.add_argument("--sections", default="p1,p2,mem,sc,p3,al,fl", help="comma list of p1, p2, mem, sc, p3, al, fl (default: all)")
+    ap.add_argument("--no-compile", action="store_true", help="FL: skip the inductor max-autotune column (compiling takes minutes)")
     ap.add_argument("--aligns", default=None, help="AL: comma list of tile sizes (1 = the stored structure; default "
                     "1,8,16,32,64, quick 1,32)")
     ap.add_argument("--rounds", type=int, default=None, help="P3: interleaved rounds per timing (default 7, quick 2)")
     ap.add_argument("--p2-threads", default=None, help="P2: comma list of torch thread counts (default 1,2; quick 1)")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
-    unknown = sections - {"p1", "p2", "mem", "sc", "p3", "al"}
+    unknown = sections - {"p1", "p2", "mem", "sc", "p3", "al", "fl"}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
     q = args.quick
@@ -539,6 +631,22 @@ def main(argv: list[str] | None = None) -> int:
                   "counted as one.", "", *al, "",
                   "The floor: two plain gemms at the same FLOPs (`x @ A @ B + b`, A: in x R, B: R x out, R = FLOPs / (in + out)), "
                   "what a low-rank layer of the same cost runs at on this CPU, timed the same way:", "", *al_floor, ""]
+
+    if "fl" in sections:
+        rounds = args.rounds or (2 if q else 7)
+        fl_mrt = args.min_run_time if args.min_run_time is not None else (0.02 if q else 0.1)
+        print("FL low-rank floor across gemm backends", flush=True)
+        fl_rows = bench_floor(1, rounds, fl_mrt, compile_=not (q or args.no_compile), quick=q)
+        blocks["fl"] = ["### FL: the low-rank floor across the CPU gemm backends of this torch build (1 thread)", "",
+                  "A low-rank layer of the same FLOPs as the stored MiniLM structure (rank `R`, `R (in + out)` = its FLOPs: "
+                  "the cheapest exact form of the low-rank-like layers, no padding) against a dense layer, on every gemm "
+                  "backend this torch build offers on CPU: eager `torch.addmm(b, x @ A, B)`, eager `nn.Linear(nn.Linear(x))` "
+                  "(transposed weights), MKL with prepacked weights (`torch.ops.mkl._mkl_linear`, what inductor's freezing "
+                  "uses for float32), oneDNN (`torch.utils.mkldnn.to_mkldnn`, input already in oneDNN layout) and "
+                  "`torch.compile(mode='max-autotune')` with weight freezing (inductor benchmarks its C++ gemm template "
+                  "against aten/MKL per shape). Each cell: the low-rank layer over the **same backend's** dense layer, and "
+                  f"in brackets over eager `nn.Linear`; {rounds} interleaved rounds of `blocked_autorange(min_run_time={fl_mrt})`, "
+                  "medians of per-round ratios (the same-backend ratio is the quotient of the two medians).", "", *fl_rows, ""]
 
     if "mem" in sections:
         print("Memory", flush=True)

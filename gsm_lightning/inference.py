@@ -374,12 +374,18 @@ def plan_blocks(
                      out_start=a_o[order], out_len=l_o[order], comps=[groups[p] for p in order])
 
 
-def blocks_cost(plan: BlockPlan, tokens: int = 256) -> float:
-    """Modelled time (ns) of the blocks path of :class:`CompactGBLR` over ``tokens`` tokens."""
+def padded_rank(rank: int, multiple: int) -> int:
+    """``rank`` rounded up to a multiple of ``multiple`` (the blocks path's zero padding of a block's rank)."""
+    return -(-int(rank) // int(multiple)) * int(multiple)
+
+
+def blocks_cost(plan: BlockPlan, tokens: int = 256, rank_multiple: int = 1) -> float:
+    """Modelled time (ns) of the blocks path of :class:`CompactGBLR` over ``tokens`` tokens (block ranks padded to
+    multiples of ``rank_multiple``)."""
     t = max(int(tokens), 1)
     if plan.num_blocks == 0:
         return COST_LAUNCH
-    rr = np.asarray([plan.block_rank(p) for p in range(plan.num_blocks)], dtype=np.float64)
+    rr = np.asarray([padded_rank(plan.block_rank(p), rank_multiple) for p in range(plan.num_blocks)], dtype=np.float64)
     wraps = np.asarray([sum(plan.wraps(p)) for p in range(plan.num_blocks)])
     total = float(_block_cost(rr, plan.in_len, plan.out_len, 2 + wraps, t).sum())
     full_first = plan.out_start[0] == 0 and plan.out_len[0] == plan.n_out
@@ -403,13 +409,17 @@ class CompactGBLR(nn.Module):
       row-major input, with no transpose);
     * ``"blocks"``: components grouped into a few low-rank blocks over union windows (:func:`plan_blocks`):
       per block two gemms on contiguous column slices of the input and the output (no gather, no transpose).
-      Components with identical windows always share a block (exact merge into a block of higher rank).
+      Components with identical windows always share a block (exact merge into a block of higher rank).  With
+      ``rank_multiple`` > 1 each block's rank is padded with zeros up to a multiple of it: more multiply-adds, but
+      BLAS runs such gemms faster (on the development CPU a rank-91 product over 1536 columns took 0.39x a dense
+      1536x384 layer's time and a rank-96 one 0.32x; BENCHMARKS.md, FL/P3).
 
     With a dense fallback (:meth:`set_dense_fallback`, set by :func:`optimize_inference`) inputs of fewer than
     ``dense_below`` tokens use the merged dense weight instead."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, plan_in: SidePlan, plan_out: SidePlan,
-                 bias: Tensor | None, structure: dict[str, Any], path: str = "tiles", blocks: BlockPlan | None = None) -> None:
+                 bias: Tensor | None, structure: dict[str, Any], path: str = "tiles", blocks: BlockPlan | None = None,
+                 rank_multiple: int = 1) -> None:
         super().__init__()
         if path not in ("tiles", "blocks"):
             raise ValueError(f"unknown path {path!r}; expected 'tiles' or 'blocks'")
@@ -419,6 +429,9 @@ class CompactGBLR(nn.Module):
         self.plan_in, self.plan_out = plan_in, plan_out
         self.path = path
         self.blocks = blocks
+        if int(rank_multiple) < 1:
+            raise ValueError(f"rank_multiple must be >= 1, got {rank_multiple}")
+        self.rank_multiple = int(rank_multiple) if path == "blocks" else 1
         self.structure_info = structure
         self.num_components = plan_in.num_components
         self.in_view = plan_in.tiles_identity and plan_in.n_tiles * plan_in.tile == in_features
@@ -441,6 +454,8 @@ class CompactGBLR(nn.Module):
         # whether a window is the whole side (no slice) -- (a, li, wrap_in, full_in, c, lo, wrap_out, full_out, v, u)
         self._block_exec = [(a, li, wi, a == 0 and li == self.in_features, c, lo, wo, c == 0 and lo == self.out_features,
                              f"blk_v{p}", f"blk_u{p}") for p, (a, li, wi, c, lo, wo) in enumerate(self.block_meta)]
+        # a single block covering both sides whole is a low-rank layer: forward is two gemms, without the block loop
+        self._whole_block = len(self._block_exec) == 1 and self._block_exec[0][3] and self._block_exec[0][7]
         self.dense_below = 0
         if bias is not None:
             self.register_buffer("bias", bias.detach().clone())
@@ -460,6 +475,7 @@ class CompactGBLR(nn.Module):
         path: CompactPath = "auto",
         merge_blocks: bool = True,
         max_blocks: int | None = None,
+        rank_multiple: int = 1,
     ) -> CompactGBLR:
         """Build from a frozen :class:`GBLRLinear`.
 
@@ -473,6 +489,8 @@ class CompactGBLR(nn.Module):
             merge_blocks: blocks path: merge blocks of different windows when the model says it pays
                 (components with identical windows are always merged).
             max_blocks: blocks path: merge until at most this many blocks remain.
+            rank_multiple: blocks path: pad each block's rank with zeros up to a multiple of this (exact; more
+                multiply-adds, but gemms of such ranks can run faster; ``optimize_inference`` times 1 and 8).
         """
         if not isinstance(layer, GBLRLinear):
             raise TypeError(f"CompactGBLR.from_gblr expects a GBLRLinear, got {type(layer).__name__}")
@@ -480,6 +498,8 @@ class CompactGBLR(nn.Module):
             raise ValueError("CompactGBLR needs a frozen GBLRLinear: call layer.freeze_structure() first")
         if path not in ("auto", "tiles", "blocks"):
             raise ValueError(f"unknown path {path!r}; expected 'auto', 'tiles' or 'blocks'")
+        if int(rank_multiple) < 1:
+            raise ValueError(f"rank_multiple must be >= 1, got {rank_multiple}")
         n_in, n_out, r, k = layer.in_features, layer.out_features, layer.rank_per_component, layer.num_components
         w = layer.int_widths().cpu().numpy()
         loc = layer.int_locations().cpu().numpy()
@@ -494,11 +514,12 @@ class CompactGBLR(nn.Module):
         if path in ("auto", "blocks"):
             blocks = plan_blocks(loc[0], w[0], loc[1], w[1], n_in, n_out, r, tokens, max_blocks, merge_blocks)
             if path == "auto":
-                path = "blocks" if blocks_cost(blocks, tokens) < plan_cost(plan_in, plan_out, tokens) else "tiles"
+                path = "blocks" if blocks_cost(blocks, tokens, rank_multiple) < plan_cost(plan_in, plan_out, tokens) else "tiles"
         v, u = layer.masked_factors()  # (K*r, in), (K*r, out), zero outside the windows
         structure = {"in_features": n_in, "out_features": n_out, "rank_per_component": r,
                      "widths": w.tolist(), "locations": loc.tolist()}
-        mod = cls(n_in, n_out, r, plan_in, plan_out, layer.bias, structure, path, blocks if path == "blocks" else None)
+        mod = cls(n_in, n_out, r, plan_in, plan_out, layer.bias, structure, path, blocks if path == "blocks" else None,
+                  rank_multiple)
         v, u = v.detach().reshape(k, r, n_in), u.detach().reshape(k, r, n_out)
         if path == "blocks":
             mod._build_blocks(v, u)
@@ -554,13 +575,14 @@ class CompactGBLR(nn.Module):
 
     def _build_blocks(self, v: Tensor, u: Tensor) -> None:
         """Blocks path: register per block ``blk_v{p}`` ``(L_p, R_p)`` (input window x rank, so that the product
-        is ``x[:, window] @ blk_v``) and ``blk_u{p}`` ``(R_p, M_p)``."""
+        is ``x[:, window] @ blk_v``) and ``blk_u{p}`` ``(R_p, M_p)``, the rank zero-padded to ``rank_multiple``."""
         k, r = self.num_components, self.rank
         v2, u2 = v.reshape(k * r, self.in_features), u.reshape(k * r, self.out_features)
         for p in range(len(self.block_meta)):
             rows, pin, pout = self._block_positions(p, v.device)
-            self.register_buffer(f"blk_v{p}", v2[rows][:, pin].t().contiguous())
-            self.register_buffer(f"blk_u{p}", u2[rows][:, pout].contiguous())
+            pad = padded_rank(rows.numel(), self.rank_multiple) - rows.numel()
+            self.register_buffer(f"blk_v{p}", F.pad(v2[rows][:, pin].t(), (0, pad)).contiguous())
+            self.register_buffer(f"blk_u{p}", F.pad(u2[rows][:, pout], (0, 0, 0, pad)).contiguous())
 
     @torch.no_grad()
     def set_dense_fallback(self, below_tokens: int, weight: Tensor | None = None) -> CompactGBLR:
@@ -592,7 +614,12 @@ class CompactGBLR(nn.Module):
         if self.num_components == 0:
             y = x.new_zeros(x.shape[:-1] + (self.out_features,))
             return y if self.bias is None else y + self.bias
-        y = self._forward_blocks(x2) if self.path == "blocks" else self._forward_tiles(x2)
+        if self._whole_block:
+            bufs = self._buffers
+            z = torch.mm(x2, bufs["blk_v0"])
+            y = torch.mm(z, bufs["blk_u0"]) if self.bias is None else torch.addmm(self.bias, z, bufs["blk_u0"])
+        else:
+            y = self._forward_blocks(x2) if self.path == "blocks" else self._forward_tiles(x2)
         return y if flat else y.view(x.shape[:-1] + (self.out_features,))
 
     def _forward_blocks(self, x2: Tensor) -> Tensor:
@@ -673,14 +700,16 @@ class CompactGBLR(nn.Module):
         """Cost-model estimate (ns) of a forward over ``tokens`` tokens (:func:`plan_cost` or :func:`blocks_cost`)."""
         if self.path == "blocks":
             assert self.blocks is not None
-            return blocks_cost(self.blocks, tokens)
+            return blocks_cost(self.blocks, tokens, self.rank_multiple)
         return plan_cost(self.plan_in, self.plan_out, tokens)
 
     def macs(self) -> int:
         """Multiply-adds per token performed by the gemms (padding included)."""
         if self.path == "blocks":
-            assert self.blocks is not None
-            return self.blocks.weights
+            bp = self.blocks
+            assert bp is not None
+            return sum(padded_rank(bp.block_rank(p), self.rank_multiple) * int(bp.in_len[p] + bp.out_len[p])
+                       for p in range(bp.num_blocks))
         return self.plan_in.weights + self.plan_out.weights
 
     def _buffer_dtype_device(self) -> tuple[torch.dtype, torch.device]:
@@ -698,9 +727,9 @@ class CompactGBLR(nn.Module):
             v = torch.zeros(k * r, self.in_features, device=dev, dtype=dt)
             u = torch.zeros(k * r, self.out_features, device=dev, dtype=dt)
             for p in range(len(self.block_meta)):  # each component row belongs to exactly one block
-                rows, pin, pout = self._block_positions(p, dev)
-                v[rows[:, None], pin[None, :]] = getattr(self, f"blk_v{p}").t()
-                u[rows[:, None], pout[None, :]] = getattr(self, f"blk_u{p}")
+                rows, pin, pout = self._block_positions(p, dev)  # padded rank: the first rows.numel() are real
+                v[rows[:, None], pin[None, :]] = getattr(self, f"blk_v{p}")[:, : rows.numel()].t()
+                u[rows[:, None], pout[None, :]] = getattr(self, f"blk_u{p}")[: rows.numel()]
             return v, u
         v = torch.zeros((k + 1) * r, self.in_features + 1, device=dev, dtype=dt)
         u = torch.zeros((k + 1) * r, self.out_features + 1, device=dev, dtype=dt)
@@ -745,8 +774,13 @@ class CompactGBLR(nn.Module):
             head += f", dense below {self.dense_below} tokens"
         if self.path == "blocks":
             assert self.blocks is not None
-            shapes = ",".join(f"{self.blocks.block_rank(p)}:{li}x{lo}" for p, (_, li, _, _, lo, _) in enumerate(self.block_meta))
-            return f"{head}, blocks(rank:in x out)=[{shapes}]"
+            def rank(p: int) -> str:
+                assert self.blocks is not None
+                r, rp = self.blocks.block_rank(p), padded_rank(self.blocks.block_rank(p), self.rank_multiple)
+                return f"{r}" if rp == r else f"{r}->{rp}"
+            shapes = ",".join(f"{rank(p)}:{li}x{lo}" for p, (_, li, _, _, lo, _) in enumerate(self.block_meta))
+            pad = f", rank_multiple={self.rank_multiple}" if self.rank_multiple > 1 else ""
+            return f"{head}{pad}, blocks(rank:in x out)=[{shapes}]"
         return f"{head}, in: {side(self.plan_in)}; out: {side(self.plan_out)}"
 
 
@@ -769,6 +803,7 @@ class InferenceChoice:
     dense_time: float | None = None
     path: str | None = None
     dense_below: int = 0
+    rank_multiple: int = 1
 
 
 @dataclass
@@ -778,18 +813,27 @@ class InferenceReport:
     mode: str
     tokens: int
     layers: list[InferenceChoice] = field(default_factory=list)
+    #: whole model with the compact layers over the same model with all of them merged to dense, timed on the
+    #: sample input (``None``: not checked); ``reverted``: that check found no gain and every layer was merged
+    model_ratio: float | None = None
+    reverted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "tokens": self.tokens, "layers": [asdict(x) for x in self.layers]}
+        return {"mode": self.mode, "tokens": self.tokens, "layers": [asdict(x) for x in self.layers],
+                "model_ratio": self.model_ratio, "reverted": self.reverted}
 
     def __len__(self) -> int:
         return len(self.layers)
 
     def __str__(self) -> str:
         lines = [f"optimize_inference(mode={self.mode}, tokens={self.tokens}): {len(self.layers)} layers"]
+        if self.model_ratio is not None:
+            lines.append(f"  whole model with the compact layers: {self.model_ratio:.2f}x its dense merge on the sample input"
+                         + (" -> not faster, every layer merged to dense" if self.reverted else ""))
         for c in self.layers:
             t = "" if c.compact_time is None else f" measured compact {c.compact_time * 1e6:.1f}us dense {c.dense_time * 1e6:.1f}us"
-            how = c.choice if c.path is None else f"{c.choice} ({c.path}{f', dense below {c.dense_below} tokens' if c.dense_below else ''})"
+            pad = f", ranks padded to {c.rank_multiple}" if c.rank_multiple > 1 else ""
+            how = c.choice if c.path is None else f"{c.choice} ({c.path}{pad}{f', dense below {c.dense_below} tokens' if c.dense_below else ''})"
             lines.append(f"  {c.name:<40} {c.in_features:>5}->{c.out_features:<5} flops {c.flops_ratio:.3f} -> {how}{t}")
         return "\n".join(lines)
 
@@ -808,8 +852,8 @@ def _fallback_threshold(faster: dict[int, bool]) -> int:
     return min(above) if above else max(bad) + 1
 
 
-def _sync(x: Tensor) -> None:
-    if x.is_cuda:
+def _sync(x: Any) -> None:
+    if isinstance(x, Tensor) and x.is_cuda:
         torch.cuda.synchronize(x.device)
 
 
@@ -854,6 +898,15 @@ def _faster(a: Any, b: Any, x: Tensor, reps: int) -> bool:
     return float(np.median(ratios)) < 1.0
 
 
+def _call(model: nn.Module, sample_input: Any) -> Any:
+    """``model`` on a sample input given as a tensor, a tuple/list of arguments or a dict of keyword arguments."""
+    if isinstance(sample_input, dict):
+        return model(**sample_input)
+    if isinstance(sample_input, (tuple, list)):
+        return model(*sample_input)
+    return model(sample_input)
+
+
 def _layer_inputs(model: nn.Module, names: list[str], sample_input: Any) -> dict[str, Tensor]:
     """Capture the input of each named layer for one forward of ``model`` on ``sample_input``."""
     captured: dict[str, Tensor] = {}
@@ -863,16 +916,34 @@ def _layer_inputs(model: nn.Module, names: list[str], sample_input: Any) -> dict
         handles.append(mod.register_forward_pre_hook(lambda m, args, _n=name: captured.setdefault(_n, args[0].detach())))
     try:
         with torch.no_grad():
-            if isinstance(sample_input, dict):
-                model(**sample_input)
-            elif isinstance(sample_input, (tuple, list)):
-                model(*sample_input)
-            else:
-                model(sample_input)
+            _call(model, sample_input)
     finally:
         for h in handles:
             h.remove()
     return captured
+
+
+def _set_layer(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def _model_ratio(model: nn.Module, swaps: dict[str, tuple[nn.Module, nn.Module]], sample_input: Any, reps: int,
+                 rounds: int = 5) -> float:
+    """Time of ``model`` on ``sample_input`` with the first module of every ``swaps`` entry in place, over its time
+    with the second (the dense merge) in place: the median over ``rounds`` of per-round ratios, each round timing a
+    burst of calls of each variant in turn (after one untimed call).  Leaves the first modules in place."""
+    def variant(i: int) -> Any:
+        def run(inp: Any) -> Any:
+            for name, mods in swaps.items():
+                _set_layer(model, name, mods[i])
+            return _call(model, inp)
+        return run
+
+    compact, dense = _burst_times([variant(0), variant(1)], sample_input, max(int(reps) // 4, rounds), rounds)
+    for name, mods in swaps.items():
+        _set_layer(model, name, mods[0])
+    return float(np.median([a / b for a, b in zip(compact, dense)]))
 
 
 @torch.no_grad()
@@ -884,6 +955,8 @@ def optimize_inference(
     reps: int = 20,
     fallback: bool = True,
     paths: Sequence[str] = ("tiles", "blocks"),
+    rank_multiples: Sequence[int] = (1, 8),
+    verify: bool = True,
     **compact_kwargs: Any,
 ) -> InferenceReport:
     """Replace every frozen :class:`GBLRLinear` of ``model`` (in place) by a :class:`CompactGBLR` or a
@@ -905,6 +978,15 @@ def optimize_inference(
             (:meth:`CompactGBLR.set_dense_fallback`; costs the memory of the dense weight), so that the layer is
             not slower than dense at a small batch.
         paths: compact paths to time in measured ``"auto"`` mode.
+        rank_multiples: measured ``"auto"``: the blocks path is timed with its block ranks padded to each of these
+            multiples (``CompactGBLR.from_gblr(rank_multiple=...)``; 1 = no padding), unless ``rank_multiple`` is
+            passed among ``compact_kwargs``.
+        verify: ``"auto"`` with ``sample_input`` only: after choosing per layer, time the whole model on
+            ``sample_input`` with the chosen compact layers against the same model with every layer merged to dense
+            (interleaved rounds); if it is not faster, merge every layer to dense (``report.reverted``).  Layers
+            timed one by one can each win while the model as a whole does not (caches, small layers); this makes
+            ``"auto"`` never return a model measured slower than its dense merge at the sample input.
+            The ratio is ``report.model_ratio``.
         **compact_kwargs: passed to :meth:`CompactGBLR.from_gblr`.
 
     Unfrozen GBLR layers are left alone (they are still training).  Returns an :class:`InferenceReport`.
@@ -919,6 +1001,8 @@ def optimize_inference(
     bad = [p for p in paths if p not in ("tiles", "blocks")]
     if bad or not paths:
         raise ValueError(f"paths must be a non-empty subset of ('tiles', 'blocks'), got {tuple(paths)}")
+    if not rank_multiples or any(int(m) < 1 for m in rank_multiples):
+        raise ValueError(f"rank_multiples must be a non-empty list of integers >= 1, got {tuple(rank_multiples)}")
     names = [n for n, m in gblr_layers(model) if m.is_frozen]
     measured = mode == "auto" and (sample_input is not None or tokens is not None)
     plan_tokens = tokens if tokens is not None else 256
@@ -927,6 +1011,7 @@ def optimize_inference(
         plan_tokens = max(1, int(np.median([v.numel() // v.shape[-1] for v in inputs.values()])))
     compact_kwargs.setdefault("tokens", plan_tokens)
     report = InferenceReport(mode=mode, tokens=plan_tokens)
+    swaps: dict[str, tuple[nn.Module, nn.Module]] = {}  # compact layers chosen by timing, with their dense merge
     for name in names:
         layer = model.get_submodule(name)
         compact = None
@@ -944,8 +1029,10 @@ def optimize_inference(
                     p = next(layer.parameters())
                     x = torch.randn(plan_tokens, layer.in_features, device=p.device, dtype=p.dtype)
                 wanted = [compact_kwargs["path"]] if "path" in compact_kwargs else list(paths)
-                kwargs = {k: v for k, v in compact_kwargs.items() if k != "path"}
-                cands = [CompactGBLR.from_gblr(layer, path=pth, **kwargs) for pth in dict.fromkeys(wanted)]
+                mults = [compact_kwargs["rank_multiple"]] if "rank_multiple" in compact_kwargs else list(dict.fromkeys(rank_multiples))
+                kwargs = {k: v for k, v in compact_kwargs.items() if k not in ("path", "rank_multiple")}
+                cands = [CompactGBLR.from_gblr(layer, path=pth, rank_multiple=m, **kwargs)
+                         for pth in dict.fromkeys(wanted) for m in (mults if pth == "blocks" else [1])]
                 *cts, dt = (float(np.median(t)) for t in _burst_times([*cands, dense], x, reps))
                 best = int(np.argmin(cts))
                 ct, compact = cts[best], cands[best]
@@ -971,11 +1058,22 @@ def optimize_inference(
         new = compact if choice == "compact" else dense
         assert new is not None
         new.train(layer.training)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        _set_layer(model, name, new)
+        if measured and choice == "compact" and dense is not None:
+            dense.train(layer.training)
+            swaps[name] = (new, dense)
         report.layers.append(InferenceChoice(
             name=name, in_features=layer.in_features, out_features=layer.out_features, flops_ratio=layer.flops_ratio(),
             choice=choice, compact_cost=c_cost, dense_cost=d_cost, compact_time=ct, dense_time=dt,
             path=compact.path if choice == "compact" and compact is not None else None,
-            dense_below=compact.dense_below if choice == "compact" and compact is not None else 0))
+            dense_below=compact.dense_below if choice == "compact" and compact is not None else 0,
+            rank_multiple=compact.rank_multiple if choice == "compact" and compact is not None else 1))
+    if verify and swaps and sample_input is not None:
+        report.model_ratio = _model_ratio(model, swaps, sample_input, reps)
+        if report.model_ratio >= 1.0:
+            report.reverted = True
+            for c in report.layers:
+                if c.name in swaps:
+                    _set_layer(model, c.name, swaps[c.name][1])
+                    c.choice, c.path, c.dense_below, c.rank_multiple = "dense", None, 0, 1
     return report

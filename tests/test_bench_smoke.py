@@ -30,10 +30,11 @@ def test_quick_run_writes_only_its_section(tmp_path):
     assert text.startswith("# Benchmarks\n\nother section\n") and text.rstrip().endswith("tail section")
     body = text[text.index("<!-- speed:start -->"):text.index("<!-- speed:end -->")]
     assert "old" not in body and "QUICK" in body
-    for heading in ("### P1", "### P2", "### P3", "### AL", "### Memory", "### Scaling"):
+    for heading in ("### P1", "### P2", "### P3", "### AL", "### FL", "### Memory", "### Scaling"):
         assert heading in body
     assert "| 128x512 | block-low-rank |" in body
     assert "| L0.query | 384x384 | 32 |" in body  # the aligned MiniLM query
+    assert "| L0.query | 384x384 | 64 | 56 | 0.292 | 0.35x |" in body  # its low-rank floor (FL)
     assert "| L0.query | 384x384 |" in body and "| recovery_block_diagonal |" in body
 
 

@@ -146,10 +146,14 @@ def _compact_cases():
     yield "blocks_merged", CompactGBLR.from_gblr(frozen_layer(), path="blocks", max_blocks=2)
     yield "tiles_padded_out", CompactGBLR.from_gblr(frozen_layer(), path="tiles", tile_in=24, tile_out=16)
     yield "fallback", CompactGBLR.from_gblr(frozen_layer(), path="blocks").set_dense_fallback(10)  # 18 vs 9 tokens
+    # one whole block (the two-gemm fast path), its rank 3 padded to 8
+    yield "whole_block_padded", CompactGBLR.from_gblr(GBLRLinear.low_rank(24, 40, rank=3).freeze_structure(),
+                                                      path="blocks", rank_multiple=8)
+    yield "blocks_padded", CompactGBLR.from_gblr(frozen_layer(), path="blocks", max_blocks=2, rank_multiple=8)
 
 
 @pytest.mark.parametrize("case", ["random", "buckets", "low_rank", "block_diag", "blocks", "blocks_merged",
-                                  "tiles_padded_out", "fallback"])
+                                  "tiles_padded_out", "fallback", "whole_block_padded", "blocks_padded"])
 def test_compact_fullgraph(case):
     compact = dict(_compact_cases())[case]
     x = torch.randn(2, 9, compact.in_features)

@@ -356,6 +356,78 @@ def test_optimize_inference_single_path_and_no_fallback():
     assert all(c.path in (None, "blocks") for c in report.layers)
 
 
+def _compact_wins_per_layer(monkeypatch):
+    """Make every per-layer timing say compact beats dense (fake burst times of layers, the last one being dense);
+    the whole-model timing, whose functions are not layers, stays real."""
+    from gsm_lightning import inference
+
+    real = inference._burst_times
+
+    def burst_times(fns, x, reps, rounds=3, min_burst_s=0.01):
+        if all(isinstance(f, nn.Module) for f in fns):
+            return [[1.0] * rounds for _ in fns[:-1]] + [[2.0] * rounds]
+        return real(fns, x, reps, rounds, min_burst_s)
+
+    monkeypatch.setattr(inference, "_burst_times", burst_times)
+    monkeypatch.setattr(inference, "_faster", lambda a, b, x, reps: True)
+    return inference
+
+
+@pytest.mark.parametrize("whole_model_ratio", [1.5, 0.5])
+def test_auto_reverts_to_dense_when_the_whole_model_is_not_faster(monkeypatch, whole_model_ratio):
+    inference = _compact_wins_per_layer(monkeypatch)
+    seen = {}
+
+    def fake_ratio(model, swaps, sample_input, reps, rounds=5):
+        seen["swaps"] = sorted(swaps)
+        assert all(isinstance(c, CompactGBLR) and isinstance(d, nn.Linear) for c, d in swaps.values())
+        return whole_model_ratio
+
+    monkeypatch.setattr(inference, "_model_ratio", fake_ratio)
+    model = make_model()
+    x = torch.randn(6, 24, dtype=D)
+    with torch.no_grad():
+        ref = model(x)
+    report = optimize_inference(model, mode="auto", sample_input=x, reps=3)
+    assert seen["swaps"] == ["0", "2"] and report.model_ratio == whole_model_ratio
+    reverted = whole_model_ratio >= 1
+    assert report.reverted is reverted and ("every layer merged to dense" in str(report)) is reverted
+    for c in report.layers:
+        mod = model.get_submodule(c.name)
+        assert type(mod) is (nn.Linear if reverted else CompactGBLR)
+        assert (c.choice, c.path is None, c.dense_below == 0) == (("dense", True, True) if reverted else ("compact", False, c.dense_below == 0))
+    assert report.to_dict()["reverted"] is reverted
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_whole_model_check_is_timed_and_optional(monkeypatch):
+    _compact_wins_per_layer(monkeypatch)
+    model = make_model()
+    x = torch.randn(6, 24, dtype=D)
+    with torch.no_grad():
+        ref = model(x)
+    report = optimize_inference(model, mode="auto", sample_input=x, reps=3, verify=False)
+    assert report.model_ratio is None and not report.reverted
+    assert all(isinstance(model.get_submodule(c.name), CompactGBLR) for c in report.layers)
+    from gsm_lightning.inference import _model_ratio
+
+    model = make_model()
+    with torch.no_grad():
+        ref = model(x)
+    report = optimize_inference(model, mode="auto", sample_input=x, reps=3)
+    assert report.model_ratio is not None and 0 < report.model_ratio < float("inf")
+    assert report.reverted is (report.model_ratio >= 1)
+    kinds = {type(model.get_submodule(c.name)) for c in report.layers}
+    assert kinds == ({nn.Linear} if report.reverted else {CompactGBLR})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-10)
+    # the timing helper puts the first variant back in place
+    swaps = {"0": (model[0], nn.Linear(24, 48, dtype=D))}
+    _model_ratio(model, swaps, x, reps=2, rounds=2)
+    assert model[0] is swaps["0"][0]
+
+
 @pytest.mark.parametrize("path", ["tiles", "blocks"])
 def test_single_token_calls_leave_buffers_alone(path):
     # a partial output window: the blocks path starts y from the bias (regression: at one token it wrote into it)
@@ -366,3 +438,73 @@ def test_single_token_calls_leave_buffers_alone(path):
         check_equal(layer, c, lead=(1,))
         check_equal(layer, c, lead=())
     assert all(torch.equal(v, c.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("max_blocks", [1, None])
+def test_blocks_rank_padding_is_exact_and_counted(bias, max_blocks):
+    layer = random_frozen(40, 24, 13, r=2, seed=11, bias=bias, max_width=0.8)
+    plain = CompactGBLR.from_gblr(layer, path="blocks", max_blocks=max_blocks)
+    padded = CompactGBLR.from_gblr(layer, path="blocks", max_blocks=max_blocks, rank_multiple=8)
+    assert padded.rank_multiple == 8 and plain.rank_multiple == 1
+    bp = padded.blocks
+    for p in range(bp.num_blocks):
+        r = bp.block_rank(p)
+        v, u = getattr(padded, f"blk_v{p}"), getattr(padded, f"blk_u{p}")
+        assert v.shape[1] == u.shape[0] == -(-r // 8) * 8  # zero-padded up to a multiple of 8
+        assert not v[:, r:].any() and not u[r:].any()
+    extra = sum((-(-bp.block_rank(p) // 8) * 8 - bp.block_rank(p)) * int(bp.in_len[p] + bp.out_len[p])
+                for p in range(bp.num_blocks))
+    assert extra > 0 and padded.macs() == plain.macs() + extra
+    x = torch.randn(5, 3, 40, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(padded(x), layer(x), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(padded.to_dense(), plain.to_dense(), rtol=0, atol=0)
+        rebuilt = padded.to_gblr()
+        torch.testing.assert_close(rebuilt(x), layer(x), rtol=1e-10, atol=1e-10)
+    assert "rank_multiple=8" in repr(padded) and "->" in repr(padded)
+    tiles = CompactGBLR.from_gblr(layer, path="tiles", rank_multiple=8)  # the tiles path has no block ranks to pad
+    assert tiles.rank_multiple == 1
+    with pytest.raises(ValueError, match="rank_multiple must be >= 1"):
+        CompactGBLR.from_gblr(layer, path="blocks", rank_multiple=0)
+
+
+def test_whole_block_fast_path_matches_the_loop():
+    layer = random_frozen(32, 16, 6, r=3, seed=4, max_width=1.0)
+    with torch.no_grad():
+        layer.widths.fill_(1.0)  # every window whole: one block covering both sides
+    layer.freeze_structure()
+    for mult in (1, 8):
+        m = CompactGBLR.from_gblr(layer, path="blocks", rank_multiple=mult)
+        assert m._whole_block and m.blocks.num_blocks == 1
+        x = torch.randn(7, 32, dtype=D)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), m._forward_blocks(x), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(m(x), layer(x), rtol=1e-10, atol=1e-10)
+    assert not CompactGBLR.from_gblr(random_frozen(32, 16, 6, seed=4, max_width=0.5), path="blocks",
+                                     merge_blocks=False)._whole_block
+
+
+def test_auto_times_padded_block_ranks(monkeypatch):
+    from gsm_lightning import inference
+
+    built = []
+    real = CompactGBLR.from_gblr.__func__
+
+    def spy(cls, layer, **kw):
+        built.append((kw.get("path"), kw.get("rank_multiple", 1)))
+        return real(cls, layer, **kw)
+
+    monkeypatch.setattr(CompactGBLR, "from_gblr", classmethod(spy))
+    model = make_model()
+    report = optimize_inference(model, mode="auto", tokens=16, reps=2)
+    assert {("tiles", 1), ("blocks", 1), ("blocks", 8)} <= set(built)
+    for c in report.layers:
+        mod = model.get_submodule(c.name)
+        assert c.rank_multiple == (mod.rank_multiple if c.choice == "compact" else 1)
+    built.clear()
+    optimize_inference(make_model(), mode="auto", tokens=16, reps=2, rank_multiples=(4,), paths=("blocks",))
+    assert set(built) == {("blocks", 4)}
+    with pytest.raises(ValueError, match="rank_multiples"):
+        optimize_inference(make_model(), mode="auto", tokens=16, rank_multiples=(0,))
+    assert inference.padded_rank(57, 8) == 64 and inference.padded_rank(64, 8) == 64 and inference.padded_rank(5, 1) == 5
