@@ -442,6 +442,49 @@ def _compiled(module: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     return lambda: fn(x)
 
 
+FLOOR_COLUMNS = ("eager `x @ A @ B`", "eager, R padded to a multiple of 8", "eager `linear(linear(x))`", "MKL packed",
+                 "oneDNN", "inductor max-autotune")
+
+
+def _floor_variants(dense: nn.Linear, lowrank: nn.Sequential, x: torch.Tensor, columns: list[str]
+                    ) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+    """The timed functions of one FL row: eager ``dense`` and every low-rank variant in ``columns``, with the dense
+    layer of the same backend where it differs; and for each column the name of its dense reference."""
+    t, r = x.shape[0], lowrank[0].out_features
+    a, b = lowrank[0].weight.detach().t().contiguous(), lowrank[1].weight.detach().t().contiguous()
+    bias, wd = lowrank[1].bias.detach(), dense.weight.detach()
+    r8 = -(-r // 8) * 8
+    a8, b8 = torch.nn.functional.pad(a, (0, r8 - r)), torch.nn.functional.pad(b, (0, 0, 0, r8 - r))
+    fns: dict[str, Callable[[], Any]] = {
+        "dense": lambda: dense(x),
+        "eager `x @ A @ B`": lambda: torch.addmm(bias, x @ a, b),
+        "eager, R padded to a multiple of 8": lambda: torch.addmm(bias, x @ a8, b8),
+        "eager `linear(linear(x))`": lambda: lowrank(x),
+    }
+    pairs = dict.fromkeys(fns, "dense")
+    if "MKL packed" in columns:
+        w1, w2 = lowrank[0].weight.detach(), lowrank[1].weight.detach()
+        pd, p1, p2 = (torch.ops.mkl._mkl_reorder_linear_weight(w, t) for w in (wd, w1, w2))
+        fns["MKL packed dense"] = lambda: torch.ops.mkl._mkl_linear(x, pd, wd, dense.bias, t)
+        fns["MKL packed"] = lambda: torch.ops.mkl._mkl_linear(torch.ops.mkl._mkl_linear(x, p1, w1, None, t), p2, w2, bias, t)
+        pairs["MKL packed"] = "MKL packed dense"
+    if "oneDNN" in columns:
+        from torch.utils import mkldnn as to_onednn
+
+        # to_mkldnn replaces the children of a container in place: convert copies
+        md, ml = (to_onednn.to_mkldnn(copy.deepcopy(nn.Sequential(m))) for m in (dense, lowrank))
+        xm = x.to_mkldnn()
+        fns["oneDNN dense"] = lambda: md(xm)
+        fns["oneDNN"] = lambda: ml(xm)
+        pairs["oneDNN"] = "oneDNN dense"
+    if "inductor max-autotune" in columns:
+        torch._dynamo.reset()  # static shapes per token count, no cache shared with the previous row
+        fns["inductor dense"] = _compiled(copy.deepcopy(dense), x)
+        fns["inductor max-autotune"] = _compiled(copy.deepcopy(lowrank), x)
+        pairs["inductor max-autotune"] = "inductor dense"
+    return fns, pairs
+
+
 def bench_floor(threads: int, rounds: int, min_run_time: float, compile_: bool = True,
                 quick: bool = False) -> list[str]:
     """FL: whether any CPU gemm backend in this torch build runs a low-rank layer (the cheapest exact form of the
@@ -449,10 +492,9 @@ def bench_floor(threads: int, rounds: int, min_run_time: float, compile_: bool =
     product over the same backend's dense layer, and over eager ``nn.Linear``."""
     minilm = load_structure(DATA / MINILM)
     names = FLOOR_LAYERS[:1] if quick else FLOOR_LAYERS
-    mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-    onednn = torch.backends.mkldnn.is_available()
-    head = ["eager `x @ A @ B`", "eager `linear(linear(x))`"] + (["MKL packed"] if mkl else []) + \
-        (["oneDNN"] if onednn else []) + (["inductor max-autotune"] if compile_ else [])
+    available = {"MKL packed": torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"),
+                 "oneDNN": torch.backends.mkldnn.is_available(), "inductor max-autotune": compile_}
+    head = [c for c in FLOOR_COLUMNS if available.get(c, True)]
     rows = ["| layer | shape | tokens | R | FLOPs | target (1.2 x FLOPs) | " + " | ".join(head) + " |",
             "|---" * (6 + len(head)) + "|"]
     previous = torch.get_num_threads()
@@ -466,36 +508,8 @@ def bench_floor(threads: int, rounds: int, min_run_time: float, compile_: bool =
             torch.manual_seed(0)
             dense = nn.Linear(n_in, n_out).eval()
             lowrank = nn.Sequential(nn.Linear(n_in, r, bias=False), nn.Linear(r, n_out)).eval()
-            a, b = lowrank[0].weight.detach().t().contiguous(), lowrank[1].weight.detach().t().contiguous()
-            bias = lowrank[1].bias.detach()
             for t in ([64] if quick else [64, 256]):
-                x = torch.randn(t, n_in)
-                torch._dynamo.reset()  # static shapes per token count, no cache shared with the previous row
-                fns: dict[str, Callable[[], Any]] = {
-                    "dense": lambda: dense(x),
-                    "eager `x @ A @ B`": lambda: torch.addmm(bias, x @ a, b),
-                    "eager `linear(linear(x))`": lambda: lowrank(x),
-                }
-                pairs = {"eager `x @ A @ B`": "dense", "eager `linear(linear(x))`": "dense"}
-                if mkl:
-                    wd, w1, w2 = dense.weight.detach(), lowrank[0].weight.detach(), lowrank[1].weight.detach()
-                    pd, p1, p2 = (torch.ops.mkl._mkl_reorder_linear_weight(w, t) for w in (wd, w1, w2))
-                    fns["MKL packed dense"] = lambda: torch.ops.mkl._mkl_linear(x, pd, wd, dense.bias, t)
-                    fns["MKL packed"] = lambda: torch.ops.mkl._mkl_linear(torch.ops.mkl._mkl_linear(x, p1, w1, None, t), p2, w2, bias, t)
-                    pairs["MKL packed"] = "MKL packed dense"
-                if onednn:
-                    from torch.utils import mkldnn as to_onednn
-
-                    # to_mkldnn replaces the children of a container in place: convert copies
-                    md, ml = (to_onednn.to_mkldnn(copy.deepcopy(nn.Sequential(m))) for m in (dense, lowrank))
-                    xm = x.to_mkldnn()
-                    fns["oneDNN dense"] = lambda: md(xm)
-                    fns["oneDNN"] = lambda: ml(xm)
-                    pairs["oneDNN"] = "oneDNN dense"
-                if compile_:
-                    fns["inductor dense"] = _compiled(copy.deepcopy(dense), x)
-                    fns["inductor max-autotune"] = _compiled(copy.deepcopy(lowrank), x)
-                    pairs["inductor max-autotune"] = "inductor dense"
+                fns, pairs = _floor_variants(dense, lowrank, torch.randn(t, n_in), head)
                 with torch.no_grad():
                     for fn in fns.values():  # first calls pick kernels and allocate: not timed
                         fn(), fn()
@@ -640,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         blocks["fl"] = ["### FL: the low-rank floor across the CPU gemm backends of this torch build (1 thread)", "",
                   "A low-rank layer of the same FLOPs as the stored MiniLM structure (rank `R`, `R (in + out)` = its FLOPs: "
                   "the cheapest exact form of the low-rank-like layers, no padding) against a dense layer, on every gemm "
-                  "backend this torch build offers on CPU: eager `torch.addmm(b, x @ A, B)`, eager `nn.Linear(nn.Linear(x))` "
+                  "backend this torch build offers on CPU: eager `torch.addmm(b, x @ A, B)`, the same with `R` padded with zeros to a multiple of 8 (what `CompactGBLR(rank_multiple=8)` does), eager `nn.Linear(nn.Linear(x))` "
                   "(transposed weights), MKL with prepacked weights (`torch.ops.mkl._mkl_linear`, what inductor's freezing "
                   "uses for float32), oneDNN (`torch.utils.mkldnn.to_mkldnn`, input already in oneDNN layout) and "
                   "`torch.compile(mode='max-autotune')` with weight freezing (inductor benchmarks its C++ gemm template "
