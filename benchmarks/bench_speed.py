@@ -523,6 +523,43 @@ def bench_floor(threads: int, rounds: int, min_run_time: float, compile_: bool =
     return rows
 
 
+def bench_rank_sweep(threads: int, rounds: int, min_run_time: float, quick: bool = False) -> list[str]:
+    """FL, second table: eager ``x @ A @ B + b`` at ranks around each MiniLM layer kind's learned block rank (its
+    number of components times their rank: the rank of the one block the blocks path makes of a low-rank-like layer)
+    and that rank padded to a multiple of 8, against ``nn.Linear``."""
+    minilm = load_structure(DATA / MINILM)
+    names = FLOOR_LAYERS[:1] if quick else FLOOR_LAYERS
+    rows = ["| layer | shape | learned block rank | tokens | ranks: x @ A @ B (+ bias) vs nn.Linear |", "|---|---|---|---|---|"]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name in names:
+            rec = minilm["layers"][name]
+            short = name.replace("encoder.layer.", "L").replace(".attention.self.", ".").replace(
+                ".intermediate.dense", ".ffn_in").replace(".output.dense", ".ffn_out")
+            n_in, n_out = int(rec["in_features"]), int(rec["out_features"])
+            learned = len(rec["widths"][0]) * int(rec["rank_per_component"])
+            ranks = sorted({learned - learned % 8, learned, -(-learned // 8) * 8, _floor_rank(rec)} - {0})
+            torch.manual_seed(0)
+            dense = nn.Linear(n_in, n_out).eval()
+            for t in ([64] if quick else [64, 256]):
+                x = torch.randn(t, n_in)
+                fns = {"dense": lambda x=x, dense=dense: dense(x)}
+                for r in ranks:
+                    a, b = torch.randn(n_in, r) / n_in ** 0.5, torch.randn(r, n_out) / r ** 0.5
+                    fns[str(r)] = lambda x=x, a=a, b=b, c=dense.bias: torch.addmm(c, x @ a, b)
+                with torch.no_grad():
+                    for fn in fns.values():
+                        fn(), fn()
+                    ratios, _ = interleaved_ratios(fns, threads, rounds, min_run_time)
+                cells = ", ".join(f"{r}: {ratios[str(r)]:.2f}x" for r in ranks)
+                rows.append(f"| {short} | {n_in}x{n_out} | {learned} | {t} | {cells} |")
+                print(rows[-1], flush=True)
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- output
 def machine_info() -> str:
     cpu = platform.processor() or "unknown CPU"
@@ -651,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         fl_mrt = args.min_run_time if args.min_run_time is not None else (0.02 if q else 0.1)
         print("FL low-rank floor across gemm backends", flush=True)
         fl_rows = bench_floor(1, rounds, fl_mrt, compile_=not (q or args.no_compile), quick=q)
+        fl_sweep = bench_rank_sweep(1, rounds, fl_mrt, quick=q)
         blocks["fl"] = ["### FL: the low-rank floor across the CPU gemm backends of this torch build (1 thread)", "",
                   "A low-rank layer of the same FLOPs as the stored MiniLM structure (rank `R`, `R (in + out)` = its FLOPs: "
                   "the cheapest exact form of the low-rank-like layers, no padding) against a dense layer, on every gemm "
@@ -660,7 +698,9 @@ def main(argv: list[str] | None = None) -> int:
                   "`torch.compile(mode='max-autotune')` with weight freezing (inductor benchmarks its C++ gemm template "
                   "against aten/MKL per shape). Each cell: the low-rank layer over the **same backend's** dense layer, and "
                   f"in brackets over eager `nn.Linear`; {rounds} interleaved rounds of `blocked_autorange(min_run_time={fl_mrt})`, "
-                  "medians of per-round ratios (the same-backend ratio is the quotient of the two medians).", "", *fl_rows, ""]
+                  "medians of per-round ratios (the same-backend ratio is the quotient of the two medians).", "", *fl_rows, "",
+                  "Ranks around each layer's learned block rank (its components x their rank, the one block of a "
+                  "low-rank-like layer), eager `x @ A @ B + b` against `nn.Linear`, timed the same way:", "", *fl_sweep, ""]
 
     if "mem" in sections:
         print("Memory", flush=True)
