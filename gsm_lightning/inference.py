@@ -929,10 +929,11 @@ def _set_layer(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _model_ratio(model: nn.Module, swaps: dict[str, tuple[nn.Module, nn.Module]], sample_input: Any, reps: int,
-                 rounds: int = 5) -> float:
+                 rounds: int = 9, min_burst_s: float = 0.05) -> float:
     """Time of ``model`` on ``sample_input`` with the first module of every ``swaps`` entry in place, over its time
     with the second (the dense merge) in place: the median over ``rounds`` of per-round ratios, each round timing a
-    burst of calls of each variant in turn (after one untimed call).  Leaves the first modules in place."""
+    burst of calls (at least ``min_burst_s`` seconds) of each variant in turn, after one untimed call.  Leaves the
+    first modules in place."""
     def variant(i: int) -> Any:
         def run(inp: Any) -> Any:
             for name, mods in swaps.items():
@@ -940,7 +941,7 @@ def _model_ratio(model: nn.Module, swaps: dict[str, tuple[nn.Module, nn.Module]]
             return _call(model, inp)
         return run
 
-    compact, dense = _burst_times([variant(0), variant(1)], sample_input, max(int(reps) // 4, rounds), rounds)
+    compact, dense = _burst_times([variant(0), variant(1)], sample_input, max(int(reps) // 4, rounds), rounds, min_burst_s)
     for name, mods in swaps.items():
         _set_layer(model, name, mods[0])
     return float(np.median([a / b for a, b in zip(compact, dense)]))
