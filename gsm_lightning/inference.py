@@ -411,8 +411,8 @@ class CompactGBLR(nn.Module):
       per block two gemms on contiguous column slices of the input and the output (no gather, no transpose).
       Components with identical windows always share a block (exact merge into a block of higher rank).  With
       ``rank_multiple`` > 1 each block's rank is padded with zeros up to a multiple of it: more multiply-adds, but
-      BLAS runs such gemms faster (on the development CPU a rank-91 product over 1536 columns took 0.39x a dense
-      1536x384 layer's time and a rank-96 one 0.32x; BENCHMARKS.md, FL/P3).
+      BLAS runs such gemms faster (on the development CPU a rank-91 low-rank 1536x384 layer took 0.37-0.39x a dense
+      layer's time and a rank-96 one 0.29-0.31x; BENCHMARKS.md, FL).
 
     With a dense fallback (:meth:`set_dense_fallback`, set by :func:`optimize_inference`) inputs of fewer than
     ``dense_below`` tokens use the merged dense weight instead."""
@@ -853,6 +853,11 @@ def _fallback_threshold(faster: dict[int, bool]) -> int:
 
 
 def _sync(x: Any) -> None:
+    """Wait for the device of ``x`` (a tensor, or the first tensor of a tuple/list/dict of model inputs)."""
+    if isinstance(x, dict):
+        x = next((v for v in x.values() if isinstance(v, Tensor)), None)
+    elif isinstance(x, (tuple, list)):
+        x = next((v for v in x if isinstance(v, Tensor)), None)
     if isinstance(x, Tensor) and x.is_cuda:
         torch.cuda.synchronize(x.device)
 
