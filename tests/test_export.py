@@ -53,13 +53,16 @@ def test_merge_to_dense():
         torch.testing.assert_close(net2(x), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("optimized", [False, True])
+@pytest.mark.parametrize("optimized", [False, True, "padded"])
 def test_save_load_compact_round_trip(tmp_path, optimized):
     net = gblr_net(1)
     x = torch.randn(3, 7, 16)
     with torch.no_grad():
         ref = net(x)
-    if optimized:
+    if optimized == "padded":  # block ranks zero-padded to 8: the padding is not stored
+        optimize_inference(net, mode="compact", path="blocks", rank_multiple=8)
+        assert net.fc1.rank_multiple == 8
+    elif optimized:
         optimize_inference(net, mode="compact")
     path = tmp_path / "model.pt"
     assert save_compact(net, path) > 0
