@@ -19,6 +19,7 @@ Every number written comes from this run; ratios are against nn.Linear measured 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as _dt
 import os
@@ -27,7 +28,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ if str(ROOT) not in sys.path:
 
 from gsm_lightning.align import align_structure  # noqa: E402
 from gsm_lightning.flops import structure_flops  # noqa: E402
-from gsm_lightning.inference import CompactGBLR, optimize_inference  # noqa: E402
+from gsm_lightning.inference import CompactGBLR, optimize_inference, padded_rank  # noqa: E402
 from gsm_lightning.layer import GBLRLinear  # noqa: E402
 from gsm_lightning.structure_io import frozen_layer, load_structure  # noqa: E402
 
@@ -267,6 +268,23 @@ def bench_scaling(sizes: list[int], tokens: int, threads: int, timer: Timer, dev
 # ------------------------------------------------------------------------------- real structures
 DATA = ROOT / "benchmarks" / "data"
 MINILM = "structures_minilm_b0.3.json"
+
+
+def short_name(name: str) -> str:
+    """A MiniLM linear's table name: ``encoder.layer.0.attention.self.query`` -> ``L0.query`` (FFN: ``.ffn_in/out``)."""
+    return (name.replace("encoder.layer.", "L").replace(".attention.self.", ".")
+            .replace(".intermediate.dense", ".ffn_in").replace(".output.dense", ".ffn_out"))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)``, restoring the previous count after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 OTHER_FIXTURES = ("structures_recovery_block_diagonal.json", "structures_recovery_few_windows.json",
                   "structures_recovery_rectangular.json", "structures_fmnist_vit_b0.3_s0.json",
                   "structures_fmnist_vit_b0.5_s0.json", "structures_fmnist_mixer_b0.3_s0.json",
@@ -293,11 +311,9 @@ def time_real_layer(rec: dict[str, Any], tokens: int, threads: int, rounds: int,
     layer = frozen_layer(rec, seed=seed)
     lin = layer.to_linear()
     compact = CompactGBLR.from_gblr(layer, tokens=tokens)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     holder = nn.Sequential(layer)
-    rep = optimize_inference(holder, mode="auto", tokens=tokens, reps=10)
-    torch.set_num_threads(previous)
+    with torch_threads(threads):
+        rep = optimize_inference(holder, mode="auto", tokens=tokens, reps=10)
     auto = holder[0]
     x = torch.randn(tokens, layer.in_features)
     with torch.no_grad():
@@ -330,7 +346,7 @@ def bench_real(threads: int, rounds: int, min_run_time: float, quick: bool = Fal
         # at one token: the routed layer runs the dense weight (same op as nn.Linear), or is measured no slower
         ok = all(res[t]["auto"] <= 1.2 * f for t in (64, 256)) and (res[1]["dense_at"] or res[1]["auto"] <= 1.0)
         met += ok
-        short = name.replace("encoder.layer.", "L").replace(".attention.self.", ".").replace(".intermediate.dense", ".ffn_in").replace(".output.dense", ".ffn_out")
+        short = short_name(name)
         rows.append(f"| {short} | {rec['in_features']}x{rec['out_features']} | {f:.3f} | {res[256]['path']} | {res[256]['macs']:.2f} | "
                     f"{res[1]['auto']:.2f}x ({res[1]['auto_choice']}) | {res[64]['compact']:.2f}x | {res[64]['auto']:.2f}x | "
                     f"{res[256]['compact']:.2f}x | {res[256]['auto']:.2f}x | {'yes' if ok else 'no'} "
@@ -385,7 +401,7 @@ def bench_align(threads: int, rounds: int, min_run_time: float, aligns: list[int
     floors = []
     for name in names:
         rec = minilm["layers"][name]
-        short = name.replace("encoder.layer.", "L").replace(".attention.self.", ".").replace(".intermediate.dense", ".ffn_in").replace(".output.dense", ".ffn_out")
+        short = short_name(name)
         for t in tokens_list:
             floors.append(f"| {short} | {t} | " + lowrank_floor(rec, t, threads, rounds, min_run_time) + " |")
             print(floors[-1], flush=True)
@@ -407,10 +423,7 @@ def bench_align(threads: int, rounds: int, min_run_time: float, aligns: list[int
 def lowrank_floor(rec: dict[str, Any], tokens: int, threads: int, rounds: int, min_run_time: float) -> str:
     """What two plain gemms achieve at the layer's FLOPs: ``x @ A @ B + b`` with the rank ``R`` of a low-rank layer of
     the same multiply-adds (``R (in + out)`` = the structure's FLOPs), timed against ``nn.Linear`` like P3."""
-    n_in, n_out = int(rec["in_features"]), int(rec["out_features"])
-    w = torch.tensor(rec["widths"], dtype=torch.int64).reshape(2, -1)
-    flops = structure_flops(w, n_in, n_out, int(rec["rank_per_component"]))
-    r = max(1, round(flops / (n_in + n_out)))
+    n_in, n_out, r = int(rec["in_features"]), int(rec["out_features"]), _floor_rank(rec)
     lin = nn.Linear(n_in, n_out)
     a, b = torch.randn(n_in, r) / n_in ** 0.5, torch.randn(r, n_out) / r ** 0.5
     x = torch.randn(tokens, n_in)
@@ -453,7 +466,7 @@ def _floor_variants(dense: nn.Linear, lowrank: nn.Sequential, x: torch.Tensor, c
     t, r = x.shape[0], lowrank[0].out_features
     a, b = lowrank[0].weight.detach().t().contiguous(), lowrank[1].weight.detach().t().contiguous()
     bias, wd = lowrank[1].bias.detach(), dense.weight.detach()
-    r8 = -(-r // 8) * 8
+    r8 = padded_rank(r, 8)
     a8, b8 = torch.nn.functional.pad(a, (0, r8 - r)), torch.nn.functional.pad(b, (0, 0, 0, r8 - r))
     fns: dict[str, Callable[[], Any]] = {
         "dense": lambda: dense(x),
@@ -497,13 +510,10 @@ def bench_floor(threads: int, rounds: int, min_run_time: float, compile_: bool =
     head = [c for c in FLOOR_COLUMNS if available.get(c, True)]
     rows = ["| layer | shape | tokens | R | FLOPs | target (1.2 x FLOPs) | " + " | ".join(head) + " |",
             "|---" * (6 + len(head)) + "|"]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for name in names:
             rec = minilm["layers"][name]
-            short = name.replace("encoder.layer.", "L").replace(".attention.self.", ".").replace(
-                ".intermediate.dense", ".ffn_in").replace(".output.dense", ".ffn_out")
+            short = short_name(name)
             n_in, n_out, r = int(rec["in_features"]), int(rec["out_features"]), _floor_rank(rec)
             torch.manual_seed(0)
             dense = nn.Linear(n_in, n_out).eval()
@@ -518,8 +528,6 @@ def bench_floor(threads: int, rounds: int, min_run_time: float, compile_: bool =
                 cells = [f"{ratios[k] / ratios[pairs[k]]:.2f}x ({ratios[k]:.2f}x)" for k in head]
                 rows.append(f"| {short} | {n_in}x{n_out} | {t} | {r} | {flops:.3f} | {1.2 * flops:.2f}x | " + " | ".join(cells) + " |")
                 print(rows[-1], flush=True)
-    finally:
-        torch.set_num_threads(previous)
     return rows
 
 
@@ -530,16 +538,13 @@ def bench_rank_sweep(threads: int, rounds: int, min_run_time: float, quick: bool
     minilm = load_structure(DATA / MINILM)
     names = FLOOR_LAYERS[:1] if quick else FLOOR_LAYERS
     rows = ["| layer | shape | learned block rank | tokens | ranks: x @ A @ B (+ bias) vs nn.Linear |", "|---|---|---|---|---|"]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for name in names:
             rec = minilm["layers"][name]
-            short = name.replace("encoder.layer.", "L").replace(".attention.self.", ".").replace(
-                ".intermediate.dense", ".ffn_in").replace(".output.dense", ".ffn_out")
+            short = short_name(name)
             n_in, n_out = int(rec["in_features"]), int(rec["out_features"])
             learned = len(rec["widths"][0]) * int(rec["rank_per_component"])
-            ranks = sorted({learned - learned % 8, learned, -(-learned // 8) * 8, _floor_rank(rec)} - {0})
+            ranks = sorted({learned - learned % 8, learned, padded_rank(learned, 8), _floor_rank(rec)} - {0})
             torch.manual_seed(0)
             dense = nn.Linear(n_in, n_out).eval()
             for t in ([64] if quick else [64, 256]):
@@ -555,8 +560,6 @@ def bench_rank_sweep(threads: int, rounds: int, min_run_time: float, quick: bool
                 cells = ", ".join(f"{r}: {ratios[str(r)]:.2f}x" for r in ranks)
                 rows.append(f"| {short} | {n_in}x{n_out} | {learned} | {t} | {cells} |")
                 print(rows[-1], flush=True)
-    finally:
-        torch.set_num_threads(previous)
     return rows
 
 

@@ -933,7 +933,7 @@ def _set_layer(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
-def _model_ratio(model: nn.Module, swaps: dict[str, tuple[nn.Module, nn.Module]], sample_input: Any, reps: int,
+def _model_ratio(model: nn.Module, swaps: dict[str, tuple[nn.Module, nn.Module]], sample_input: Any,
                  rounds: int = 9, min_burst_s: float = 0.05) -> float:
     """Time of ``model`` on ``sample_input`` with the first module of every ``swaps`` entry in place, over its time
     with the second (the dense merge) in place: the median over ``rounds`` of per-round ratios, each round timing a
@@ -946,7 +946,7 @@ def _model_ratio(model: nn.Module, swaps: dict[str, tuple[nn.Module, nn.Module]]
             return _call(model, inp)
         return run
 
-    compact, dense = _burst_times([variant(0), variant(1)], sample_input, max(int(reps) // 4, rounds), rounds, min_burst_s)
+    compact, dense = _burst_times([variant(0), variant(1)], sample_input, rounds, rounds, min_burst_s)  # >= 1 call a burst
     for name, mods in swaps.items():
         _set_layer(model, name, mods[0])
     return float(np.median([a / b for a, b in zip(compact, dense)]))
@@ -1080,7 +1080,7 @@ def optimize_inference(
             dense_below=compact.dense_below if choice == "compact" and compact is not None else 0,
             rank_multiple=compact.rank_multiple if choice == "compact" and compact is not None else 1))
     if verify and swaps and sample_input is not None:
-        report.model_ratio = _model_ratio(model, swaps, sample_input, reps)
+        report.model_ratio = _model_ratio(model, swaps, sample_input)
         if report.model_ratio > 1.0 - float(min_model_gain):
             report.reverted = True
             for c in report.layers:

@@ -378,7 +378,7 @@ def test_auto_reverts_to_dense_when_the_whole_model_is_not_faster(monkeypatch, w
     inference = _compact_wins_per_layer(monkeypatch)
     seen = {}
 
-    def fake_ratio(model, swaps, sample_input, reps, rounds=9, min_burst_s=0.05):
+    def fake_ratio(model, swaps, sample_input, rounds=9, min_burst_s=0.05):
         seen["swaps"] = sorted(swaps)
         assert all(isinstance(c, CompactGBLR) and isinstance(d, nn.Linear) for c, d in swaps.values())
         return whole_model_ratio
@@ -426,7 +426,7 @@ def test_auto_whole_model_check_is_timed_and_optional(monkeypatch):
         optimize_inference(make_model(), mode="auto", sample_input=x, min_model_gain=1.0)
     # the timing helper puts the first variant back in place
     swaps = {"0": (model[0], nn.Linear(24, 48, dtype=D))}
-    _model_ratio(model, swaps, x, reps=2, rounds=2, min_burst_s=0.001)
+    _model_ratio(model, swaps, x, rounds=2, min_burst_s=0.001)
     assert model[0] is swaps["0"][0]
 
 
