@@ -27,7 +27,7 @@ _LAZY = {
     "StructureVisualizer": "gsm_lightning.callbacks",
     "StructureReport": "gsm_lightning.callbacks",
     "count_flops": "gsm_lightning.flop_count",
-    "CompactGBLR": "gsm_lightning.inference",
+    "CompactGBLR": "gsm_lightning.compact",
     "optimize_inference": "gsm_lightning.inference",
     "merge_to_dense": "gsm_lightning.export",
     "save_compact": "gsm_lightning.export",

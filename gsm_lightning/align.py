@@ -1,7 +1,7 @@
 """Tile-aligned structures: windows snapped to multiples of a tile size (plain PyTorch, no Lightning).
 
 A frozen GBLR structure whose window starts and widths are multiples of ``a`` maps onto ``a``-wide tiles with no
-partial tile: :class:`~gsm_lightning.inference.CompactGBLR`'s tiles path then multiplies exactly the structure's
+partial tile: :class:`~gsm_lightning.compact.CompactGBLR`'s tiles path then multiplies exactly the structure's
 FLOPs (no tile-boundary padding), and windows that differ by less than a tile become identical, which its blocks
 path merges exactly into higher-rank blocks.  :func:`align_structure` does the snapping at the phase switch
 (``GBLRLinear.freeze_structure(align=a)``, ``GSMModule(freeze_align=a)``); phase 2 then fine-tunes the weights on

@@ -19,7 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .inference import CompactGBLR, InferenceReport, optimize_inference
+from .compact import CompactGBLR
+from .inference import InferenceReport, optimize_inference
 from .layer import GBLRLinear, gblr_layers
 
 __all__ = ["merge_to_dense", "save_compact", "load_compact", "compact_state", "export_program", "export_onnx",

@@ -153,7 +153,7 @@ class GSMModule(LightningModule):
             reach it (a last resort: a warning gives the numbers when it moves the ratio by more than 0.02).
         freeze_align: snap every window's start and width to multiples of ``freeze_align`` at the phase
             switch (a side of length ``n`` to ``gcd(n, freeze_align)``; a warning names the layers that cannot take
-            the full tile), so that frozen layers map onto aligned tiles for :class:`~gsm_lightning.inference.CompactGBLR`.
+            the full tile), so that frozen layers map onto aligned tiles for :class:`~gsm_lightning.compact.CompactGBLR`.
             No side's total width rises (largest-remainder rounding, :mod:`gsm_lightning.align`), so the FLOPs
             ratio stays at or below the one reached; phase 2 fine-tunes on the aligned windows.  1 (default): off.
         label_smoothing: for classification.

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compact import CompactGBLR
 from .flops import structure_flops
 from .layer import GBLRLinear, gblr_layers
 
@@ -127,9 +128,7 @@ def frozen_layer(rec: Mapping[str, Any], seed: int = 0, dtype: torch.dtype = tor
 
 
 def compact_layer(rec: Mapping[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32, **compact_kwargs: Any) -> nn.Module:
-    """:class:`~gsm_lightning.inference.CompactGBLR` of :func:`frozen_layer` (random weights)."""
-    from .inference import CompactGBLR
-
+    """:class:`~gsm_lightning.compact.CompactGBLR` of :func:`frozen_layer` (random weights)."""
     return CompactGBLR.from_gblr(frozen_layer(rec, seed, dtype), **compact_kwargs)
 
 

@@ -266,7 +266,7 @@ def test_blocks_merge_nearly_identical_windows():
 
 
 def test_arc_union():
-    from gsm_lightning.inference import _arc_union
+    from gsm_lightning.compact_plan import _arc_union
 
     a, w = _arc_union(np.array([2, 30, 0, 10]), np.array([5, 6, 40, 4]), np.array([4, 1, 7, 30]), np.array([6, 3, 3, 8]), 40)
     # [2,7)+[4,10) -> [2,10); [30,36)+[1,4) wraps -> [30,44); full stays full; [10,14)+[30,38) -> [30,54) (wrapping

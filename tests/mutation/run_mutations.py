@@ -147,7 +147,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              "        if False:\n",
              ("tests/test_inference.py", "-k", "whole_model")),
     Mutation("rank_padding_dropped", "CompactGBLR(rank_multiple=8) builds unpadded blocks",
-             "gsm_lightning/inference.py",
+             "gsm_lightning/compact.py",
              "            pad = padded_rank(rows.numel(), self.rank_multiple) - rows.numel()\n",
              "            pad = 0\n",
              ("tests/test_inference.py", "-k", "rank_padding")),
