@@ -23,7 +23,10 @@ timing does not depend on the values); every other layer is the dense twin's.  V
   fastest of dense and the ``CompactGBLR`` paths by its own timing, with the dense fallback for small token counts,
   then the whole model timed on that batch against its dense merge (every layer merged to dense unless it is at least
   5 % faster);
-* ``compact``: ``optimize_inference(mode='compact')`` (every GBLR layer a ``CompactGBLR``, no fallback).
+* ``compact``: ``optimize_inference(mode='compact')`` (every GBLR layer a ``CompactGBLR``, no fallback);
+* ``lowrank``: the hand-picked structure of the same FLOPs, for comparison: every stored layer a plain low-rank
+  layer (full windows, rank ``R`` with ``R (in + out)`` = the stored layer's FLOPs, :func:`lowrank_structure`), also
+  through ``optimize_inference(mode='auto', sample_input=...)`` (the same kernels: two gemms per layer).
 
 Latency: median over rounds of ``torch.utils.benchmark.Timer.blocked_autorange`` per variant, the variants of a
 model interleaved inside every round; ratios are the median over rounds of the per-round ratio against dense.
@@ -56,6 +59,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.bench_speed import machine_info  # noqa: E402
 from benchmarks.common import write_section  # noqa: E402
+from gsm_lightning.flops import structure_flops  # noqa: E402
 from gsm_lightning.inference import optimize_inference  # noqa: E402
 from gsm_lightning.structure_io import apply_structure, load_structure  # noqa: E402
 
@@ -119,6 +123,18 @@ def run_model(model: nn.Module, x: torch.Tensor | dict[str, torch.Tensor]) -> to
     return getattr(y, "last_hidden_state", y)
 
 
+def lowrank_structure(structure: dict[str, Any]) -> dict[str, Any]:
+    """``structure`` with every layer replaced by a plain low-rank structure of the same FLOPs: ``R`` components of
+    rank 1 with full windows, ``R = round(FLOPs / (in + out))`` (at least 1)."""
+    layers = {}
+    for name, rec in structure["layers"].items():
+        n_in, n_out = int(rec["in_features"]), int(rec["out_features"])
+        w = torch.tensor(rec["widths"], dtype=torch.int64).reshape(2, -1)
+        r = max(1, round(structure_flops(w, n_in, n_out, int(rec["rank_per_component"])) / (n_in + n_out)))
+        layers[name] = {**rec, "rank_per_component": 1, "widths": [[n_in] * r, [n_out] * r], "locations": [[0] * r, [0] * r]}
+    return {**structure, "layers": layers}
+
+
 def build_variants(model: str, budget: float, routing_batch: int = 32, seed: int = 0, seq_len: int = 128,
                    reps: int = 20) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     """``{variant: model}`` for one structure file, all in eval mode, and facts about the routing."""
@@ -135,11 +151,17 @@ def build_variants(model: str, budget: float, routing_batch: int = 32, seed: int
         for m in (auto, compact):
             err = float((run_model(m, x) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
             assert err < 1e-4, f"{model} {budget}: optimized model differs from the frozen one ({err:.2e})"
+    lr_structure = lowrank_structure(structure)
+    lowrank = apply_structure(copy.deepcopy(dense), lr_structure, seed=seed).eval()
+    rep_lr = optimize_inference(lowrank, mode="auto", sample_input=x, reps=reps)
     info = {"layers": len(rep.layers), "compact": sum(c.choice == "compact" for c in rep.layers),
             "fallback": sum(c.dense_below > 0 for c in rep.layers), "flops_ratio": structure["flops_ratio"],
             "paths": sorted({c.path for c in rep.layers if c.path}), "model_ratio": rep.model_ratio, "reverted": rep.reverted,
-            "routing_batch": routing_batch}
-    return {"dense": dense, "frozen": frozen, "auto": auto, "compact": compact}, info
+            "routing_batch": routing_batch, "lowrank_compact": sum(c.choice == "compact" for c in rep_lr.layers),
+            "lowrank_ratio": rep_lr.model_ratio, "lowrank_reverted": rep_lr.reverted,
+            "lowrank_flops": sum(len(r["widths"][0]) * (r["in_features"] + r["out_features"]) for r in lr_structure["layers"].values())
+            / sum(r["in_features"] * r["out_features"] for r in lr_structure["layers"].values())}
+    return {"dense": dense, "frozen": frozen, "auto": auto, "compact": compact, "lowrank": lowrank}, info
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], threads: int, rounds: int, min_run_time: float) -> dict[str, list[float]]:
@@ -160,7 +182,7 @@ def bench_latency(models: dict[str, dict[str, nn.Module]], batches: list[int], t
                   min_run_time: float, seq_len: int = 128) -> list[str]:
     text = any(family(k.split("@")[0]) == "text" for k in models)
     rows = [f"| model | budget | batch{f' ({seq_len} tokens each)' if text else ''} | threads | dense (ms) | "
-            "frozen GBLRLinear | auto | compact |", "|---|---|---|---|---|---|---|---|"]
+            "frozen GBLRLinear | auto | compact | low-rank, same FLOPs (auto) |", "|---|---|---|---|---|---|---|---|---|"]
     for key, variants in models.items():
         name, budget = key.split("@")
         for batch in batches:
@@ -170,7 +192,8 @@ def bench_latency(models: dict[str, dict[str, nn.Module]], batches: list[int], t
                     fns = {v: (lambda m=m, x=x: run_model(m, x)) for v, m in variants.items()}
                     t = interleaved(fns, threads, rounds, min_run_time)
                 rows.append(f"| {name} | {budget} | {batch} | {threads} | {statistics.median(t['dense']) * 1e3:.2f} | "
-                            f"{ratio(t, 'frozen'):.2f}x | {ratio(t, 'auto'):.2f}x | {ratio(t, 'compact'):.2f}x |")
+                            f"{ratio(t, 'frozen'):.2f}x | {ratio(t, 'auto'):.2f}x | {ratio(t, 'compact'):.2f}x | "
+                            f"{ratio(t, 'lowrank'):.2f}x |")
                 print(rows[-1], flush=True)
     return rows
 
@@ -211,14 +234,14 @@ def bench_predict(models: dict[str, dict[str, nn.Module]], n: int, batch: int, r
 
     text = any(family(k.split("@")[0]) == "text" for k in models)
     unit = "sentences/s" if text else "images/s"
-    rows = [f"| model | budget | dense ({unit}) | auto | compact |", "|---|---|---|---|---|"]
+    rows = [f"| model | budget | dense ({unit}) | auto | compact | low-rank, same FLOPs (auto) |", "|---|---|---|---|---|---|"]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for key, variants in models.items():
             name, budget = key.split("@")
             loader = predict_loader(name, n, batch, seq_len)
-            speed: dict[str, list[float]] = {v: [] for v in ("dense", "auto", "compact")}
+            speed: dict[str, list[float]] = {v: [] for v in ("dense", "auto", "compact", "lowrank")}
             for _ in range(repeats):
                 for v in speed:  # interleaved
                     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -230,8 +253,8 @@ def bench_predict(models: dict[str, dict[str, nn.Module]], n: int, batch: int, r
                         trainer.predict(lm, dataloaders=loader, return_predictions=False)
                         speed[v].append(n / (time.perf_counter() - t0))
             dense = statistics.median(speed["dense"])
-            rel = {v: statistics.median(a / b for a, b in zip(speed[v], speed["dense"])) for v in ("auto", "compact")}
-            rows.append(f"| {name} | {budget} | {dense:.0f} | {rel['auto']:.2f}x | {rel['compact']:.2f}x |")
+            rel = {v: statistics.median(a / b for a, b in zip(speed[v], speed["dense"])) for v in ("auto", "compact", "lowrank")}
+            rows.append(f"| {name} | {budget} | {dense:.0f} | {rel['auto']:.2f}x | {rel['compact']:.2f}x | {rel['lowrank']:.2f}x |")
             print(rows[-1], flush=True)
     finally:
         torch.set_num_threads(previous)
@@ -305,7 +328,12 @@ def run_family(fam: str, names: list[str], budgets: list[float] | None, args: ar
                          f"{info['fallback']} of them with the dense fallback"
                          + ("" if info["model_ratio"] is None else
                             f"; its whole-model check on the {routing} {unit} timed the per-layer choice at {info['model_ratio']:.2f}x "
-                            "the dense merge" + (", not 5 % faster: every layer merged to dense" if info["reverted"] else ", kept")))
+                            "the dense merge" + (", not 5 % faster: every layer merged to dense" if info["reverted"] else ", kept"))
+                         + f"; the low-rank model of the same FLOPs (ratio {info['lowrank_flops']:.3f}): auto kept "
+                         f"{info['lowrank_compact']} of {info['layers']} layers compact"
+                         + ("" if info["lowrank_ratio"] is None else
+                            f", whole-model check {info['lowrank_ratio']:.2f}x"
+                            + (", merged to dense" if info["lowrank_reverted"] else ", kept")))
             print(infos[-1], flush=True)
     torch.set_num_threads(default_threads)
     print("latency", flush=True)
@@ -334,7 +362,8 @@ def run_family(fam: str, names: list[str], budgets: list[float] | None, args: ar
         "- Models: " + MODEL_TEXT[fam].format(seq=seq) + " `frozen` = the frozen GBLRLinear layers, "
         f"`auto` = `optimize_inference(mode='auto', sample_input=<{routing_text}>)` (timed per layer, dense fallback at small "
         "token counts, then the whole model checked against its dense merge on that batch), `compact` = every GBLR layer a "
-        "CompactGBLR. Ratios: median over rounds of the per-round ratio against dense (variants interleaved within each "
+        "CompactGBLR, `low-rank, same FLOPs (auto)` = the hand-picked alternative: every converted layer a plain low-rank "
+        "layer of the stored layer's FLOPs (rank R with R (in + out) = its FLOPs), through the same `auto`. Ratios: median over rounds of the per-round ratio against dense (variants interleaved within each "
         "round); dense in ms: median.",
         *[f"- {line}" for line in infos],
         "",

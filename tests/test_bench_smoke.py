@@ -75,7 +75,7 @@ def test_models_minilm_quick_run_writes_its_own_section(tmp_path):
     body = text[text.index("<!-- models-minilm:start -->"):text.index("<!-- models-minilm:end -->")]
     assert "old" not in body and "QUICK" in body and "MiniLM-L6" in body
     assert "| minilm | 0.3 | 2 | 1 |" in body  # latency, batch of 2 sentences
-    assert "sentences/s" in body and "FLOPs ratio 0.297" in body
+    assert "sentences/s" in body and "FLOPs ratio 0.297" in body and "low-rank, same FLOPs (auto)" in body
 
 
 def test_models_bad_choices_are_named():
