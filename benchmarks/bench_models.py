@@ -198,9 +198,9 @@ def bench_latency(models: dict[str, dict[str, nn.Module]], batches: list[int], t
     return rows
 
 
-def lightning_wrapper(model: nn.Module) -> Any:
+def lightning_wrapper(model: nn.Module, text: bool = False) -> Any:
     """A minimal LightningModule around ``model`` whose ``predict_step`` returns the predicted classes (images) or
-    the mean-pooled last hidden state (sentences: a batch of ``(input_ids, attention_mask)``)."""
+    (``text``) the mean-pooled last hidden state of a batch of sentences ``(input_ids, attention_mask)``."""
     import lightning.pytorch as pl
 
     class Wrapper(pl.LightningModule):
@@ -212,7 +212,7 @@ def lightning_wrapper(model: nn.Module) -> Any:
             return self.net(x)
 
         def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            if len(batch) == 2:
+            if text:
                 return run_model(self.net, {"input_ids": batch[0], "attention_mask": batch[1]}).mean(1)
             return self.net(batch[0]).argmax(-1)
 
@@ -246,7 +246,7 @@ def bench_predict(models: dict[str, dict[str, nn.Module]], n: int, batch: int, r
                 for v in speed:  # interleaved
                     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                                          enable_model_summary=False, enable_checkpointing=False)
-                    lm = lightning_wrapper(variants[v])
+                    lm = lightning_wrapper(variants[v], text=family(name) == "text")
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         t0 = time.perf_counter()
