@@ -57,9 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_speed import machine_info  # noqa: E402
+from benchmarks.bench_speed import machine_info, same_flops_rank  # noqa: E402
 from benchmarks.common import write_section  # noqa: E402
-from gsm_lightning.flops import structure_flops  # noqa: E402
 from gsm_lightning.inference import optimize_inference  # noqa: E402
 from gsm_lightning.structure_io import apply_structure, load_structure  # noqa: E402
 
@@ -67,7 +66,6 @@ VISION, TEXT = ("vit", "mixer"), ("minilm",)
 # BENCHMARKS.md section markers per model family
 SECTIONS = {"vision": ("<!-- models:start -->", "<!-- models:end -->"),
             "text": ("<!-- models-minilm:start -->", "<!-- models-minilm:end -->")}
-START, END = SECTIONS["vision"]
 DATA = ROOT / "benchmarks" / "data"
 
 
@@ -125,12 +123,10 @@ def run_model(model: nn.Module, x: torch.Tensor | dict[str, torch.Tensor]) -> to
 
 def lowrank_structure(structure: dict[str, Any]) -> dict[str, Any]:
     """``structure`` with every layer replaced by a plain low-rank structure of the same FLOPs: ``R`` components of
-    rank 1 with full windows, ``R = round(FLOPs / (in + out))`` (at least 1)."""
+    rank 1 with full windows, ``R`` from :func:`benchmarks.bench_speed.same_flops_rank`."""
     layers = {}
     for name, rec in structure["layers"].items():
-        n_in, n_out = int(rec["in_features"]), int(rec["out_features"])
-        w = torch.tensor(rec["widths"], dtype=torch.int64).reshape(2, -1)
-        r = max(1, round(structure_flops(w, n_in, n_out, int(rec["rank_per_component"])) / (n_in + n_out)))
+        n_in, n_out, r = int(rec["in_features"]), int(rec["out_features"]), same_flops_rank(rec)
         layers[name] = {**rec, "rank_per_component": 1, "widths": [[n_in] * r, [n_out] * r], "locations": [[0] * r, [0] * r]}
     return {**structure, "layers": layers}
 
@@ -157,7 +153,7 @@ def build_variants(model: str, budget: float, routing_batch: int = 32, seed: int
     info = {"layers": len(rep.layers), "compact": sum(c.choice == "compact" for c in rep.layers),
             "fallback": sum(c.dense_below > 0 for c in rep.layers), "flops_ratio": structure["flops_ratio"],
             "paths": sorted({c.path for c in rep.layers if c.path}), "model_ratio": rep.model_ratio, "reverted": rep.reverted,
-            "routing_batch": routing_batch, "lowrank_compact": sum(c.choice == "compact" for c in rep_lr.layers),
+            "lowrank_compact": sum(c.choice == "compact" for c in rep_lr.layers),
             "lowrank_ratio": rep_lr.model_ratio, "lowrank_reverted": rep_lr.reverted,
             "lowrank_flops": sum(len(r["widths"][0]) * (r["in_features"] + r["out_features"]) for r in lr_structure["layers"].values())
             / sum(r["in_features"] * r["out_features"] for r in lr_structure["layers"].values())}

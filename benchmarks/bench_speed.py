@@ -423,7 +423,7 @@ def bench_align(threads: int, rounds: int, min_run_time: float, aligns: list[int
 def lowrank_floor(rec: dict[str, Any], tokens: int, threads: int, rounds: int, min_run_time: float) -> str:
     """What two plain gemms achieve at the layer's FLOPs: ``x @ A @ B + b`` with the rank ``R`` of a low-rank layer of
     the same multiply-adds (``R (in + out)`` = the structure's FLOPs), timed against ``nn.Linear`` like P3."""
-    n_in, n_out, r = int(rec["in_features"]), int(rec["out_features"]), _floor_rank(rec)
+    n_in, n_out, r = int(rec["in_features"]), int(rec["out_features"]), same_flops_rank(rec)
     lin = nn.Linear(n_in, n_out)
     a, b = torch.randn(n_in, r) / n_in ** 0.5, torch.randn(r, n_out) / r ** 0.5
     x = torch.randn(tokens, n_in)
@@ -436,7 +436,7 @@ def lowrank_floor(rec: dict[str, Any], tokens: int, threads: int, rounds: int, m
 FLOOR_LAYERS = ("encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense")
 
 
-def _floor_rank(rec: dict[str, Any]) -> int:
+def same_flops_rank(rec: dict[str, Any]) -> int:
     """Rank ``R`` of a low-rank layer with the multiply-adds of the stored structure: ``R (in + out)`` = its FLOPs."""
     n_in, n_out = int(rec["in_features"]), int(rec["out_features"])
     w = torch.tensor(rec["widths"], dtype=torch.int64).reshape(2, -1)
@@ -514,7 +514,7 @@ def bench_floor(threads: int, rounds: int, min_run_time: float, compile_: bool =
         for name in names:
             rec = minilm["layers"][name]
             short = short_name(name)
-            n_in, n_out, r = int(rec["in_features"]), int(rec["out_features"]), _floor_rank(rec)
+            n_in, n_out, r = int(rec["in_features"]), int(rec["out_features"]), same_flops_rank(rec)
             torch.manual_seed(0)
             dense = nn.Linear(n_in, n_out).eval()
             lowrank = nn.Sequential(nn.Linear(n_in, r, bias=False), nn.Linear(r, n_out)).eval()
@@ -544,7 +544,7 @@ def bench_rank_sweep(threads: int, rounds: int, min_run_time: float, quick: bool
             short = short_name(name)
             n_in, n_out = int(rec["in_features"]), int(rec["out_features"])
             learned = len(rec["widths"][0]) * int(rec["rank_per_component"])
-            ranks = sorted({learned - learned % 8, learned, padded_rank(learned, 8), _floor_rank(rec)} - {0})
+            ranks = sorted({learned - learned % 8, learned, padded_rank(learned, 8), same_flops_rank(rec)} - {0})
             torch.manual_seed(0)
             dense = nn.Linear(n_in, n_out).eval()
             for t in ([64] if quick else [64, 256]):
