@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,18 +27,19 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and not __package__:  # run as `python benchmarks/accuracy_fmnist.py`: see benchmarks/README.md
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as pl  # noqa: E402
 
-from benchmarks.common import parse_overrides, write_section  # noqa: E402
-from gsm_lightning.baselines import rank_for_budget  # noqa: E402
+from benchmarks.common import machine_info, parse_overrides, write_section  # noqa: E402
+from gsm_lightning.core.baselines import rank_for_budget  # noqa: E402
 from gsm_lightning.data import FashionMNISTDataModule  # noqa: E402
+from gsm_lightning.io.structure_io import load_structure, save_structure, set_structure  # noqa: E402
 from gsm_lightning.models import MLPMixer, ViT  # noqa: E402
-from gsm_lightning.module import GSMModule  # noqa: E402
-from gsm_lightning.structure_io import load_structure, save_structure, set_structure  # noqa: E402
+from gsm_lightning.training.module import GSMModule  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 
 
@@ -68,7 +67,7 @@ def _targets(module: GSMModule) -> list[str]:
 
 
 def _targets_of(net: torch.nn.Module) -> list[str]:
-    from gsm_lightning.conversion import select_linear_layers
+    from gsm_lightning.core.conversion import select_linear_layers
 
     return select_linear_layers(net, include=net.gsm_default_include)
 
@@ -272,11 +271,8 @@ def main() -> None:
     meta.setdefault("seeds", "0")
     m = argparse.Namespace(**meta)
     wall = sum(r["epoch_s"] for r in results) * m.epochs / 60
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     header = (f"### Accuracy at a FLOPs budget: Fashion-MNIST\n\n"
-              f"Command: `{cmd.strip()}`  \nDate: {datetime.date.today()}; machine: {cpu}, "
-              f"{m.threads} torch thread(s) per run, torch {torch.__version__}.  \n"
+              f"Command: `{cmd.strip()}`  \nDate: {datetime.date.today()}; machine: {machine_info(m.threads)}.  \n"
               f"Recipe (all methods): {m.epochs} epochs, {m.train_subset or 'all'} training images, "
               f"{'the full 10k' if not m.test_subset else m.test_subset} test images, AdamW lr {m.lr:g} "
               f"wd 0.05, warmup + cosine, label smoothing 0.1, batch {m.batch_size}, seeds {m.seeds}; GBLR: phase 1 = "

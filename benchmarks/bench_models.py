@@ -14,7 +14,7 @@ Models (two families, each written to its own section of BENCHMARKS.md, so that 
   both FFN linears of every layer; the attention output projection stays dense); input: a batch of sentences of
   ``--seq-len`` tokens (random token ids, no padding).
 
-The GBLR layers get the stored structures with **random weights** (:func:`gsm_lightning.structure_io.apply_structure`:
+The GBLR layers get the stored structures with **random weights** (:func:`gsm_lightning.io.structure_io.apply_structure`:
 timing does not depend on the values); every other layer is the dense twin's.  Variants:
 
 * ``dense``: the dense twin (``nn.Linear`` everywhere);
@@ -53,14 +53,15 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and not __package__:  # run as `python benchmarks/bench_models.py`: see benchmarks/README.md
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_speed import machine_info, same_flops_rank  # noqa: E402
-from benchmarks.common import write_section  # noqa: E402
-from gsm_lightning.inference import optimize_inference  # noqa: E402
-from gsm_lightning.structure_io import apply_structure, load_structure  # noqa: E402
+from benchmarks.bench_speed import same_flops_rank  # noqa: E402
+from benchmarks.common import machine_info, write_section  # noqa: E402
+from gsm_lightning.infer.inference import optimize_inference  # noqa: E402
+from gsm_lightning.io.structure_io import apply_structure, load_structure  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 VISION, TEXT = ("vit", "mixer"), ("minilm",)
 # BENCHMARKS.md section markers per model family

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_speed as cpu  # noqa: E402
+if __name__ == "__main__" and not __package__:  # run as `python benchmarks/bench_speed_gpu.py`: see benchmarks/README.md
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import bench_speed as cpu  # noqa: E402
 
 
 def cuda_timer(reps: int) -> cpu.Timer:

@@ -1,11 +1,35 @@
-"""Helpers shared by the benchmark scripts: GSMModule overrides from the command line, BENCHMARKS.md sections."""
+"""Helpers shared by the benchmark scripts: GSMModule overrides from the command line, BENCHMARKS.md sections,
+the description of the machine a report was measured on."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
 from pathlib import Path
 from typing import Any
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU model (``model name`` of ``/proc/cpuinfo``; ``platform.processor()`` where there is none)."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    return cpu
+
+
+def machine_info(threads: int | None = None) -> str:
+    """The machine a report was measured on, in one line: CPU model, logical cores, torch and Python versions and
+    the torch threads (``threads`` when the script chose them per run, else torch's default in this process)."""
+    used = f"{threads} torch thread(s) per run" if threads else f"default torch threads {torch.get_num_threads()}"
+    return (f"CPU: {cpu_model()} ({os.cpu_count()} logical cores visible), torch {torch.__version__}, {used}, "
+            f"Python {platform.python_version()}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -26,7 +26,6 @@ import copy
 import datetime as _dt
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -36,14 +35,18 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if __name__ == "__main__" and not __package__:  # run as `python benchmarks/minilm_conversion.py`: see benchmarks/README.md
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.common import machine_info  # noqa: E402
 from gsm_lightning import GBLRLinear, gsmify, model_flops  # noqa: E402
-from gsm_lightning.baselines import baselinify  # noqa: E402
-from gsm_lightning.proximal import cosine_warmup_lambda, proximal_step  # noqa: E402
+from gsm_lightning.core.baselines import baselinify  # noqa: E402
+from gsm_lightning.learn.proximal import proximal_step  # noqa: E402
+from gsm_lightning.learn.schedules import cosine_warmup_lambda  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data" / "minilm_sentences.json"
@@ -252,7 +255,7 @@ def write_markdown(rows: list[dict[str, Any]], cfg: argparse.Namespace, argv: li
     """Rewrite the section between the minilm markers of ``path`` (creating the file if missing)."""
     cmd = "python benchmarks/minilm_conversion.py " + " ".join(argv)
     threads = cfg.threads or torch.get_num_threads()
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} torch thread(s)"
+    machine = machine_info(threads)
     section = "\n".join([
         MD_START,
         "## Pretrained conversion: all-MiniLM-L6-v2 sentence embeddings",

@@ -21,7 +21,7 @@ Each fixture comes from a real run of the package; the recipe is stored in the f
 
 The recipes of the other scripts are reused by calling their ``run_one`` (for ``recovery`` with a ``GSMModule``
 subclass that keeps a reference to the trained module; no edit of those scripts).  Load a fixture with
-:func:`gsm_lightning.structure_io.load_structure` (random weights: see that module).
+:func:`gsm_lightning.io.structure_io.load_structure` (random weights: see that module).
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 
+if __name__ == "__main__" and not __package__:  # run as `python benchmarks/save_structures.py`: see benchmarks/README.md
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gsm_lightning.core.layer import GBLRLinear  # noqa: E402
+from gsm_lightning.io.structure_io import load_structure, save_structure, structure_record  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from gsm_lightning.layer import GBLRLinear  # noqa: E402
-from gsm_lightning.structure_io import load_structure, save_structure, structure_record  # noqa: E402
-
 DATA = ROOT / "benchmarks" / "data"
 MINILM_FILE = "structures_minilm_b0.3.json"
 RECOVERY_TEACHERS = ("block_diagonal", "few_windows", "rectangular")

@@ -1,6 +1,6 @@
 """Structure recovery: teacher-student regression on teachers of known GBLR structure.
 
-Each teacher ``y = W* x`` (see :mod:`gsm_lightning.teacher`) is learned by students at the teacher's
+Each teacher ``y = W* x`` (see :mod:`gsm_lightning.data.teacher`) is learned by students at the teacher's
 exact FLOPs (GBLR accounting): learned GBLR through ``GSMModule`` with its defaults, fixed low-rank,
 Monarch, block-sparse, a random fixed GBLR structure, and dense.  All students get the same epochs,
 optimizer and schedule.  Reported: relative test MSE (MSE over the targets' variance, noise-free test
@@ -28,15 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and not __package__:  # run as `python benchmarks/structure_recovery.py`: see benchmarks/README.md
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as pl  # noqa: E402
 
 from benchmarks.common import parse_overrides, write_section  # noqa: E402
-from gsm_lightning.layer import gblr_layers  # noqa: E402
-from gsm_lightning.module import GSMModule  # noqa: E402
-from gsm_lightning.teacher import (  # noqa: E402
+from gsm_lightning.core.layer import gblr_layers  # noqa: E402
+from gsm_lightning.data.teacher import (  # noqa: E402
     TEACHERS,
     TeacherStudentDataModule,
     Window,
@@ -44,7 +43,9 @@ from gsm_lightning.teacher import (  # noqa: E402
     support_iou,
     windows_support,
 )
+from gsm_lightning.training.module import GSMModule  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = ("gblr", "lowrank", "monarch", "blocksparse", "random_gblr", "dense")
 START, END = "<!-- recovery:start -->", "<!-- recovery:end -->"
 ABL_START, ABL_END = "<!-- recovery-ablation:start -->", "<!-- recovery-ablation:end -->"

@@ -1,8 +1,10 @@
 """gsm_lightning: learnable Generalized Structured Matrices (GBLR + Gaudi masks) for any backbone.
 
-The math (``masks``, ``layer``, ``flops``, ``conversion``) is plain PyTorch and importing this
-package does not import Lightning; the Lightning parts (``GSMModule``, callbacks, data, CLI) are
-loaded on first access.
+Sub-packages by concern, each importing only those before it: ``core`` (masks, FLOPs, the layer, conversion,
+baselines) < ``learn`` (structure rules, schedules) < ``infer`` (compact kernels, FLOP counting) < ``io``
+(structure files, export, checkpoints) < ``report`` (statistics, figures, the report command) < ``training``
+(the Lightning layer) < ``data``, ``models``, ``cli``.  ``docs/ARCHITECTURE.md`` is the map.  Importing this
+package does not import Lightning; the Lightning parts (``GSMModule``, callbacks, data, CLI) load on first access.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import flop_count as _flop_count  # noqa: F401  (installs the frozen-layer route for FlopCounterMode)
-from .conversion import GSMReport, gsmify, select_linear_layers
-from .flops import model_flops
-from .layer import GBLRLinear
-from .masks import boxcar_mask, gaudi_mask
+from . import _compat
+from .core.conversion import GSMReport, gsmify, select_linear_layers
+from .core.layer import GBLRLinear, model_flops
+from .core.masks import boxcar_mask, gaudi_mask
+from .infer import flop_count as _flop_count  # noqa: F401  (installs the frozen-layer route for FlopCounterMode)
+
+_compat.install()
 
 __version__ = "0.1.0"
 
@@ -22,17 +26,17 @@ __all__ = ["GBLRLinear", "gsmify", "select_linear_layers", "GSMReport", "model_f
            "__version__"]
 
 _LAZY = {
-    "GSMModule": "gsm_lightning.module",
-    "StructureMonitor": "gsm_lightning.callbacks",
-    "StructureVisualizer": "gsm_lightning.callbacks",
-    "StructureReport": "gsm_lightning.callbacks",
-    "count_flops": "gsm_lightning.flop_count",
-    "CompactGBLR": "gsm_lightning.compact",
-    "optimize_inference": "gsm_lightning.inference",
-    "merge_to_dense": "gsm_lightning.export",
-    "save_compact": "gsm_lightning.export",
-    "load_compact": "gsm_lightning.export",
-    "gblr_flop_counting": "gsm_lightning.flop_count",
+    "GSMModule": "gsm_lightning.training.module",
+    "StructureMonitor": "gsm_lightning.training.callbacks",
+    "StructureVisualizer": "gsm_lightning.training.callbacks",
+    "StructureReport": "gsm_lightning.training.callbacks",
+    "count_flops": "gsm_lightning.infer.flop_count",
+    "CompactGBLR": "gsm_lightning.infer.compact",
+    "optimize_inference": "gsm_lightning.infer.inference",
+    "merge_to_dense": "gsm_lightning.io.export",
+    "save_compact": "gsm_lightning.io.export",
+    "load_compact": "gsm_lightning.io.export",
+    "gblr_flop_counting": "gsm_lightning.infer.flop_count",
 }
 
 

@@ -14,8 +14,9 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
-from .export import read_torch_file
-from .module import GSMModule
+from .io.checkpoint import read_torch_file
+from .training.legacy import migrate_hparams
+from .training.module import GSMModule
 
 __all__ = ["GSMLightningCLI", "build_cli", "main"]
 
@@ -38,16 +39,21 @@ class GSMLightningCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return super()._parse_ckpt_path()
         model = self.config[sub].get("model")
-        before = {k: _plain(model.get(k)) for k in getattr(self, "_model_flags", []) if model is not None and k in model}
-        try:
-            super()._parse_ckpt_path()
-        except Exception:
-            # a damaged file: a clear error naming it, not torch's advice to load it with weights_only=False
-            read_torch_file(ckpt_path, "checkpoint")
-            raise
+        before = {k: _plain(_get(model, k)) for k in getattr(self, "_model_flags", []) if model is not None}
+        # a damaged file: a clear error naming it, not torch's advice to load it with weights_only=False
+        ckpt = read_torch_file(ckpt_path, "checkpoint")
+        hparams = dict(ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {})
+        hparams.pop("_instantiator", None)
+        if hparams:
+            # a checkpoint of an earlier version stores the flat arguments: parse them in today's form
+            try:
+                self.config = self.parser.parse_object({sub: {"model": migrate_hparams(hparams)}}, self.config)
+            except SystemExit:
+                sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+                raise
         after = self.config[sub].get("model")
-        conflicts = [f"--model.{k} {before[k]!r} (checkpoint: {_plain(after.get(k))!r})" for k in before
-                     if _plain(after.get(k)) != before[k]]
+        conflicts = [f"--model.{k} {before[k]!r} (checkpoint: {_plain(_get(after, k))!r})" for k in before
+                     if _plain(_get(after, k)) != before[k]]
         if conflicts:
             self.parser.error(
                 f"--ckpt_path {ckpt_path} restores the model hyperparameters it was trained with, which would override "
@@ -64,9 +70,22 @@ def _model_flags(args: list[str] | tuple[str, ...]) -> list[str]:
         parts = a[len("--model."):].split("=", 1)[0].split(".")
         if parts[0] == "init_args" and len(parts) > 1:
             parts = parts[1:]
-        if parts[0] and parts[0] not in ("backbone", "optimizer", "lr_scheduler") and parts[0] not in names:
-            names.append(parts[0])
+        name = ".".join(parts)  # nested ones (conversion.include, rule.init_args.prox_lambda) keep their path
+        if parts[0] and parts[0] not in ("backbone", "optimizer", "lr_scheduler") and name not in names:
+            names.append(name)
     return names
+
+
+def _get(config: Any, dotted: str) -> Any:
+    """``config[dotted]`` for a jsonargparse Namespace or a nested dict (None when absent)."""
+    value = config
+    for part in dotted.split("."):
+        if hasattr(value, "as_dict"):
+            value = value.as_dict()
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
 
 
 def _plain(value: Any) -> Any:

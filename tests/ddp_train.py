@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gsm_lightning.data import EpochSeededSampler  # noqa: E402
-from gsm_lightning.module import GSMModule  # noqa: E402
+from gsm_lightning.training.module import GSMModule  # noqa: E402
 from tests.helpers import adamw, digits_loaders, mlp  # noqa: E402
 
 PHASE1, EPOCHS = 2, 3

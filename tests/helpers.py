@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 
 import torch
 from lightning.pytorch import Callback
@@ -57,9 +55,5 @@ def hand_layer():
 
 
 def load_benchmark(name: str):
-    """The module ``benchmarks/<name>.py`` (the scripts are not a package; loaded by path, registered under ``name``)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """The module ``benchmarks.<name>`` (the repo root is on ``sys.path`` under pytest: ``tests`` is a package)."""
+    return importlib.import_module(f"benchmarks.{name}")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gsm_lightning import GBLRLinear
-from gsm_lightning.align import align_side, align_structure, side_alignment
-from gsm_lightning.inference import CompactGBLR, plan_side
+from gsm_lightning.core.align import align_side, align_structure, side_alignment
+from gsm_lightning.infer.inference import CompactGBLR, plan_side
 
 
 def test_side_alignment_is_the_gcd_and_rejects_bad_values() -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gsm_lightning.baselines import (
+from gsm_lightning.core.baselines import (
     BaselineReport,
     BlockSparseLinear,
     LowRankLinear,
@@ -17,7 +17,7 @@ from gsm_lightning.baselines import (
     nblocks_for_budget,
     rank_for_budget,
 )
-from gsm_lightning.conversion import GSMReport
+from gsm_lightning.core.conversion import GSMReport
 
 torch.manual_seed(0)
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from gsm_lightning import GBLRLinear
-from gsm_lightning.budget_learner import BudgetLearner, BudgetPath
-from gsm_lightning.proximal import flops_ratio
+from gsm_lightning.core.flops import flops_ratio
+from gsm_lightning.learn.budget_learner import BudgetLearner, BudgetPath
 
 
 def two_layers(seed: int = 0) -> nn.Sequential:

@@ -15,7 +15,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import nn
 
-from gsm_lightning.callbacks import (
+from gsm_lightning.core.layer import GBLRLinear, gblr_layers
+from gsm_lightning.training.callbacks import (
     LAYER_GROUPS,
     StructureMonitor,
     StructureReport,
@@ -32,9 +33,7 @@ from gsm_lightning.callbacks import (
     structure_summary,
     structure_table,
 )
-from gsm_lightning.layer import GBLRLinear
-from gsm_lightning.module import GSMModule
-from gsm_lightning.proximal import gblr_layers
+from gsm_lightning.training.module import GSMModule
 
 from .helpers import digits_loaders, hand_layer
 
@@ -349,7 +348,7 @@ def test_structure_summary_counts_other_linear_layers():
     s2 = structure_summary(model, example_input=torch.tensor([[0, 1, 2]]))
     assert s2["flop_counter"]["flops"] == 2 * 3 * (gblr.flops() + 24 * 6)
 
-    from gsm_lightning.baselines import LowRankLinear
+    from gsm_lightning.core.baselines import LowRankLinear
 
     low = LowRankLinear(6, 8, rank=2)
     s3 = structure_summary(nn.Sequential(model, low))

@@ -10,8 +10,8 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from gsm_lightning.inference import CompactGBLR
-from gsm_lightning.layer import GBLRLinear
+from gsm_lightning.core.layer import GBLRLinear
+from gsm_lightning.infer.inference import CompactGBLR
 
 
 @pytest.fixture(autouse=True)

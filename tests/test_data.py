@@ -378,7 +378,7 @@ def test_train_order_is_a_function_of_seed_and_epoch_only():
 def _predict(dm, backbone, task: str = "classification", num_classes: int | None = 10) -> list:
     import lightning.pytorch as pl
 
-    from gsm_lightning.module import GSMModule
+    from gsm_lightning.training.module import GSMModule
 
     module = GSMModule(backbone, task=task, num_classes=num_classes, method="dense", budget=1.0)
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gsm_lightning import GBLRLinear
 from gsm_lightning.cli import build_cli
-from gsm_lightning.conversion import gsmify
+from gsm_lightning.core.conversion import gsmify
+from gsm_lightning.core.masks import gaudi_mask
 from gsm_lightning.data import FashionMNISTDataModule
-from gsm_lightning.export import load_compact, save_compact
-from gsm_lightning.masks import gaudi_mask
-from gsm_lightning.module import GSMModule
+from gsm_lightning.io.export import load_compact, save_compact
+from gsm_lightning.training.module import GSMModule
 
 from .helpers import adamw, digits_loaders
 
@@ -246,13 +246,13 @@ def test_corrupt_fashion_mnist_file_is_named(tmp_path, damage):
 # ---------------------------------------------------------------------------------------------- CLI
 def test_unknown_yaml_key_names_the_key(tmp_path, capsys):
     text = (ROOT / "configs" / "quickstart.yaml").read_text()
-    assert "  shrink:" in text
+    assert "  conversion:" in text
     bad = tmp_path / "bad.yaml"
-    bad.write_text(text.replace("  shrink:", "  shrnik:"))
+    bad.write_text(text.replace("  conversion:", "  convresion:"))
     with pytest.raises(SystemExit) as exit_info:
         build_cli(["fit", "--config", str(bad), "--print_config"])
     assert exit_info.value.code not in (0, None)
-    assert "shrnik" in capsys.readouterr().err
+    assert "convresion" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------- wrong structure
@@ -309,7 +309,7 @@ def test_gblr_input_with_wrong_last_dim(shape):
 def test_unknown_method_and_task():
     with pytest.raises(ValueError, match=r"unknown method 'sparse'; expected gblr, dense, lowrank, monarch or blocksparse"):
         module(method="sparse")
-    with pytest.raises(ValueError, match=r"unknown task 'segmentation'; expected 'classification', 'lm' or 'regression'"):
+    with pytest.raises(ValueError, match=r"unknown task 'segmentation'; expected 'classification', 'lm', 'regression' or 'embedding'"):
         module(task="segmentation")
     with pytest.raises(ValueError, match=r"unknown shrink 'lasso'; expected 'budget'"):
         module(shrink="lasso")
@@ -566,11 +566,11 @@ def test_ckpt_path_with_a_conflicting_model_flag_is_an_error(cli_checkpoint, cap
     cfg, ckpt = cli_checkpoint
     with pytest.raises(SystemExit) as exit_info:
         build_cli(["validate", "--config", str(cfg), f"--ckpt_path={ckpt}", "--model.budget=0.2",
-                   "--model.include=[blocks.0.mlp.fc1]", "--model.label_smoothing=0.1"])
+                   "--model.conversion.include=[blocks.0.mlp.fc1]", "--model.label_smoothing=0.1"])
     assert exit_info.value.code not in (0, None)
     err = capsys.readouterr().err
     assert re.search(r"--ckpt_path .*last\.ckpt restores the model hyperparameters it was trained with, which would "
-                     r"override --model\.budget 0\.2 \(checkpoint: 0\.5\), --model\.include \['blocks\.0\.mlp\.fc1'\] "
+                     r"override --model\.budget 0\.2 \(checkpoint: 0\.5\), --model\.conversion\.include \['blocks\.0\.mlp\.fc1'\] "
                      r"\(checkpoint: None\)\. Drop these flags", err), err
     assert "label_smoothing" not in err  # same value as the checkpoint: no conflict
     # a flag with the checkpoint's value runs

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from gsm_lightning.export import compact_state, export_onnx, export_program, load_compact, merge_to_dense, save_compact
-from gsm_lightning.inference import CompactGBLR, optimize_inference
-from gsm_lightning.layer import GBLRLinear
+from gsm_lightning.core.layer import GBLRLinear
+from gsm_lightning.infer.inference import CompactGBLR, optimize_inference
+from gsm_lightning.io.export import compact_state, export_onnx, export_program, load_compact, merge_to_dense, save_compact
 
 
 class Net(nn.Module):

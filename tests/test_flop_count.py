@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from gsm_lightning.flop_count import (
+from gsm_lightning.core.layer import GBLRLinear
+from gsm_lightning.infer.flop_count import (
     count_flops,
     expected_flops,
     flop_breakdown,
@@ -18,7 +19,6 @@ from gsm_lightning.flop_count import (
     is_flop_counting,
     side_macs,
 )
-from gsm_lightning.layer import GBLRLinear
 
 
 def frozen(n_in: int, n_out: int, width: float = 0.3, **kwargs) -> GBLRLinear:
@@ -137,12 +137,12 @@ def test_frozen_layer_forward_routes_through_the_counted_operator():
     ``measure_flops`` and ``ModelSummary`` charge the true cost; the values are those of the uncounted forward."""
     from lightning.fabric.utilities.throughput import measure_flops
 
-    from gsm_lightning.layer import set_frozen_route
+    from gsm_lightning.core.layer import set_frozen_route
 
     model = nn.Sequential(frozen(32, 48), nn.GELU(), nn.Linear(48, 10))
     x = torch.randn(6, 32)
     want = 2 * 6 * (model[0].flops() + 48 * 10)
-    assert "forward" not in model[0].__dict__ and GBLRLinear.forward.__module__ == "gsm_lightning.layer"
+    assert "forward" not in model[0].__dict__ and GBLRLinear.forward.__module__ == "gsm_lightning.core.layer"
     with torch.no_grad():
         ref = model(x)
         with FlopCounterMode(display=False) as counter:

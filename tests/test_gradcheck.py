@@ -12,7 +12,7 @@ import torch
 from torch.func import functional_call
 
 from gsm_lightning import GBLRLinear
-from gsm_lightning.masks import gaudi_mask
+from gsm_lightning.core.masks import gaudi_mask
 
 SIGMAS = [1.0, 7.5, 100.0, None]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from gsm_lightning.inference import CompactGBLR, SidePlan, optimize_inference, plan_side
-from gsm_lightning.layer import GBLRLinear
+from gsm_lightning.core.layer import GBLRLinear
+from gsm_lightning.infer.inference import CompactGBLR, SidePlan, optimize_inference, plan_side
 
 D = torch.float64
 
@@ -266,7 +266,7 @@ def test_blocks_merge_nearly_identical_windows():
 
 
 def test_arc_union():
-    from gsm_lightning.compact_plan import _arc_union
+    from gsm_lightning.infer.compact_plan import _arc_union
 
     a, w = _arc_union(np.array([2, 30, 0, 10]), np.array([5, 6, 40, 4]), np.array([4, 1, 7, 30]), np.array([6, 3, 3, 8]), 40)
     # [2,7)+[4,10) -> [2,10); [30,36)+[1,4) wraps -> [30,44); full stays full; [10,14)+[30,38) -> [30,54) (wrapping
@@ -321,7 +321,7 @@ def test_dense_fallback_below_threshold():
 
 
 def test_fallback_threshold():
-    from gsm_lightning.inference import _fallback_threshold
+    from gsm_lightning.infer.inference import _fallback_threshold
 
     assert _fallback_threshold({1: True, 8: True, 64: True}) == 0
     assert _fallback_threshold({1: False, 8: False, 64: True}) == 64
@@ -410,7 +410,7 @@ def test_auto_whole_model_check_is_timed_and_optional(monkeypatch):
     report = optimize_inference(model, mode="auto", sample_input=x, reps=3, verify=False)
     assert report.model_ratio is None and not report.reverted
     assert all(isinstance(model.get_submodule(c.name), CompactGBLR) for c in report.layers)
-    from gsm_lightning.inference import _model_ratio
+    from gsm_lightning.infer.inference import _model_ratio
 
     model = make_model()
     with torch.no_grad():

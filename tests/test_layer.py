@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gsm_lightning import GBLRLinear
-from gsm_lightning.masks import boxcar_mask
+from gsm_lightning.core.masks import boxcar_mask
 
 SHAPES = [(5, 7), (7, 5), (16, 16), (1, 9), (9, 1), (33, 20)]
 
@@ -396,6 +396,70 @@ def test_loading_a_checkpoint_of_another_shape_raises() -> None:
     model = nn.Sequential(GBLRLinear(8, 4))
     with pytest.raises(RuntimeError, match="'0'"):  # names the layer
         model.load_state_dict(nn.Sequential(GBLRLinear(8, 5)).state_dict())
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_restore_structure_round_trips_a_record_into_a_layer_of_another_k(frozen: bool) -> None:
+    src = GBLRLinear(20, 14, num_components=9, sigma=None, location_init="random")
+    randomize_structure(src, zero_frac=0.3 if frozen else 0.0)
+    if frozen:
+        src.freeze_structure()
+    record = src.structure()
+    dst = GBLRLinear(20, 14, num_components=4, sigma=3.0, location_init="random")
+    if not frozen:
+        dst.freeze_structure()  # the record must also unfreeze
+    assert dst.num_components != src.num_components and dst.is_frozen != frozen
+    assert dst.restore_structure(record) is dst
+    assert dst.structure() == record
+    assert dst.is_frozen == frozen and bool(dst.frozen) == frozen
+    assert dst.widths.requires_grad == dst.locations.requires_grad == (not frozen)
+    assert dst.weight_in.shape == src.weight_in.shape and dst.weight_out.shape == src.weight_out.shape
+    assert not dst.weight_in.any() and not dst.weight_out.any()  # factors are not part of a structure: zero
+    assert float(dst.sigma) == 3.0
+    # the weights load on top, as GSMModule does on resume (structure first, then the state dict)
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(5, 20)
+    torch.testing.assert_close(dst(x), src(x), atol=0, rtol=0)
+    # a structure-file record (no num_components/frozen: it describes a frozen layer) and tensor records read back too
+    if frozen:
+        plain = {k: record[k] for k in ("in_features", "out_features", "rank_per_component", "widths", "locations")}
+        assert GBLRLinear(20, 14).restore_structure(plain).structure() == record
+        assert GBLRLinear(20, 14).restore_structure(src.structure(tensors=True)).structure() == record
+
+
+def test_restore_structure_keeps_factors_when_k_is_unchanged_and_rejects_other_shapes() -> None:
+    layer = GBLRLinear(12, 10, num_components=5)
+    w_in = layer.weight_in.detach().clone()
+    other = GBLRLinear(12, 10, num_components=5, width_init=0.5, location_init="uniform").freeze_structure()
+    layer.restore_structure(other.structure())
+    assert torch.equal(layer.weight_in, w_in) and layer.structure() == other.structure()
+    for bad in (GBLRLinear(10, 12), GBLRLinear(12, 10, rank_per_component=2)):
+        with pytest.raises(ValueError, match="in/out/rank"):
+            layer.restore_structure(bad.structure())
+    with pytest.raises(ValueError, match=r"\(2, K\)"):
+        layer.restore_structure({**other.structure(), "num_components": 4})
+
+
+def test_bisect_threshold_and_set_submodule() -> None:
+    from gsm_lightning.core.flops import bisect_threshold
+    from gsm_lightning.core.modules import set_submodule
+
+    seen = []
+    tau = bisect_threshold(lambda t: seen.append(t) or t >= 0.3, 0.0, 1.0, 40)
+    assert seen[:3] == [0.5, 0.25, 0.375] and len(seen) == 40 and 0.3 <= tau < 0.3 + 2 ** -39
+    assert bisect_threshold(lambda t: True, 0.0, 0.7, 0) == 0.7
+    model = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.ReLU(), nn.Linear(3, 4)))
+    new = GBLRLinear(3, 4)
+    set_submodule(model, "1.1", new)
+    assert model[1][1] is new
+    with pytest.raises(AttributeError):
+        set_submodule(model, "2.x", new)
+    root = nn.Module()
+    set_submodule(root, "backbone.blocks.0.q", new, create_parents=True)
+    set_submodule(root, "backbone.blocks.1", nn.ReLU(), create_parents=True)
+    assert root.get_submodule("backbone.blocks.0.q") is new
+    assert [n for n, _ in root.named_modules()] == ["", "backbone", "backbone.blocks", "backbone.blocks.0",
+                                                    "backbone.blocks.0.q", "backbone.blocks.1"]
 
 
 # ------------------------------------------------------------------------------------------- gradients

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from gsm_lightning.masks import boxcar_mask, gaudi_mask, gaudi_spectrum, quantize_ste, to_grid
+from gsm_lightning.core.masks import boxcar_mask, gaudi_mask, gaudi_spectrum, quantize_ste, to_grid
 
 
 def reference_boxcar(widths: list[int], locations: list[int], n: int) -> torch.Tensor:

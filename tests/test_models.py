@@ -7,8 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
-from gsm_lightning.conversion import gsmify, select_linear_layers
-from gsm_lightning.layer import GBLRLinear
+from gsm_lightning.core.conversion import gsmify, select_linear_layers
+from gsm_lightning.core.layer import GBLRLinear
 from gsm_lightning.models import (
     DEFAULT_INCLUDE,
     GPT2LM,

@@ -13,9 +13,12 @@ from torch import nn
 
 from gsm_lightning import GBLRLinear
 from gsm_lightning import proximal as prox_mod
-from gsm_lightning.budget_learner import BudgetLearner
-from gsm_lightning.module import GSMModule
-from gsm_lightning.proximal import SigmaSchedule, flops_ratio, param_groups, project_model_to_budget, proximal_step
+from gsm_lightning.core.flops import flops_ratio
+from gsm_lightning.learn.budget_learner import BudgetLearner
+from gsm_lightning.learn.groups import param_groups
+from gsm_lightning.learn.proximal import project_model_to_budget, proximal_step
+from gsm_lightning.learn.schedules import SigmaSchedule
+from gsm_lightning.training.module import GSMModule
 
 from .helpers import LossRecorder, adamw, digits_loaders, mlp
 
@@ -133,7 +136,7 @@ def test_shrink_runs_once_per_real_step_with_accumulation(tmp_path, monkeypatch,
         return real(*args, **kwargs)
 
     if shrink == "paper":
-        monkeypatch.setattr("gsm_lightning.module.proximal_step", counting)
+        monkeypatch.setattr("gsm_lightning.learn.rules.proximal_step", counting)
     else:
         monkeypatch.setattr(BudgetLearner, "step", counting)
     train, val = digits_loaders(n_train=512, batch_size=32)  # 16 micro-batches per epoch
@@ -207,7 +210,7 @@ def test_freeze_align_snaps_the_learned_windows_and_checkpoints_keep_them(tmp_pa
     ckpt = tmp_path / "aligned.ckpt"
     t.save_checkpoint(ckpt)
     loaded = GSMModule.load_from_checkpoint(ckpt, backbone=mlp(), optimizer=adamw())
-    assert loaded.hparams.freeze_align == 32
+    assert loaded.switch.align == 32 and loaded.hparams.switch["align"] == 32
     for (_, a), (_, b) in zip(m.gblr_layers, loaded.gblr_layers):
         assert a.structure() == b.structure()
 
@@ -222,7 +225,7 @@ def test_freeze_align_names_layers_that_cannot_take_the_full_tile(tmp_path):
 
 @pytest.mark.parametrize("bad", [0, 2.0, True])
 def test_freeze_align_rejects_non_tiles(bad):
-    with pytest.raises(ValueError, match="freeze_align must be an integer >= 1"):
+    with pytest.raises(ValueError, match="align must be an integer >= 1"):
         make_module(freeze_align=bad)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import io
 import pathlib
 
@@ -12,8 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from gsm_lightning.layer import GBLRLinear
-from gsm_lightning.plotting import (
+from gsm_lightning.core.layer import GBLRLinear
+from gsm_lightning.report.plotting import (
     DPI,
     component_windows,
     figure_png,
@@ -28,7 +27,7 @@ from gsm_lightning.plotting import (
     width_histograms,
     window_segments,
 )
-from gsm_lightning.structure import flops_by_depth, layer_depth, layer_stats, structure_table
+from gsm_lightning.report.structure import flops_by_depth, layer_depth, layer_stats, structure_table
 
 from .helpers import hand_layer
 
@@ -237,28 +236,19 @@ def test_structure_figures_and_save(tmp_path):
 
 def test_plotting_report_and_structure_import_neither_lightning_nor_pyplot():
     """Static walk of the imports (function-level ones too) of the modules the report needs, within the package."""
+    from .test_imports import GRAPH
+
     seen: set[str] = set()
-    todo = ["plotting", "report", "structure"]
+    todo = ["gsm_lightning.report.plotting", "gsm_lightning.report.command", "gsm_lightning.report.structure"]
     while todo:
         mod = todo.pop()
         if mod in seen:
             continue
         seen.add(mod)
-        tree = ast.parse((PACKAGE / f"{mod}.py").read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:  # relative: a module of this package
-                    base = (node.module or "").split(".")[0]
-                    todo += [base] if base else [a.name for a in node.names if (PACKAGE / f"{a.name}.py").exists()]
-                    continue
-                names = [node.module or ""]
-            else:
-                continue
-            for name in names:
-                assert not name.startswith("lightning"), f"{mod}.py imports {name}"
-                assert name != "matplotlib.pyplot", f"{mod}.py imports pyplot"
-                if name.startswith("gsm_lightning."):
-                    todo.append(name.split(".")[1])
-    assert {"plotting", "report", "structure", "layer", "proximal"} <= seen and "callbacks" not in seen
+        inner, outer = GRAPH[mod]
+        for name in outer:
+            assert not name.startswith("lightning"), f"{mod} imports {name}"
+            assert name != "matplotlib.pyplot", f"{mod} imports pyplot"
+        todo += sorted(inner)
+    assert {"gsm_lightning.core.layer", "gsm_lightning.io.checkpoint"} <= seen
+    assert not any(m.startswith("gsm_lightning.training") for m in seen)

@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from gsm_lightning.metrics import RelativeMSE
-from gsm_lightning.module import GSMModule
-from gsm_lightning.proximal import flops_ratio
-from gsm_lightning.teacher import TEACHERS, TeacherStudentDataModule, make_teacher, support_iou
+from gsm_lightning.core.flops import flops_ratio
+from gsm_lightning.data.teacher import TEACHERS, TeacherStudentDataModule, make_teacher, support_iou
+from gsm_lightning.training.metrics import RelativeMSE
+from gsm_lightning.training.module import GSMModule
 
 
 def trainer(tmp_path, max_epochs=3, **kw) -> pl.Trainer:

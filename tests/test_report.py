@@ -20,10 +20,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torch import nn
 
-from gsm_lightning.module import GSMModule
-from gsm_lightning.proximal import gblr_layers
+from gsm_lightning.core.layer import gblr_layers
 from gsm_lightning.report import load_checkpoint, main, model_from_checkpoint
-from gsm_lightning.structure import structure_table
+from gsm_lightning.report.structure import structure_table
+from gsm_lightning.training.module import GSMModule
 
 from .helpers import digits_loaders
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from gsm_lightning.data import DigitsDataModule, EpochSeededSampler, ResumableDataLoader
-from gsm_lightning.module import GSMModule
+from gsm_lightning.training.module import GSMModule
 
 from .helpers import LossRecorder, adamw
 
@@ -141,7 +141,7 @@ def test_resumable_loader_skips_the_consumed_batches_and_starts_the_next_epoch_w
 
 
 def test_data_modules_give_a_resumable_train_loader():
-    from gsm_lightning.teacher import TeacherStudentDataModule, make_teacher
+    from gsm_lightning.data.teacher import TeacherStudentDataModule, make_teacher
 
     digits = DigitsDataModule(batch_size=64)
     digits.setup("fit")
@@ -162,7 +162,7 @@ def test_teacher_student_order_is_kept_and_is_a_function_of_the_epoch(num_train)
 
     from torch.utils.data import DataLoader
 
-    from gsm_lightning.teacher import TeacherStudentDataModule, make_teacher
+    from gsm_lightning.data.teacher import TeacherStudentDataModule, make_teacher
 
     dm = TeacherStudentDataModule(make_teacher("low_rank").weight, num_train=num_train, num_val=8, num_test=8,
                                   batch_size=16, seed=5)

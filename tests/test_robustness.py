@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from gsm_lightning import GBLRLinear
-from gsm_lightning.masks import boxcar_mask, gaudi_mask
-from gsm_lightning.module import GSMModule
-from gsm_lightning.proximal import proximal_step
+from gsm_lightning.core.masks import boxcar_mask, gaudi_mask
+from gsm_lightning.learn.proximal import proximal_step
+from gsm_lightning.training.module import GSMModule
 
 from .helpers import LossRecorder, adamw, digits_loaders
 

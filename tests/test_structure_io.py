@@ -1,4 +1,4 @@
-"""Structure files (gsm_lightning.structure_io) and the real-structure fixtures in benchmarks/data/."""
+"""Structure files (gsm_lightning.io.structure_io) and the real-structure fixtures in benchmarks/data/."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from gsm_lightning.inference import CompactGBLR
-from gsm_lightning.layer import GBLRLinear
-from gsm_lightning.models import ViT
-from gsm_lightning.structure_io import (
+from gsm_lightning.core.layer import GBLRLinear
+from gsm_lightning.infer.inference import CompactGBLR
+from gsm_lightning.io.structure_io import (
     apply_structure,
     compact_layer,
     frozen_layer,
@@ -21,6 +20,7 @@ from gsm_lightning.structure_io import (
     set_structure,
     structure_record,
 )
+from gsm_lightning.models import ViT
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
 FIXTURES = sorted(DATA.glob("structures_*.json"))

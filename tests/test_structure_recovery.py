@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from gsm_lightning.module import GSMModule
-from gsm_lightning.teacher import TeacherStudentDataModule, make_teacher
+from gsm_lightning.data.teacher import TeacherStudentDataModule, make_teacher
+from gsm_lightning.training.module import GSMModule
 
 from .helpers import load_benchmark
 

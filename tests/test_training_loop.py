@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from gsm_lightning.module import GSMModule
+from gsm_lightning.training.module import GSMModule
 
 from .helpers import adamw, digits_loaders, mlp
 

@@ -1,0 +1,226 @@
+"""Compress the pretrained all-MiniLM-L6-v2 with every method under the same treatment, and measure what it keeps.
+
+Every method gets the same calibration set (the first ``--calib-batches`` training batches of WordNet sentences),
+the same distillation (``GSMModule`` with the dense encoder as teacher, cosine loss on the sentence embeddings, no
+labels, ``--steps`` AdamW steps on the same batches) and the same evaluation:
+
+* **fidelity**: mean cosine of the embeddings to the dense model's on ``--eval-sentences`` held-out test sentences,
+  after conversion and after distillation;
+* **task**: reverse-dictionary retrieval on the test split (find the headword from its gloss, among
+  ``--retrieval-entries`` candidate headwords): recall@1 and recall@10, against the dense model's.
+
+Methods (the q/k/v and FFN linears of every layer; ``budget`` = FLOPs of those layers over dense):
+
+* ``gblr``: activation-aware GBLR conversion (starts from the whitened low-rank solution), then phase 1 learns the
+  structure under one global budget (the learner may move FLOPs between layers), then frozen and fine-tuned;
+* ``svd``: plain truncated SVD, each layer at the budget;
+* ``wsvd``: whitened SVD (SVD-LLM), each layer at the budget;
+* ``wsvd-global``: whitened SVD with ranks allocated greedily over all layers under the one budget;
+* ``monarch``: calibrated block-diagonal-approximation Monarch, each layer at the budget.
+
+    python -m benchmarks.compress_minilm --write-md                   # the BENCHMARKS.md table
+    python -m benchmarks.compress_minilm --quick                      # seconds-scale smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__" and not __package__:  # run as `python benchmarks/compress_minilm.py`: see benchmarks/README.md
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import machine_info, write_section  # noqa: E402
+from gsm_lightning.core.conversion_spec import Calibration, Conversion  # noqa: E402
+from gsm_lightning.core.layer import gblr_layers  # noqa: E402
+from gsm_lightning.data.sentences import (  # noqa: E402
+    SentenceDataModule,
+    first_sense_entries,
+    mean_pooled_embed_fn,
+    reverse_dictionary_recall,
+)
+from gsm_lightning.learn.schedules import SigmaSchedule  # noqa: E402
+from gsm_lightning.models import SentenceEncoder  # noqa: E402
+from gsm_lightning.training.distillation import Distillation  # noqa: E402
+from gsm_lightning.training.module import GSMModule  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MD_START, MD_END = "<!-- compress-minilm:start -->", "<!-- compress-minilm:end -->"
+METHODS = {
+    "gblr": {"method": "gblr", "calibrated": True, "allocation": "uniform"},
+    "svd": {"method": "lowrank", "calibrated": False, "allocation": "uniform"},
+    "wsvd": {"method": "lowrank", "calibrated": True, "allocation": "uniform"},
+    "wsvd-global": {"method": "lowrank", "calibrated": True, "allocation": "global"},
+    "monarch": {"method": "monarch", "calibrated": True, "allocation": "uniform"},
+}
+
+
+def build(method: str, budget: float, cfg: argparse.Namespace, backbone: SentenceEncoder) -> GSMModule:
+    spec = METHODS[method]
+    conversion = Conversion(method=spec["method"], init="pretrained", fit_steps=cfg.fit_steps,
+                            calibration=Calibration(batches=cfg.calib_batches) if spec["calibrated"] else None,
+                            allocation=spec["allocation"])
+    return GSMModule(backbone, task="embedding", budget=budget, conversion=conversion,
+                     sigma=SigmaSchedule(None, None), phase1_epochs=1,
+                     distillation=Distillation(loss="cosine", label_free=True),
+                     optimizer=lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=0.0))
+
+
+def layer_ratios(module: GSMModule) -> dict[str, float]:
+    """FLOPs ratio each converted layer ended with (GBLR: learned; baselines: from the conversion report)."""
+    if module.method == "gblr":
+        return {name.replace("model.encoder.layer.", ""): round(m.flops_ratio(), 3) for name, m in gblr_layers(module.backbone)}
+    return {r.name.replace("model.encoder.layer.", ""): round(r.flops / r.dense_flops, 3) for r in module.report.layers}
+
+
+def by_type(ratios: dict[str, float]) -> dict[str, float]:
+    groups: dict[str, list[float]] = {}
+    for name, r in ratios.items():
+        kind = ("qkv" if ".attention." in name else "fc1" if "intermediate" in name else "fc2")
+        groups.setdefault(kind, []).append(r)
+    return {k: round(statistics.mean(v), 3) for k, v in sorted(groups.items())}
+
+
+def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, dense_fn, eval_sents: list[str],
+            eval_entries, cfg: argparse.Namespace) -> dict[str, Any]:
+    pl.seed_everything(seed, verbose=False)
+    backbone = SentenceEncoder()
+    t0 = time.perf_counter()  # conversion time: the module's build (svd converts there) plus the calibrated convert
+    module = build(method, budget, cfg, backbone)
+    if not module.converted:
+        module.convert(data.calibration_batches)
+    convert_s = time.perf_counter() - t0
+    tok = data.tokenizer
+    student_fn = mean_pooled_embed_fn(module.backbone.model, tok, max_length=cfg.max_length)
+    dense_eval = dense_fn(eval_sents)
+    before = float((student_fn(eval_sents) * dense_eval).sum(-1).mean())
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=cfg.steps // 2, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=data)
+    tune_s = time.perf_counter() - t0
+    after = float((student_fn(eval_sents) * dense_eval).sum(-1).mean())
+    rec = reverse_dictionary_recall(student_fn, eval_entries)
+    ratios = layer_ratios(module)
+    return {"method": method, "budget": budget, "seed": seed, "flops_ratio": round(module.flops_ratio(), 4),
+            "cos_converted": before, "cos_distilled": after, "r1": rec["recall@1"], "r10": rec["recall@10"],
+            "convert_s": convert_s, "tune_s": tune_s, "by_type": by_type(ratios), "ratios": ratios}
+
+
+def prepare(cfg: argparse.Namespace) -> tuple[SentenceDataModule, Any, list[str], list]:
+    data = SentenceDataModule(batch_size=cfg.batch_size, max_length=cfg.max_length, num_train=cfg.steps * cfg.batch_size,
+                              num_test=cfg.eval_sentences, seed=0)
+    data.setup("fit")
+    data.calibration_batches = [b for _, b in zip(range(cfg.calib_batches), data.train_dataloader())]
+    dense = SentenceEncoder().eval()
+    dense_fn = mean_pooled_embed_fn(dense.model, data.tokenizer, max_length=cfg.max_length)
+    eval_sents = data.sentences["test"][: cfg.eval_sentences]
+    # the first --retrieval-entries headwords of the test split in hash order: their glosses are the queries and
+    # their headwords the candidates
+    entries = sorted(first_sense_entries(data.entries["test"]),
+                     key=lambda e: hashlib.sha256(e.headword.lower().encode()).hexdigest())
+    return data, dense_fn, eval_sents, entries[: cfg.retrieval_entries]
+
+
+def markdown(rows: list[dict[str, Any]], dense: dict[str, Any], cfg: argparse.Namespace, argv: list[str],
+             total_s: float) -> str:
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [
+        f"Command: `python -m benchmarks.compress_minilm {' '.join(argv)}` ({total_s / 60:.0f} min; {machine_info()}).",
+        "",
+        f"all-MiniLM-L6-v2, q/k/v and FFN linears of all 6 layers converted (30 layers). Calibration: the first "
+        f"{cfg.calib_batches} training batches ({cfg.calib_batches * cfg.batch_size} WordNet sentences). Distillation: "
+        f"`GSMModule` with the dense encoder as teacher, cosine loss on the embeddings, no labels, {cfg.steps} AdamW "
+        f"steps (lr {cfg.lr:g}) of {cfg.batch_size} training sentences, the same batches for every method; GBLR learns "
+        f"its structure (one global budget) in the first half and is frozen for the second, with pure Dirichlet masks. "
+        f"Fidelity: mean cosine to the dense embeddings on {cfg.eval_sentences} held-out test sentences. Task: reverse "
+        f"dictionary on the test split ({dense['num_queries']} glosses, each ranking {dense['num_candidates']} headwords). "
+        f"Dense: recall@1 {100 * dense['recall@1']:.1f} %, recall@10 {100 * dense['recall@10']:.1f} %. "
+        f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}); with more than one, medians.",
+        "",
+        "| budget | method | FLOPs ratio | cosine, converted | cosine, distilled | R@1 | R@10 | R@10 vs dense | "
+        "convert s | fine-tune s | ratio by type (qkv / fc1 / fc2) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = sorted({(r["budget"], r["method"]) for r in rows}, key=lambda k: (-k[0], list(METHODS).index(k[1])))
+    for budget, method in keys:
+        rs = [r for r in rows if r["budget"] == budget and r["method"] == method]
+
+        def med(key: str, rs: list[dict[str, Any]] = rs) -> float:
+            return statistics.median(r[key] for r in rs)
+
+        bt = rs[0]["by_type"]
+        lines.append(
+            f"| {budget:.0%} | {method} | {med('flops_ratio'):.3f} | {med('cos_converted'):.3f} | "
+            f"{med('cos_distilled'):.3f} | {100 * med('r1'):.1f} | {100 * med('r10'):.1f} | "
+            f"{100 * (med('r10') - dense['recall@10']):+.1f} | {med('convert_s'):.1f} | {med('tune_s'):.0f} | "
+            f"{bt.get('qkv', 0):.2f} / {bt.get('fc1', 0):.2f} / {bt.get('fc2', 0):.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--steps", type=int, default=200, help="distillation steps (half of them phase 1 for GBLR)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--fit-steps", type=int, default=0, help="GBLR calibrated fit steps (0: the whitened start)")
+    p.add_argument("--eval-sentences", type=int, default=512)
+    p.add_argument("--retrieval-entries", type=int, default=2000)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--write-md", action="store_true")
+    p.add_argument("--quick", action="store_true", help="4 steps, 2 calibration batches, small evaluation")
+    cfg = p.parse_args(argv)
+    if cfg.quick:
+        cfg.steps, cfg.calib_batches, cfg.eval_sentences, cfg.retrieval_entries = 4, 2, 32, 64
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_args(argv)
+    start = time.perf_counter()
+    data, dense_fn, eval_sents, entries = prepare(cfg)
+    dense = reverse_dictionary_recall(dense_fn, entries)
+    print(f"dense: R@1 {dense['recall@1']:.3f} R@10 {dense['recall@10']:.3f} ({dense['num_queries']} queries)", flush=True)
+    rows = []
+    for budget in cfg.budgets:
+        for method in cfg.methods:
+            for seed in cfg.seeds:
+                row = run_one(method, budget, seed, data, dense_fn, eval_sents, entries, cfg)
+                rows.append(row)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                                  if k != "ratios"}), flush=True)
+    total = time.perf_counter() - start
+    if cfg.json:
+        cfg.json.write_text(json.dumps({"dense": dense, "rows": rows}, indent=1))
+    text = markdown(rows, dense, cfg, argv, total)
+    print(text)
+    if cfg.write_md and not cfg.quick:
+        write_section(text, ROOT / "BENCHMARKS.md", MD_START, MD_END)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

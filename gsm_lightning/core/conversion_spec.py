@@ -1,0 +1,125 @@
+"""What a module converts and how: one object for the conversion settings of ``GSMModule`` (plain PyTorch)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+from .conversion import GSMReport, gsmify, select_linear_layers
+
+__all__ = ["Conversion", "Calibration", "Method"]
+
+Method = Literal["gblr", "dense", "lowrank", "monarch", "blocksparse"]
+_METHODS = ("gblr", "dense", "lowrank", "monarch", "blocksparse")
+
+
+@dataclass
+class Calibration:
+    """Activation-aware conversion: before converting, run ``batches`` training batches through the dense model and
+    collect each converted layer's input second moment ``X^T X`` (:func:`~gsm_lightning.core.calibration.
+    collect_input_stats`, streamed with hooks; summed across DDP ranks), so that each layer fit minimises its output
+    error ``||(W - W') X||`` instead of its weight error.
+
+    Args:
+        batches: training batches to run (of the data module's ``train_dataloader``).
+        diagonal: keep only the diagonal of ``X^T X`` (memory ``in`` instead of ``in^2`` per layer, for wide layers; a
+            per-channel scaling, as ASVD does, instead of full whitening).
+
+    Memory: ``in^2`` float64 numbers per converted layer while converting (1.2 MB for a 384-wide input, 19 MB for
+    1536, about 1 GB for 11008); freed after the conversion.
+    """
+
+    batches: int = 16
+    diagonal: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
+            raise ValueError(f"calibration batches must be an integer >= 1, got {self.batches!r}")
+
+
+@dataclass
+class Conversion:
+    """Which linear layers of a backbone become structured, as what, and from which weights.
+
+    Args:
+        method: ``"gblr"`` (learned structure), ``"dense"`` (no conversion) or a fixed baseline (``"lowrank"``,
+            ``"monarch"``, ``"blocksparse"``) at the same budget.
+        include / exclude: glob or ``re:`` patterns of layers to convert (default: the backbone's
+            ``gsm_default_include`` if it has one, else every linear layer).
+        init: ``"random"`` (SVD of trunc-normal, ``width_init``) or ``"pretrained"`` (fit the backbone's own weights
+            to the budget).
+        fit_steps: fitting steps of the pretrained GBLR conversion.
+        layer_kwargs: extra :class:`~gsm_lightning.core.layer.GBLRLinear` arguments (``rank_per_component``,
+            ``width_init``, ...); for a baseline ``method``, :func:`~gsm_lightning.core.baselines.baselinify` options
+            (``rank``, ``nblocks``, ``block_size``).  The structure rule adds its own defaults under these
+            (:meth:`~gsm_lightning.learn.rules.StructureRule.layer_defaults`).
+        calibration: a :class:`Calibration` for an activation-aware ``init="pretrained"`` conversion (GBLR and the
+            low-rank, Monarch and block-sparse baselines); the module then converts in ``setup``, once the data is
+            known.  None (default): a weight-space fit.
+        allocation: how the low-rank baseline spreads the budget over layers: ``"uniform"`` (every layer at the
+            budget) or ``"global"`` (one FLOPs budget for all converted layers, ranks chosen greedily on the
+            (whitened) singular values).  GBLR's allocation is learned by the structure rule in phase 1.
+    """
+
+    method: Method = "gblr"
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    init: Literal["random", "pretrained"] = "random"
+    fit_steps: int = 300
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration | None = None
+    allocation: Literal["uniform", "global"] = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected gblr, dense, lowrank, monarch or blocksparse")
+        if self.init not in ("random", "pretrained"):
+            raise ValueError(f"unknown init {self.init!r}; expected 'random' or 'pretrained'")
+        self.layer_kwargs = dict(self.layer_kwargs or {})
+        if isinstance(self.calibration, dict):
+            self.calibration = Calibration(**self.calibration)
+        if self.calibration is not None and self.init != "pretrained":
+            raise ValueError("calibration fits pretrained weights to their activations: it needs init='pretrained'")
+        if self.allocation not in ("uniform", "global"):
+            raise ValueError(f"unknown allocation {self.allocation!r}; expected 'uniform' or 'global'")
+        if self.allocation == "global" and self.method != "lowrank":
+            raise ValueError(f"allocation='global' chooses the ranks of the low-rank baseline; method={self.method!r} "
+                             "allocates otherwise (GBLR: learned in phase 1)")
+
+    def include_for(self, backbone: nn.Module) -> Any:
+        """The include patterns in force for ``backbone`` (its ``gsm_default_include`` when none are given)."""
+        return self.include if self.include is not None else getattr(backbone, "gsm_default_include", None)
+    def layer_names(self, backbone: nn.Module) -> list[str]:
+        """The qualified names of the layers this conversion replaces (what calibration hooks)."""
+        return list(select_linear_layers(backbone, self.include_for(backbone), self.exclude))
+
+    def apply(self, backbone: nn.Module, budget: float, layer_defaults: dict[str, Any] | None = None,
+              calibration: Mapping[str, Any] | None = None, skeleton: bool = False) -> GSMReport | None:
+        """Convert ``backbone`` in place; returns the conversion report (None for ``"dense"``).
+
+        ``calibration``: the statistics of :func:`~gsm_lightning.core.calibration.collect_input_stats`.
+        ``skeleton``: only the layers' shapes matter (their weights are about to be loaded from a checkpoint): a quick
+        random init instead of the fit."""
+        include = self.include_for(backbone)
+        if self.method == "dense":
+            return None
+        init = "random" if skeleton else self.init
+        if self.method == "gblr":
+            kwargs = {**(layer_defaults or {}), **self.layer_kwargs}
+            return gsmify(backbone, budget=budget, include=include, exclude=self.exclude, init=init,
+                          fit_steps=self.fit_steps, calibration=None if skeleton else calibration, **kwargs)
+        from .baselines import baselinify
+
+        if skeleton and self.allocation == "global":
+            raise ValueError("a low-rank baseline with allocation='global' has per-layer ranks chosen from calibration "
+                             "data: it cannot be rebuilt without it; load its weights into a module converted with the "
+                             "same calibration")
+        return baselinify(backbone, method=self.method, budget=budget, include=include, exclude=self.exclude, init=init,
+                          calibration=None if skeleton else calibration, allocation=self.allocation,
+                          **self.layer_kwargs)
+
+    def config(self) -> dict[str, Any]:
+        return asdict(self)

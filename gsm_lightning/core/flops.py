@@ -1,0 +1,103 @@
+"""Analytic FLOPs (multiply-adds per token) of GBLR structures, in plain PyTorch.
+
+A component of rank ``r`` with integer widths ``W_in`` and ``W_out`` costs
+``r * (W_in + W_out)`` multiply-adds per token when it is *active*
+(``W_in > 0`` and ``W_out > 0``); a dense ``in x out`` layer costs ``in * out``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["StructuredCost", "grid_cost", "grid_widths", "structure_flops", "bisect_threshold", "project_widths_to_budget",
+           "layers_flops", "flops_ratio"]
+
+
+class StructuredCost:
+    """Cost accounting shared by structured linear layers: subclasses define ``flops()`` (multiply-adds
+    per token of the structured weight, bias excluded), ``in_features``, ``out_features`` and ``bias``."""
+
+    in_features: int
+    out_features: int
+
+    def flops(self) -> int:
+        raise NotImplementedError
+
+    def dense_flops(self) -> int:
+        """Multiply-adds per token of a dense layer of the same shape."""
+        return self.in_features * self.out_features
+
+    def flops_ratio(self) -> float:
+        return self.flops() / self.dense_flops()
+
+    def params(self) -> int:
+        """Nonzero parameters of the structured weight (= ``flops()``) plus the bias."""
+        return self.flops() + (self.out_features if getattr(self, "bias", None) is not None else 0)
+
+
+def grid_widths(widths: Tensor, in_features: int, out_features: int) -> Tensor:
+    """Integer widths ``(2, K)`` (row 0 input, row 1 output) on the grid, clamped to ``[0, n]``."""
+    w = widths.detach()
+    w = w if w.dtype in (torch.float32, torch.float64) else w.float()  # 16-bit floats cannot hold the grid
+    n = torch.tensor([[in_features], [out_features]], device=w.device, dtype=w.dtype)
+    return torch.round(w.clamp(0, 1) * n).to(torch.int64)
+
+
+def structure_flops(int_widths: Tensor, in_features: int, out_features: int, rank: int = 1) -> int:
+    """Multiply-adds per token of a structure given integer widths ``(2, K)``."""
+    active = (int_widths[0] > 0) & (int_widths[1] > 0)
+    return int(rank * (int_widths[0] + int_widths[1])[active].sum().item())
+
+
+def grid_cost(widths: Tensor, in_features: int | Tensor, out_features: int | Tensor, rank: int | Tensor) -> Tensor:
+    """Cost of (..., 2, K) width fractions, batched over leading dims.  ``in_features``, ``out_features`` and
+    ``rank`` may also be ``(K,)`` tensors (components of several layers side by side)."""
+    wi = torch.round(widths[..., 0, :].clamp(0, 1) * in_features)
+    wo = torch.round(widths[..., 1, :].clamp(0, 1) * out_features)
+    active = (wi > 0) & (wo > 0)
+    return ((wi + wo) * active * rank).sum(-1)
+
+
+def bisect_threshold(fits: Callable[[float], bool], lo: float, hi: float, iters: int) -> float:
+    """Smallest threshold that ``fits``, to bisection precision: ``iters`` halvings of ``[lo, hi]`` (``fits``
+    monotone, false at ``lo`` and true at ``hi``), each keeping the half whose upper end fits.  Returns the final
+    upper end (``hi`` itself after 0 iterations), so the result always fits when ``hi`` does.  The one bisection of
+    the width projections (widths lowered by a common ``tau`` until a FLOPs budget is met)."""
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def project_widths_to_budget(
+    widths: Tensor, in_features: int, out_features: int, rank: int, budget_flops: float, iters: int = 60
+) -> Tensor:
+    """Shift all widths down by the smallest ``tau >= 0`` (then clamp to [0, 1]) so that the
+    grid cost is at most ``budget_flops``.  Returns new widths; unchanged if already within budget."""
+    w = widths.detach().clamp(0, 1)
+    if float(grid_cost(w, in_features, out_features, rank)) <= budget_flops:
+        return w
+    tau = bisect_threshold(  # cost at tau = 1 is 0 <= budget
+        lambda t: float(grid_cost((w - t).clamp(0, 1), in_features, out_features, rank)) <= budget_flops, 0.0, 1.0, iters)
+    return (w - tau).clamp(0, 1)
+
+
+def layers_flops(layers: Iterable[StructuredCost]) -> dict[str, float]:
+    """``{"flops", "dense_flops", "ratio"}`` summed over structured ``layers`` (per token; the ratio is
+    FLOPs-weighted, 1.0 when there is no layer)."""
+    flops = dense = 0
+    for layer in layers:
+        flops += layer.flops()
+        dense += layer.dense_flops()
+    return {"flops": float(flops), "dense_flops": float(dense), "ratio": flops / dense if dense else 1.0}
+
+
+def flops_ratio(layers: Iterable[StructuredCost]) -> float:
+    """FLOPs-weighted ratio of structured to dense multiply-adds over ``layers`` (1.0 if none)."""
+    return layers_flops(layers)["ratio"]

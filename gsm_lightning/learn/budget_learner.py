@@ -1,0 +1,285 @@
+"""Budget-tracking structure learner (plain PyTorch, no Lightning).
+
+The paper's rule (:func:`gsm_lightning.proximal.proximal_step`) soft-thresholds every width by
+``lambda * lr`` while the FLOPs ratio is above the budget.  Measured on teacher-student tests it
+rarely reaches the budget: Adam makes each width step ~``lr`` whatever the gradient, so a shrink of
+``lambda * lr`` with ``lambda < 1`` never wins, and a uniform shift keeps whatever tiling the
+initialisation had.  :class:`BudgetLearner` replaces it with three pieces, each switchable for
+ablations:
+
+1. **A target path for the FLOPs ratio** (``path_steps``): cosine from the ratio at the first step to
+   the budget, then held.  After every real optimizer step, if the ratio is above the path, the widths
+   are cut by ``tau * c`` with the smallest ``tau`` (bisection on the exact integer-grid cost) that
+   meets it.  The budget is thus reached by learning, early, and held while the structure settles.
+2. **Where the cut falls** (``cut_weighting``): ``c = side * energy`` per component and side.
+   ``side`` is the side's FLOPs per unit width, ``r * n_side``, over its mean over the model
+   (``"flops"``: a cut in FLOPs units, the proximal operator of the cost) or 1 (``"uniform"``).
+   ``energy`` (``"energy"``, the default, on top of ``"flops"``) is ``clip(mean_e / e_k, 0.1, 100)``
+   with ``e_k = ||m_in V_k|| ||m_out U_k||`` over the layer's active components: weak components are
+   cut faster, which pulls toward a few strong wide components (what a low-rank target needs).  It
+   starts at ``energy_start_step`` since energies at initialisation mean nothing.  ``"density"`` uses
+   ``e_k`` over the component's FLOPs instead, so a wide component must earn its cost.
+3. **The width step** (``width_step``): ``"side_rms"`` moves the widths itself by
+   ``lr * clip(g / rms_side, +-step_clip)`` with one running RMS of the gradient per layer side (beta2
+   0.999), so a strong gradient moves its component further than a weak one; ``"adam"`` leaves them
+   to the optimizer's structure group (per-coordinate Adam, as in the paper).
+
+Locations are always wrapped into ``[0, 1)`` and stay with the optimizer.
+
+``tracking="dual"`` replaces the exact cut by a soft threshold ``tau * c`` applied every step, with ``tau``
+a dual variable (Lagrange multiplier) adapted by feedback, ``tau <- max(0, tau + dual_gain * (ratio -
+target))``.  It is there for the ablation: it lags, overshoots and kills components (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..core.flops import bisect_threshold, grid_cost
+from ..core.layer import GBLRLinear, gblr_layers
+from ..core.masks import boxcar_mask
+
+__all__ = ["BudgetPath", "BudgetLearner", "WidthStep", "CutWeighting", "Tracking"]
+
+WidthStep = Literal["side_rms", "adam"]
+CutWeighting = Literal["energy", "density", "density_energy", "flops", "uniform"]
+_COST_POWER = {"energy": 0.0, "density": 1.0}
+Tracking = Literal["project", "dual"]
+
+
+@dataclass
+class BudgetPath:
+    """Target FLOPs ratio after ``step`` steps: cosine from ``start`` to ``budget`` over ``steps`` steps,
+    then ``budget``."""
+
+    start: float
+    budget: float
+    steps: int
+
+    def __call__(self, step: int) -> float:
+        if self.steps <= 0 or step >= self.steps:
+            return self.budget
+        if self.start <= self.budget:
+            return self.budget
+        t = max(step, 0) / self.steps
+        return self.budget + (self.start - self.budget) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class _Flat:
+    """All non-frozen GBLR layers' widths as one ``(2, K_total)`` tensor, for a vectorised cost."""
+
+    def __init__(self, layers: list[GBLRLinear]) -> None:
+        self.layers = layers
+        self.sizes = [m.num_components for m in layers]
+        dev = layers[0].widths.device
+        self.n = torch.cat([torch.tensor([[m.in_features], [m.out_features]], device=dev, dtype=torch.float32)
+                            .expand(2, m.num_components) for m in layers], dim=1)
+        self.r = torch.cat([torch.full((m.num_components,), float(m.rank_per_component), device=dev) for m in layers])
+        self.dense = float(sum(m.dense_flops() for m in layers))
+        self.widths = torch.cat([m.widths.detach().float().clamp(0, 1) for m in layers], dim=1)
+
+    def ratio(self, widths: Tensor) -> float:
+        return float(grid_cost(widths, self.n[0], self.n[1], self.r)) / self.dense
+
+    def write(self, widths: Tensor) -> None:
+        for m, w in zip(self.layers, widths.split(self.sizes, dim=1)):
+            m.widths.copy_(w.to(m.widths.dtype))
+
+
+class BudgetLearner:
+    """Width updates and budget-tracking cuts for every non-frozen GBLR layer of a model.
+
+    Call :meth:`step` once per real optimizer step, after it (``GSMModule`` does so from an optimizer
+    step post-hook).  With ``width_step="side_rms"`` the widths must not be moved by the optimizer
+    (``GSMModule`` gives them a group with ``lr=0`` so that gradient clearing, unscaling and clipping
+    still apply to them).
+
+    Args:
+        budget: target FLOPs ratio (structured over dense multiply-adds, FLOPs-weighted over layers).
+        path_steps: steps of the cosine path from the starting ratio to the budget (0: the budget at once).
+        width_step: ``"side_rms"`` or ``"adam"`` (see the module docstring).
+        cut_weighting: ``"energy"``, ``"density"``, ``"density_energy"`` (density along the path, energy once
+            the budget is held), ``"flops"`` or ``"uniform"``.
+        energy_start_step: first step at which the energy weighting applies.
+        energy_clip: bounds of the energy weight.
+        energy_power: the energy weight is ``clip(mean_e / e_k, *energy_clip) ** energy_power``, clipped again
+            (default 2: weak components are pulled toward zero harder than linearly; 1 was the default before).
+        step_clip: bound of the normalised width step, in units of ``lr``.
+        width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * lr`` (locations keep ``lr``).
+        beta2: decay of the per-side mean-square gradient.
+        tracking: ``"project"`` (exact cut onto the path) or ``"dual"`` (feedback-adapted soft threshold).
+        dual_gain: feedback gain of ``tracking="dual"`` (threshold change per step per unit of ratio error).
+    """
+
+    def __init__(
+        self,
+        budget: float,
+        path_steps: int,
+        width_step: WidthStep = "side_rms",
+        cut_weighting: CutWeighting = "energy",
+        energy_start_step: int = 0,
+        energy_clip: tuple[float, float] = (0.1, 100.0),
+        energy_power: float = 2.0,
+        step_clip: float = 3.0,
+        width_lr_scale: float = 1.0,
+        beta2: float = 0.999,
+        eps: float = 1e-12,
+        tracking: Tracking = "project",
+        dual_gain: float = 0.01,
+    ) -> None:
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        if width_step not in ("side_rms", "adam"):
+            raise ValueError(f"unknown width_step {width_step!r}; expected 'side_rms' or 'adam'")
+        if cut_weighting not in ("energy", "density", "density_energy", "flops", "uniform"):
+            raise ValueError(f"unknown cut_weighting {cut_weighting!r}; expected 'energy', 'density', "
+                             "'density_energy', 'flops' or 'uniform'")
+        if tracking not in ("project", "dual"):
+            raise ValueError(f"unknown tracking {tracking!r}; expected 'project' or 'dual'")
+        if not dual_gain > 0:
+            raise ValueError(f"dual_gain must be > 0, got {dual_gain}")
+        if path_steps < 0 or energy_start_step < 0:
+            raise ValueError(f"path_steps and energy_start_step must be >= 0, got {path_steps}, {energy_start_step}")
+        if not 0 < energy_clip[0] <= 1 <= energy_clip[1]:
+            raise ValueError(f"energy_clip must be (low <= 1, high >= 1) with low > 0, got {energy_clip}")
+        if isinstance(energy_power, bool) or not isinstance(energy_power, (int, float)) or not energy_power > 0:
+            raise ValueError(f"energy_power must be a number > 0, got {energy_power!r}")
+        if not step_clip > 0 or not 0 <= beta2 < 1 or not width_lr_scale > 0:
+            raise ValueError(f"step_clip and width_lr_scale must be > 0 and beta2 in [0, 1), got {step_clip}, "
+                             f"{width_lr_scale}, {beta2}")
+        self.width_lr_scale = float(width_lr_scale)
+        self.budget = float(budget)
+        self.path_steps = int(path_steps)
+        self.width_step = width_step
+        self.cut_weighting = cut_weighting
+        self.energy_start_step = int(energy_start_step)
+        self.energy_clip = (float(energy_clip[0]), float(energy_clip[1]))
+        self.energy_power = float(energy_power)
+        self.step_clip = float(step_clip)
+        self.beta2 = float(beta2)
+        self.eps = float(eps)
+        self.tracking = tracking
+        self.dual_gain = float(dual_gain)
+        self.dual_tau = 0.0
+        self.steps = 0
+        self.start_ratio: float | None = None
+        self.mean_sq: dict[str, Tensor] = {}
+
+    @property
+    def moves_widths(self) -> bool:
+        """True when this learner (not the optimizer) applies the width gradient step."""
+        return self.width_step == "side_rms"
+
+    def target(self, step: int | None = None) -> float:
+        """The path's target ratio at ``step`` (default: the current step)."""
+        start = self.budget if self.start_ratio is None else self.start_ratio
+        return BudgetPath(start, self.budget, self.path_steps)(self.steps if step is None else step)
+
+    # --------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, model: nn.Module, lr: float, cut: bool = True) -> dict[str, float]:
+        """One update after a real optimizer step: width step (``side_rms``), cut onto the path (when
+        ``cut``), locations wrapped.  ``lr`` is the structure group's current learning rate.
+        Returns ``{"flops_ratio": before the cut, "target", "cut": tau, "shrink": 1.0 if cut}``."""
+        named = gblr_layers(model, include_frozen=False)
+        if not named:
+            return {}
+        if self.moves_widths:
+            for name, layer in named:
+                self._width_step(name, layer, lr * self.width_lr_scale)
+        for _, layer in named:
+            layer.locations.copy_(torch.remainder(layer.locations, 1.0))
+        layers = [m for _, m in named]
+        flat = _Flat(layers)
+        ratio = flat.ratio(flat.widths)
+        if self.start_ratio is None:
+            self.start_ratio = max(ratio, self.budget)
+        target = self.target()
+        tau = 0.0
+        if cut and self.tracking == "dual":
+            self.dual_tau = max(0.0, self.dual_tau + self.dual_gain * (ratio - target))
+            tau = self.dual_tau
+        if cut and (tau > 0 or (self.tracking == "project" and ratio > target)):
+            weights = self._cut_weights(layers, flat)
+            if self.tracking == "project":
+                tau = self._solve_tau(flat, weights, target)
+            flat.widths = (flat.widths - tau * weights).clamp(0, 1)
+        flat.write(flat.widths)
+        self.steps += 1
+        return {"flops_ratio": ratio, "target": target, "cut": tau, "shrink": float(tau > 0)}
+
+    def _width_step(self, name: str, layer: GBLRLinear, lr: float) -> None:
+        g = layer.widths.grad
+        if g is None:
+            return
+        g = g.detach().float()
+        ms = self.mean_sq.get(name)
+        ms = torch.zeros(2, device=g.device) if ms is None else ms.to(g.device)
+        ms.mul_(self.beta2).add_((1 - self.beta2) * g.pow(2).mean(dim=1))
+        self.mean_sq[name] = ms
+        correction = 1 - self.beta2 ** (self.steps + 1)
+        rms = (ms / correction).sqrt().clamp_min(self.eps)
+        step = (g / rms[:, None]).clamp(-self.step_clip, self.step_clip)
+        layer.widths.sub_((lr * step).to(layer.widths.dtype)).clamp_(0, 1)
+
+    def _cut_weights(self, layers: list[GBLRLinear], flat: _Flat) -> Tensor:
+        if self.cut_weighting == "uniform":
+            side = torch.ones_like(flat.widths)
+        else:
+            cost = flat.n * flat.r  # FLOPs per unit width fraction of each side
+            side = cost / cost.mean()
+        if self.cut_weighting in ("flops", "uniform") or self.steps < self.energy_start_step:
+            return side
+        lo, hi = self.energy_clip
+        mode = self.cut_weighting
+        if mode == "density_energy":  # energy per FLOP along the path, energy once the budget is held
+            mode = "density" if self.steps < self.path_steps else "energy"
+        comp = torch.cat([self._energy_weight(m, lo, hi, _COST_POWER[mode]) for m in layers])
+        if self.energy_power != 1.0:
+            comp = comp.pow(self.energy_power).clamp(lo, hi)
+        return side * comp
+
+    @staticmethod
+    def _energy_weight(layer: GBLRLinear, lo: float, hi: float, cost_power: float = 0.0) -> Tensor:
+        """``clip(mean_e / e_k, lo, hi)`` with ``e_k`` the product of the masked factor norms over the
+        component's FLOPs to the power ``cost_power`` (``hi`` for inactive components)."""
+        m_in = boxcar_mask(layer.widths[0], layer.locations[0], layer.in_features)
+        m_out = boxcar_mask(layer.widths[1], layer.locations[1], layer.out_features)
+        e_in = (layer.weight_in.float() * m_in.unsqueeze(1)).flatten(1).norm(dim=1)
+        e_out = (layer.weight_out.float() * m_out.unsqueeze(1)).flatten(1).norm(dim=1)
+        energy = e_in * e_out
+        if cost_power:
+            energy = energy / layer.int_widths().sum(0).clamp_min(1).to(energy.dtype) ** cost_power
+        active = layer.active_components() & (energy > 0)
+        weight = torch.full_like(energy, hi)
+        if bool(active.any()):
+            mean = energy[active].mean()
+            weight[active] = (mean / energy[active]).clamp(lo, hi)
+        return weight
+
+    @staticmethod
+    def _solve_tau(flat: _Flat, weights: Tensor, target: float, iters: int = 40) -> float:
+        """Smallest ``tau`` (to bisection precision) with ``ratio(widths - tau * weights) <= target``."""
+        positive = weights > 0
+        hi = float((flat.widths[positive] / weights[positive]).max()) + 1e-6 if bool(positive.any()) else 0.0
+        return bisect_threshold(lambda tau: flat.ratio(flat.widths - tau * weights) <= target, 0.0, hi, iters)
+
+    # ---------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "start_ratio": self.start_ratio, "dual_tau": self.dual_tau,
+                "mean_sq": {k: v.detach().cpu().clone() for k, v in self.mean_sq.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state.get("steps", 0))
+        self.start_ratio = state.get("start_ratio")
+        self.dual_tau = float(state.get("dual_tau", 0.0))
+        self.mean_sq = {k: v.clone() for k, v in state.get("mean_sq", {}).items()}
+
+    def __repr__(self) -> str:
+        return (f"BudgetLearner(budget={self.budget:g}, path_steps={self.path_steps}, width_step={self.width_step!r}, "
+                f"cut_weighting={self.cut_weighting!r}, energy_start_step={self.energy_start_step})")

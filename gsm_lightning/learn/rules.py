@@ -1,0 +1,246 @@
+"""Structure rules: what moves the widths toward the FLOPs budget during phase 1.
+
+A rule is a plain object with one small interface (:class:`StructureRule`), injected into
+:class:`~gsm_lightning.training.module.GSMModule` like the optimizer (``rule:`` with ``class_path`` / ``init_args`` in
+YAML).  Two implementations:
+
+* :class:`BudgetRule` (the default): :class:`~gsm_lightning.learn.budget_learner.BudgetLearner`, a cut onto a cosine
+  path of the FLOPs ratio to the budget, energy-weighted, with width steps normalised per layer side;
+* :class:`PaperRule`: the paper's ``clamp(softshrink(w, lambda * lr), 0, 1)`` while the ratio is above the budget.
+
+To add a rule: subclass :class:`StructureRule`, implement :meth:`~StructureRule.step` (and ``state_dict`` /
+``load_state_dict`` if it keeps state), and name it in a config's ``model.rule.class_path``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from .budget_learner import BudgetLearner, CutWeighting, Tracking, WidthStep
+from .proximal import proximal_step
+
+__all__ = ["StructureRule", "BudgetRule", "PaperRule", "build_rule"]
+
+
+def _fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a fraction of phase 1 in [0, 1], got {value!r}")
+    return float(value)
+
+
+class StructureRule(ABC):
+    """How the structure (widths, locations) of the non-frozen GBLR layers moves after each real optimizer step.
+
+    The module calls :meth:`bind` once when it is built, :meth:`start` when the optimizer is configured (the number of
+    phase-1 optimizer steps is known then), and :meth:`step` after every real optimizer step of phase 1.
+
+    Args:
+        structure_lr: learning rate of the optimizer's ``structure`` group (AdamW, betas (0, 0.999), no decay):
+            locations, and widths unless the rule moves them itself (:attr:`moves_widths`).
+        start_step: optimizer steps before the rule may cut or shrink (width steps and location wrapping run from
+            the first step).
+    """
+
+    #: True when the rule (not the optimizer) applies the width gradient step; the optimizer then gets the widths in
+    #: a group of their own with lr 0 (cleared, unscaled and clipped, never moved by it).
+    moves_widths: bool = False
+
+    def __init__(self, structure_lr: float, start_step: int = 0) -> None:
+        if isinstance(structure_lr, bool) or not isinstance(structure_lr, (int, float)) or not structure_lr > 0:
+            raise ValueError(f"structure_lr must be > 0, got {structure_lr!r}")
+        if isinstance(start_step, bool) or int(start_step) != start_step or start_step < 0:
+            raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
+        self.structure_lr = float(structure_lr)
+        self.start_step = int(start_step)
+        self.budget = 1.0
+
+    # ------------------------------------------------------------ lifecycle
+    def bind(self, budget: float) -> None:
+        """The FLOPs budget the rule steers to (the module's ``budget``)."""
+        self.budget = float(budget)
+
+    def start(self, phase1_steps: int) -> None:
+        """Called when the optimizer is configured, with the number of real optimizer steps of phase 1."""
+        return None
+
+    @abstractmethod
+    def step(self, model: nn.Module, lr: float, active: bool = True) -> dict[str, float]:
+        """One update after a real optimizer step; ``lr`` is the structure group's current learning rate and
+        ``active`` false before ``start_step``.  Returns scalars to log (``flops_ratio`` before the update, ...)."""
+
+    def target(self) -> float | None:
+        """The FLOPs ratio the rule steers to now (for logging), or None."""
+        return None
+
+    # ------------------------------------------------------------- defaults
+    def layer_defaults(self, init: str) -> dict[str, Any]:
+        """:class:`~gsm_lightning.core.layer.GBLRLinear` arguments this rule works best with, for ``init``."""
+        return {}
+
+    def describe(self) -> str:
+        """The rule's knobs, for warnings that suggest a change."""
+        return f"structure_lr={self.structure_lr:g}"
+
+    def hint_for_projection(self) -> str:
+        """What to change when phase 1 ended above the budget."""
+        return "raise phase1_epochs"
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments (plain values): the rule's config is ``{"class_path", "init_args"}``."""
+        return {"structure_lr": self.structure_lr, "start_step": self.start_step}
+
+    def config(self) -> dict[str, Any]:
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.init_args()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.init_args().items())
+        return f"{type(self).__name__}({args})"
+
+
+class BudgetRule(StructureRule):
+    """The budget learner (default): a cosine path of the FLOPs ratio to the budget and an exact, energy-weighted cut
+    onto it (:class:`~gsm_lightning.learn.budget_learner.BudgetLearner` has the details).
+
+    Args:
+        path_fraction: part of phase 1 over which the path reaches the budget (then held).
+        width_step: ``"side_rms"`` (widths step by their gradient over one running RMS per layer side, moved by the
+            rule) or ``"adam"`` (per coordinate, by the optimizer).
+        cut_weighting: where the cut falls: ``"energy"`` (FLOPs units, weak components faster), ``"density"``,
+            ``"density_energy"``, ``"flops"`` or ``"uniform"``.
+        energy_start: part of phase 1 after which the energy weighting applies.
+        energy_power: exponent of the energy weight ``clip(mean_e / e_k, 0.1, 100) ** p``, clipped again.
+        width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * structure_lr`` (scheduled like every
+            group); locations keep ``structure_lr``.
+        tracking: ``"project"`` (the exact cut onto the path) or ``"dual"`` (a feedback-adapted soft threshold).
+        structure_lr: learning rate of the locations (and of the widths with ``width_step="adam"``).
+        start_step: optimizer steps before any cut.
+
+    Examples::
+
+        GSMModule(backbone, budget=0.3, rule=BudgetRule(path_fraction=0.3, energy_power=1))
+    """
+
+    def __init__(
+        self,
+        path_fraction: float = 0.4,
+        width_step: WidthStep = "side_rms",
+        cut_weighting: CutWeighting = "energy",
+        energy_start: float = 0.1,
+        energy_power: float = 2.0,
+        width_lr_scale: float = 4.0,
+        tracking: Tracking = "project",
+        structure_lr: float = 2.5e-3,
+        start_step: int = 0,
+    ) -> None:
+        super().__init__(structure_lr, start_step)
+        self.path_fraction = _fraction("path_fraction", path_fraction)
+        self.energy_start = _fraction("energy_start", energy_start)
+        # validates the learner's own arguments now, not at the first step
+        self.learner = BudgetLearner(1.0, path_steps=0, width_step=width_step, cut_weighting=cut_weighting,
+                                     width_lr_scale=width_lr_scale, tracking=tracking, energy_power=energy_power)
+
+    @property
+    def moves_widths(self) -> bool:  # type: ignore[override]
+        return self.learner.moves_widths
+
+    def bind(self, budget: float) -> None:
+        super().bind(budget)
+        self.learner.budget = float(budget)
+
+    def start(self, phase1_steps: int) -> None:
+        self.learner.path_steps = int(round(self.path_fraction * phase1_steps))
+        self.learner.energy_start_step = int(round(self.energy_start * phase1_steps))
+
+    def step(self, model: nn.Module, lr: float, active: bool = True) -> dict[str, float]:
+        return self.learner.step(model, lr, cut=active)
+
+    def target(self) -> float | None:
+        return float(self.learner.target())
+
+    def layer_defaults(self, init: str) -> dict[str, Any]:
+        # Evenly spaced windows give the learner every offset to choose from, and factors at the LeCun scale (the SVD
+        # of a 1/sqrt(in)-std matrix) train far better than the paper's 0.02 (BENCHMARKS.md: Fashion-MNIST and
+        # teacher-student ablations).
+        return {"location_init": "uniform", "init_std": "fan_in"} if init == "random" else {}
+
+    def describe(self) -> str:
+        return f"structure_lr={self.structure_lr:g} (widths step at {self.learner.width_lr_scale:g}x it)"
+
+    def hint_for_projection(self) -> str:
+        return "lower path_fraction or raise phase1_epochs"
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.learner.load_state_dict(state)
+
+    def init_args(self) -> dict[str, Any]:
+        lr = self.learner
+        return {"path_fraction": self.path_fraction, "width_step": lr.width_step, "cut_weighting": lr.cut_weighting,
+                "energy_start": self.energy_start, "energy_power": lr.energy_power,
+                "width_lr_scale": lr.width_lr_scale, "tracking": lr.tracking, **super().init_args()}
+
+
+class PaperRule(StructureRule):
+    """The paper's rule: ``w <- clamp(softshrink(w, prox_lambda * lr), 0, 1)`` after every real optimizer step while
+    the FLOPs ratio is above the budget; widths and locations are stepped by the optimizer (per-coordinate Adam).
+    Kept to reproduce the reference recipe (with the paper's init: zero locations, factor std 0.02).
+
+    Args:
+        prox_lambda: threshold; the shrink per step is ``prox_lambda * lr_structure``.
+        structure_lr: learning rate of the structure group (the paper's 5e-3).
+        start_step: optimizer steps before any shrink.
+    """
+
+    def __init__(self, prox_lambda: float = 0.02, structure_lr: float = 5e-3, start_step: int = 0) -> None:
+        super().__init__(structure_lr, start_step)
+        if isinstance(prox_lambda, bool) or not isinstance(prox_lambda, (int, float)) or not prox_lambda >= 0:
+            raise ValueError(f"prox_lambda must be >= 0, got {prox_lambda!r}")
+        self.prox_lambda = float(prox_lambda)
+
+    def step(self, model: nn.Module, lr: float, active: bool = True) -> dict[str, float]:
+        return proximal_step(model, self.prox_lambda, lr, self.budget, shrink=active)
+
+    def describe(self) -> str:
+        return f"structure_lr={self.structure_lr:g} with prox_lambda={self.prox_lambda:g}"
+
+    def hint_for_projection(self) -> str:
+        return "raise prox_lambda or phase1_epochs, or use the default BudgetRule"
+
+    def init_args(self) -> dict[str, Any]:
+        return {"prox_lambda": self.prox_lambda, **super().init_args()}
+
+
+def build_rule(rule: StructureRule | Mapping[str, Any] | None) -> StructureRule:
+    """A rule from an instance, a ``{"class_path", "init_args"}`` mapping (as checkpoints store it) or None (the
+    default :class:`BudgetRule`)."""
+    if rule is None:
+        return BudgetRule()
+    if isinstance(rule, StructureRule):
+        return rule
+    if isinstance(rule, Mapping) and "class_path" in rule:
+        path = str(rule["class_path"])
+        module, _, name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ValueError(f"rule class_path {path!r} cannot be imported ({e}); the built-in rules are "
+                             "gsm_lightning.learn.rules.BudgetRule and gsm_lightning.learn.rules.PaperRule") from None
+        if not (isinstance(cls, type) and issubclass(cls, StructureRule)):
+            raise ValueError(f"rule class_path {path!r} is not a StructureRule subclass")
+        return cls(**dict(rule.get("init_args") or {}))
+    raise ValueError(f"rule must be a StructureRule, a {{class_path, init_args}} mapping or None, got {rule!r}")

@@ -1,0 +1,149 @@
+"""Distillation in ``GSMModule``: a frozen dense teacher (the backbone before conversion), its losses, and that a
+distilled run checkpoints and resumes exactly like one without a teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader
+
+from gsm_lightning.core.conversion_spec import Conversion
+from gsm_lightning.data import DigitsDataModule
+from gsm_lightning.training.distillation import Distillation
+from gsm_lightning.training.module import GSMModule
+
+from .helpers import LossRecorder, adamw
+from .test_resume import Kill
+
+
+def backbone() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.GELU(), nn.Dropout(0.2), nn.Linear(64, 10))
+
+
+def module(**distill) -> GSMModule:
+    return GSMModule(backbone(), num_classes=10, budget=0.4, conversion=Conversion(include=["1"], init="pretrained",
+                                                                                    fit_steps=20),
+                     phase1_epochs=1, distillation=Distillation(**distill) if distill is not None else None,
+                     optimizer=adamw())
+
+
+def test_losses_match_their_definitions():
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    kl = Distillation(loss="kl", temperature=2.0)(s, t)
+    p_t = F.softmax(t / 2, -1)
+    manual = (p_t * (p_t.log() - F.log_softmax(s / 2, -1))).sum(-1).mean() * 4
+    assert torch.allclose(kl, manual, atol=1e-6)
+    assert torch.allclose(Distillation(loss="mse")(s, t), ((s - t) ** 2).mean())
+    cos = Distillation(loss="cosine")(s, t)
+    assert torch.allclose(cos, 1 - (F.normalize(s, dim=-1) * F.normalize(t, dim=-1)).sum(-1).mean(), atol=1e-6)
+    assert float(Distillation(loss="kl")(s, s)) == pytest.approx(0.0, abs=1e-6)
+    lm = Distillation()(torch.randn(2, 3, 7), torch.randn(2, 3, 7))  # (B, T, V) logits: per token
+    assert lm.ndim == 0
+
+
+def test_a_teacher_of_another_shape_is_named():
+    with pytest.raises(ValueError, match=r"teacher's output \(4, 3\) and the student's \(4, 5\) differ in shape"):
+        Distillation()(torch.randn(4, 5), torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("bad", [{"loss": "kld"}, {"weight": 0}, {"temperature": 0}, {"task_weight": -1}])
+def test_bad_settings_are_named(bad):
+    with pytest.raises(ValueError, match="distillation|unknown distillation loss"):
+        Distillation(**bad)
+
+
+def test_teacher_is_frozen_dense_outside_the_checkpoint_and_follows_the_module(tmp_path):
+    m = module(loss="kl", temperature=2.0)
+    dense = backbone()
+    x = torch.randn(5, 64)
+    assert torch.equal(m.teacher(x), dense.eval()(x))  # the backbone's own weights, before conversion
+    assert all(not p.requires_grad for p in m.teacher.parameters()) and not m.teacher.training
+    assert not any(k.startswith("teacher") for k in m.state_dict())  # not a submodule: no state, no DDP, no train()
+    before = [p.clone() for p in m.teacher.parameters()]
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    trainer.fit(m, datamodule=DigitsDataModule(batch_size=64))
+    assert all(torch.equal(a, b) for a, b in zip(before, m.teacher.parameters()))  # no gradient ever reached it
+    assert all(p.grad is None for p in m.teacher.parameters()) and not m.teacher.training
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert "gsm_teacher" not in ckpt and not any("teacher" in k for k in ckpt["state_dict"])
+    assert ckpt["hyper_parameters"]["distillation"]["temperature"] == 2.0
+    m.double()
+    assert all(p.dtype == torch.float64 for p in m.teacher.parameters())  # moved (device, dtype) with the module
+
+
+def test_keep_in_checkpoint_saves_and_restores_the_teacher(tmp_path):
+    m = module(keep_in_checkpoint=True)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(m, datamodule=DigitsDataModule(batch_size=64))
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    assert "gsm_teacher" in torch.load(path, weights_only=True)
+    other = backbone()
+    with torch.no_grad():
+        other[1].weight.add_(1.0)  # a different dense model as the backbone of the loaded module
+    loaded = GSMModule.load_from_checkpoint(path, backbone=other, optimizer=adamw())
+    assert torch.equal(loaded.teacher[1].weight, m.teacher[1].weight)  # the checkpoint's teacher, not the new one
+
+
+def test_label_free_embedding_distillation_trains_toward_the_teacher():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
+    m = GSMModule(net, task="embedding", budget=0.5, conversion=Conversion(init="pretrained", fit_steps=10),
+                  phase1_epochs=3, distillation=Distillation(loss="cosine", label_free=True),
+                  optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    x = torch.randn(256, 32)
+    data = DataLoader(x, batch_size=32)  # inputs only: no labels anywhere
+    trainer = pl.Trainer(max_epochs=10, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)
+    first = trainer.validate(m, data, verbose=False)[0]["val/cosine"]
+    trainer.fit(m, data, data)
+    last = trainer.callback_metrics["val/cosine"].item()
+    assert m.phase == 2 and m.flops_ratio() <= 0.5 + 1e-6
+    assert last > first + 0.15, (first, last)  # 0.62 -> 0.83 when written
+
+
+def test_embedding_without_teacher_or_targets_is_an_error():
+    m = GSMModule(nn.Sequential(nn.Linear(8, 8)), task="embedding", budget=0.5)
+    with pytest.raises(ValueError, match="task='embedding' without labels needs a teacher"):
+        m.training_step(torch.randn(4, 8), 0)
+
+
+def fit(root: Path, ckpt_path: str | None = None, kill_at: int | None = None):
+    pl.seed_everything(0)
+    m, rec = module(loss="kl", temperature=2.0, task_weight=0.5), LossRecorder()
+    callbacks = [rec]
+    if kill_at is not None:
+        callbacks += [ModelCheckpoint(dirpath=root, every_n_train_steps=5, save_top_k=-1, filename="{step}"),
+                      Kill(kill_at)]
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=6, limit_val_batches=0, logger=False,
+                         enable_checkpointing=kill_at is not None, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=root, deterministic=True, callbacks=callbacks)
+    data = DigitsDataModule(batch_size=128)
+    if kill_at is None:
+        trainer.fit(m, datamodule=data, ckpt_path=ckpt_path)
+    else:
+        with pytest.raises(RuntimeError, match="killed"):
+            trainer.fit(m, datamodule=data)
+    return m, rec
+
+
+def test_a_distilled_run_resumes_bit_identically(tmp_path):
+    full, full_rec = fit(tmp_path / "full")
+    fit(tmp_path / "killed", kill_at=13)
+    resumed, rec = fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "killed" / "step=10.ckpt"))
+    losses = dict(full_rec.losses)
+    assert [s for s, _ in rec.losses] == list(range(11, 19))
+    for step, loss in rec.losses:
+        assert loss == losses[step], (step, loss, losses[step])
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
