@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from gsm_lightning.core.conversion_spec import Conversion
 from gsm_lightning.data import DigitsDataModule
@@ -147,3 +147,53 @@ def test_a_distilled_run_resumes_bit_identically(tmp_path):
         assert loss == losses[step], (step, loss, losses[step])
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------------------------------- calibration in the module
+def calibrated(**kw) -> GSMModule:
+    from gsm_lightning.core.conversion_spec import Calibration
+
+    return GSMModule(backbone(), num_classes=10, budget=0.4,
+                     conversion=Conversion(include=["1", "4"], init="pretrained", fit_steps=0,
+                                           calibration=Calibration(batches=2)),
+                     phase1_epochs=1, optimizer=adamw(), **kw)
+
+
+def test_calibrated_conversion_runs_in_setup_on_the_datamodules_batches(tmp_path):
+    from itertools import islice
+
+    from gsm_lightning.core.calibration import collect_input_stats
+    from gsm_lightning.core.conversion import gsmify
+
+    m = calibrated()
+    assert not m.converted and not m.gblr_layers  # waits for data
+    data = DigitsDataModule(batch_size=64)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(m, datamodule=data)
+    assert m.converted and len(m.gblr_layers) == 2 and m.report.layers[0].output_error is not None
+    # the same conversion by hand: statistics of the first 2 training batches, then gsmify with them
+    ref = backbone()
+    data2 = DigitsDataModule(batch_size=64)
+    data2.setup("fit")
+    stats = collect_input_stats(ref, [b[0] for b in islice(iter(data2.train_dataloader()), 2)], layers=["1", "4"])
+    report = gsmify(ref, budget=0.4, include=["1", "4"], init="pretrained", fit_steps=0, calibration=stats,
+                    location_init="uniform")
+    assert [r.output_error for r in report.layers] == [r.output_error for r in m.report.layers]
+    path = tmp_path / "c.ckpt"
+    trainer.save_checkpoint(path)
+    back = GSMModule.load_from_checkpoint(path, backbone=backbone(), optimizer=adamw())  # no data needed to load
+    x = torch.randn(3, 64)
+    assert torch.equal(back.eval()(x), m.eval()(x))
+
+
+def test_calibration_without_data_is_named():
+    m = calibrated()
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(TensorDataset(torch.randn(8, 64), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    with pytest.raises(ValueError, match=r"give the Trainer a datamodule .* or call module.convert\(batches\)"):
+        trainer.fit(m, loader)
+    with pytest.raises(ValueError, match="calibration fits pretrained weights to their activations"):
+        Conversion(init="random", calibration={"batches": 2})
+    with pytest.raises(ValueError, match="batches must be an integer >= 1"):
+        Conversion(init="pretrained", calibration={"batches": 0})
