@@ -156,6 +156,21 @@ MUTATIONS: tuple[Mutation, ...] = (
              "        for _ in range(self.epoch):\n",
              "        for _ in range(0):\n",
              (RESUME, "-k", "teacher_student")),
+    Mutation("distillation_dropped", "the teacher's loss is computed but not added to the training loss",
+             "gsm_lightning/training/module.py",
+             "        loss = d.weight * d(out, target)\n",
+             "        loss = 0.0 * d(out, target)\n",
+             ("tests/test_distillation.py", "-k", "label_free or resumes")),
+    Mutation("teacher_trains", "the teacher is a registered submodule: trained, checkpointed, switched to train mode",
+             "gsm_lightning/training/module.py",
+             '        object.__setattr__(self, "teacher", make_teacher(backbone) if distillation is not None else None)\n',
+             '        self.teacher = make_teacher(backbone) if distillation is not None else None\n',
+             ("tests/test_distillation.py", "-k", "frozen_dense")),
+    Mutation("calibration_ignored", "the calibrated conversion collects statistics but converts without them",
+             "gsm_lightning/training/module.py",
+             "        self._convert(calibration=stats)\n",
+             "        self._convert()\n",
+             ("tests/test_distillation.py", "-k", "runs_in_setup")),
 )
 
 
