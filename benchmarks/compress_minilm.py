@@ -53,6 +53,7 @@ from gsm_lightning.data.sentences import (  # noqa: E402
     mean_pooled_embed_fn,
     reverse_dictionary_recall,
 )
+from gsm_lightning.learn.rules import BudgetRule  # noqa: E402
 from gsm_lightning.learn.schedules import SigmaSchedule  # noqa: E402
 from gsm_lightning.models import SentenceEncoder  # noqa: E402
 from gsm_lightning.training.distillation import Distillation  # noqa: E402
@@ -75,7 +76,7 @@ def build(method: str, budget: float, cfg: argparse.Namespace, backbone: Sentenc
                             calibration=Calibration(batches=cfg.calib_batches) if spec["calibrated"] else None,
                             allocation=spec["allocation"])
     return GSMModule(backbone, task="embedding", budget=budget, conversion=conversion,
-                     sigma=SigmaSchedule(None, None), phase1_epochs=1,
+                     rule=BudgetRule(structure_lr=cfg.structure_lr), sigma=SigmaSchedule(None, None), phase1_epochs=1,
                      distillation=Distillation(loss="cosine", label_free=True),
                      optimizer=lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=0.0))
 
@@ -119,7 +120,8 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
     after = float((student_fn(eval_sents) * dense_eval).sum(-1).mean())
     rec = reverse_dictionary_recall(student_fn, eval_entries)
     ratios = layer_ratios(module)
-    return {"method": method, "budget": budget, "seed": seed, "flops_ratio": round(module.flops_ratio(), 4),
+    name = method if method != "gblr" or cfg.structure_lr == 2.5e-3 else f"gblr, structure lr {cfg.structure_lr:g}"
+    return {"method": name, "budget": budget, "seed": seed, "flops_ratio": round(module.flops_ratio(), 4),
             "cos_converted": before, "cos_distilled": after, "r1": rec["recall@1"], "r10": rec["recall@10"],
             "convert_s": convert_s, "tune_s": tune_s, "by_type": by_type(ratios), "ratios": ratios}
 
@@ -140,15 +142,18 @@ def prepare(cfg: argparse.Namespace) -> tuple[SentenceDataModule, Any, list[str]
 
 
 def markdown(rows: list[dict[str, Any]], dense: dict[str, Any], cfg: argparse.Namespace, argv: list[str],
-             total_s: float) -> str:
+             total_s: float, commands: list[list[str]] | None = None) -> str:
     seeds = sorted({r["seed"] for r in rows})
+    runs = " and ".join(f"`python -m benchmarks.compress_minilm {' '.join(a)}`" for a in (commands or [argv]))
     lines = [
+        f"Commands: {runs}, then `--from-json` of their outputs with `--write-md` ({total_s / 60:.0f} min of runs in "
+        f"all; {machine_info()})." if commands else
         f"Command: `python -m benchmarks.compress_minilm {' '.join(argv)}` ({total_s / 60:.0f} min; {machine_info()}).",
         "",
         f"all-MiniLM-L6-v2, q/k/v and FFN linears of all 6 layers converted (30 layers). Calibration: the first "
         f"{cfg.calib_batches} training batches ({cfg.calib_batches * cfg.batch_size} WordNet sentences). Distillation: "
         f"`GSMModule` with the dense encoder as teacher, cosine loss on the embeddings, no labels, {cfg.steps} AdamW "
-        f"steps (lr {cfg.lr:g}) of {cfg.batch_size} training sentences, the same batches for every method; GBLR learns "
+        f"steps (lr {cfg.lr:g}; GBLR structure lr {cfg.structure_lr:g}) of {cfg.batch_size} training sentences, the same batches for every method; GBLR learns "
         f"its structure (one global budget) in the first half and is frozen for the second, with pure Dirichlet masks. "
         f"Fidelity: mean cosine to the dense embeddings on {cfg.eval_sentences} held-out test sentences. Task: reverse "
         f"dictionary on the test split ({dense['num_queries']} glosses, each ranking {dense['num_candidates']} headwords). "
@@ -159,7 +164,7 @@ def markdown(rows: list[dict[str, Any]], dense: dict[str, Any], cfg: argparse.Na
         "convert s | fine-tune s | ratio by type (qkv / fc1 / fc2) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    keys = sorted({(r["budget"], r["method"]) for r in rows}, key=lambda k: (-k[0], list(METHODS).index(k[1])))
+    keys = sorted({(r["budget"], r["method"]) for r in rows}, key=lambda k: (-k[0], list(METHODS).index(k[1].split(",")[0]), k[1]))
     for budget, method in keys:
         rs = [r for r in rows if r["budget"] == budget and r["method"] == method]
 
@@ -182,6 +187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--steps", type=int, default=200, help="distillation steps (half of them phase 1 for GBLR)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--structure-lr", type=float, default=2.5e-3,
+                   help="GBLR: the BudgetRule's structure_lr (locations; widths step at 4x it)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--calib-batches", type=int, default=8)
@@ -189,6 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-sentences", type=int, default=512)
     p.add_argument("--retrieval-entries", type=int, default=2000)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--from-json", type=Path, nargs="+", default=None,
+                   help="no runs: the table of these --json outputs (runs split over processes, e.g. one per budget)")
     p.add_argument("--write-md", action="store_true")
     p.add_argument("--quick", action="store_true", help="4 steps, 2 calibration batches, small evaluation")
     cfg = p.parse_args(argv)
@@ -200,6 +209,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
+    if cfg.from_json:
+        parts = [json.loads(f.read_text()) for f in cfg.from_json]
+        rows = [r for part in parts for r in part["rows"]]
+        text = markdown(rows, parts[0]["dense"], argparse.Namespace(**parts[0]["cfg"]), parts[0]["argv"],
+                        sum(part["total_s"] for part in parts), commands=[part["argv"] for part in parts])
+        print(text)
+        if cfg.write_md:
+            write_section(text, ROOT / "BENCHMARKS.md", MD_START, MD_END)
+        return rows
     start = time.perf_counter()
     data, dense_fn, eval_sents, entries = prepare(cfg)
     dense = reverse_dictionary_recall(dense_fn, entries)
@@ -214,7 +232,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                   if k != "ratios"}), flush=True)
     total = time.perf_counter() - start
     if cfg.json:
-        cfg.json.write_text(json.dumps({"dense": dense, "rows": rows}, indent=1))
+        cfg.json.write_text(json.dumps({"dense": dense, "rows": rows, "total_s": total, "argv": argv,
+                                        "cfg": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}},
+                                       indent=1))
     text = markdown(rows, dense, cfg, argv, total)
     print(text)
     if cfg.write_md and not cfg.quick:

