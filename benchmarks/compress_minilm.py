@@ -142,13 +142,14 @@ def prepare(cfg: argparse.Namespace) -> tuple[SentenceDataModule, Any, list[str]
 
 
 def markdown(rows: list[dict[str, Any]], dense: dict[str, Any], cfg: argparse.Namespace, argv: list[str],
-             total_s: float, commands: list[list[str]] | None = None) -> str:
+             total_s: float, commands: list[list[str]] | None = None, machine: str | None = None) -> str:
     seeds = sorted({r["seed"] for r in rows})
     runs = " and ".join(f"`python -m benchmarks.compress_minilm {' '.join(a)}`" for a in (commands or [argv]))
     lines = [
         f"Commands: {runs}, then `--from-json` of their outputs with `--write-md` ({total_s / 60:.0f} min of runs in "
-        f"all; {machine_info()})." if commands else
-        f"Command: `python -m benchmarks.compress_minilm {' '.join(argv)}` ({total_s / 60:.0f} min; {machine_info()}).",
+        f"all; {machine or machine_info()})." if commands else
+        f"Command: `python -m benchmarks.compress_minilm {' '.join(argv)}` ({total_s / 60:.0f} min; "
+        f"{machine or machine_info()}).",
         "",
         f"all-MiniLM-L6-v2, q/k/v and FFN linears of all 6 layers converted (30 layers). Calibration: the first "
         f"{cfg.calib_batches} training batches ({cfg.calib_batches * cfg.batch_size} WordNet sentences). Distillation: "
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         parts = [json.loads(f.read_text()) for f in cfg.from_json]
         rows = [r for part in parts for r in part["rows"]]
         text = markdown(rows, parts[0]["dense"], argparse.Namespace(**parts[0]["cfg"]), parts[0]["argv"],
-                        sum(part["total_s"] for part in parts), commands=[part["argv"] for part in parts])
+                        sum(part["total_s"] for part in parts), commands=[part["argv"] for part in parts],
+                        machine=parts[0].get("machine"))
         print(text)
         if cfg.write_md:
             write_section(text, ROOT / "BENCHMARKS.md", MD_START, MD_END)
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     total = time.perf_counter() - start
     if cfg.json:
         cfg.json.write_text(json.dumps({"dense": dense, "rows": rows, "total_s": total, "argv": argv,
+                                        "machine": machine_info(),
                                         "cfg": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}},
                                        indent=1))
     text = markdown(rows, dense, cfg, argv, total)
