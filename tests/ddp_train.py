@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gsm_lightning.data import EpochSeededSampler  # noqa: E402
+from gsm_lightning.training.distillation import Distillation  # noqa: E402
 from gsm_lightning.training.module import GSMModule  # noqa: E402
 from tests.helpers import adamw, digits_loaders, mlp  # noqa: E402
 
@@ -76,21 +77,25 @@ class Dumper(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         dump(pl_module, self._path(trainer, "end"))
+        if pl_module.teacher is not None:
+            torch.save(pl_module.teacher.state_dict(), self.out / f"{self.tag}_teacher_rank{trainer.global_rank}.pt")
 
 
 def main(out: Path, mode: str) -> None:
     torch.set_num_threads(1)
-    ddp = mode == "ddp"
+    ddp = mode.startswith("ddp")
     pl.seed_everything(0)
     train, _ = digits_loaders(n_train=512, batch_size=32 if ddp else 64)
     if ddp:
         train = DataLoader(train.dataset, batch_size=32, sampler=RankShard(512, int(os.environ.get("LOCAL_RANK", 0)), 2))
     torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))  # rank 1 starts from other weights and structure
-    model = GSMModule(mlp(), num_classes=10, budget=0.35, include=["0", "2"], phase1_epochs=PHASE1, optimizer=adamw())
+    distill = Distillation(loss="kl", temperature=2.0, task_weight=0.5) if mode.endswith("distill") else None
+    model = GSMModule(mlp(), num_classes=10, budget=0.35, include=["0", "2"], phase1_epochs=PHASE1, optimizer=adamw(),
+                      distillation=distill)
     strategy = DDPStrategy(find_unused_parameters=False, process_group_backend="gloo") if ddp else "auto"
     trainer = pl.Trainer(
         accelerator="cpu", devices=2 if ddp else 1, strategy=strategy, max_epochs=EPOCHS,
-        logger=TensorBoardLogger(out, name="tb") if ddp else False,
+        logger=TensorBoardLogger(out, name="tb") if mode == "ddp" else False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
         use_distributed_sampler=False, callbacks=[Dumper(out, mode)],
     )

@@ -93,3 +93,16 @@ def test_ddp_matches_one_process_on_the_whole_batch(ddp_run):
             torch.testing.assert_close(r0["_learner"]["mean_sq"][name], ms, rtol=1e-4, atol=0)
         assert one["_real_optimizer_steps"] == r0["_real_optimizer_steps"]
     assert load(ddp_run, "single_end_rank0")["_phase1_end_ratio"] == load(ddp_run, "ddp_end_rank0")["_phase1_end_ratio"]
+
+
+def test_ddp_with_a_teacher_keeps_the_ranks_identical(tmp_path):
+    """Rank 1 starts from other weights, so its copy of the backbone differs: the teacher is rank 0's on every rank,
+    and the distilled student stays bit-identical across ranks through both phases."""
+    launch(tmp_path, "ddp_distill")
+    t0, t1 = (torch.load(tmp_path / f"ddp_distill_teacher_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(t0[k], t1[k]) for k in t0)
+    r0, r1 = load(tmp_path, "ddp_distill_end_rank0"), load(tmp_path, "ddp_distill_end_rank1")
+    assert r0["_structure"] == r1["_structure"]
+    for key in r0:
+        if not key.startswith("_"):
+            assert torch.equal(r0[key], r1[key]), key

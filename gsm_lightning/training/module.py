@@ -559,6 +559,11 @@ class GSMModule(LightningModule):
 
     # ------------------------------------------------------------- phases
     def on_fit_start(self) -> None:
+        if self.teacher is not None and self.trainer.world_size > 1:
+            # one teacher for all ranks (rank 0's), as DDP gives the student rank 0's weights
+            with torch.no_grad():
+                for t in [*self.teacher.parameters(), *self.teacher.buffers()]:
+                    t.copy_(self.trainer.strategy.broadcast(t.detach().clone(), src=0))
         max_epochs = self.trainer.max_epochs
         if self.method == "gblr" and max_epochs is not None and max_epochs >= 0 and self.phase1_epochs > max_epochs:
             raise ValueError(

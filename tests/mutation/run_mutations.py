@@ -171,6 +171,11 @@ MUTATIONS: tuple[Mutation, ...] = (
              "        self._convert(calibration=stats)\n",
              "        self._convert()\n",
              ("tests/test_distillation.py", "-k", "runs_in_setup")),
+    Mutation("teacher_not_broadcast", "under DDP each rank distils from its own copy of the backbone",
+             "gsm_lightning/training/module.py",
+             "        if self.teacher is not None and self.trainer.world_size > 1:\n",
+             "        if False:\n",
+             ("tests/test_ddp.py", "-k", "teacher")),
 )
 
 
