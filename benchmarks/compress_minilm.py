@@ -126,11 +126,18 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
             "convert_s": convert_s, "tune_s": tune_s, "by_type": by_type(ratios), "ratios": ratios}
 
 
-def prepare(cfg: argparse.Namespace) -> tuple[SentenceDataModule, Any, list[str], list]:
+def training_data(cfg: argparse.Namespace, seed: int) -> SentenceDataModule:
+    """The data of one seed: the seed draws the training sentences (and so the calibration batches, the first
+    ``--calib-batches`` of them) and their order; validation and test sentences do not depend on it."""
     data = SentenceDataModule(batch_size=cfg.batch_size, max_length=cfg.max_length, num_train=cfg.steps * cfg.batch_size,
-                              num_test=cfg.eval_sentences, seed=0)
+                              num_test=cfg.eval_sentences, seed=seed)
     data.setup("fit")
     data.calibration_batches = [b for _, b in zip(range(cfg.calib_batches), data.train_dataloader())]
+    return data
+
+
+def prepare(cfg: argparse.Namespace) -> tuple[SentenceDataModule, Any, list[str], list]:
+    data = training_data(cfg, 0)
     dense = SentenceEncoder().eval()
     dense_fn = mean_pooled_embed_fn(dense.model, data.tokenizer, max_length=cfg.max_length)
     eval_sents = data.sentences["test"][: cfg.eval_sentences]
@@ -159,11 +166,12 @@ def markdown(rows: list[dict[str, Any]], dense: dict[str, Any], cfg: argparse.Na
         f"Fidelity: mean cosine to the dense embeddings on {cfg.eval_sentences} held-out test sentences. Task: reverse "
         f"dictionary on the test split ({dense['num_queries']} glosses, each ranking {dense['num_candidates']} headwords). "
         f"Dense: recall@1 {100 * dense['recall@1']:.1f} %, recall@10 {100 * dense['recall@10']:.1f} %. "
-        f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}); with more than one, medians.",
+        f"Seeds draw the training sentences and their order ({', '.join(map(str, seeds))} in all); rows with more than "
+        f"one seed give medians, and the paired differences per seed follow the table.",
         "",
-        "| budget | method | FLOPs ratio | cosine, converted | cosine, distilled | R@1 | R@10 | R@10 vs dense | "
+        "| budget | method | seeds | FLOPs ratio | cosine, converted | cosine, distilled | R@1 | R@10 | R@10 vs dense | "
         "convert s | fine-tune s | ratio by type (qkv / fc1 / fc2) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r["budget"], r["method"]) for r in rows}, key=lambda k: (-k[0], list(METHODS).index(k[1].split(",")[0]), k[1]))
     for budget, method in keys:
@@ -174,11 +182,31 @@ def markdown(rows: list[dict[str, Any]], dense: dict[str, Any], cfg: argparse.Na
 
         bt = rs[0]["by_type"]
         lines.append(
-            f"| {budget:.0%} | {method} | {med('flops_ratio'):.3f} | {med('cos_converted'):.3f} | "
+            f"| {budget:.0%} | {method} | {len(rs)} | {med('flops_ratio'):.3f} | {med('cos_converted'):.3f} | "
             f"{med('cos_distilled'):.3f} | {100 * med('r1'):.1f} | {100 * med('r10'):.1f} | "
             f"{100 * (med('r10') - dense['recall@10']):+.1f} | {med('convert_s'):.1f} | {med('tune_s'):.0f} | "
             f"{bt.get('qkv', 0):.2f} / {bt.get('fc1', 0):.2f} / {bt.get('fc2', 0):.2f} |")
+    lines += paired(rows)
     return "\n".join(lines)
+
+
+def paired(rows: list[dict[str, Any]]) -> list[str]:
+    """GBLR minus the whitened SVD per seed, for the GBLR rows run with more than one seed."""
+    out = []
+    for budget in sorted({r["budget"] for r in rows}, reverse=True):
+        base = {r["seed"]: r for r in rows if r["budget"] == budget and r["method"] == "wsvd"}
+        for method in sorted({r["method"] for r in rows if r["method"].startswith("gblr")}):
+            pairs = [(r, base[r["seed"]]) for r in rows
+                     if r["budget"] == budget and r["method"] == method and r["seed"] in base]
+            if len(pairs) < 2:
+                continue
+            d_cos = [a["cos_distilled"] - b["cos_distilled"] for a, b in pairs]
+            d_r10 = [100 * (a["r10"] - b["r10"]) for a, b in pairs]
+            out += ["", f"{budget:.0%}, {method} minus wsvd, per seed ({', '.join(str(a['seed']) for a, _ in pairs)}): "
+                        f"cosine {', '.join(f'{d:+.4f}' for d in d_cos)} (mean {statistics.mean(d_cos):+.4f}, range "
+                        f"{min(d_cos):+.4f} to {max(d_cos):+.4f}); recall@10 {', '.join(f'{d:+.1f}' for d in d_r10)} "
+                        f"points."]
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -224,11 +252,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     data, dense_fn, eval_sents, entries = prepare(cfg)
     dense = reverse_dictionary_recall(dense_fn, entries)
     print(f"dense: R@1 {dense['recall@1']:.3f} R@10 {dense['recall@10']:.3f} ({dense['num_queries']} queries)", flush=True)
-    rows = []
+    rows, datas = [], {0: data}
     for budget in cfg.budgets:
         for method in cfg.methods:
             for seed in cfg.seeds:
-                row = run_one(method, budget, seed, data, dense_fn, eval_sents, entries, cfg)
+                if seed not in datas:
+                    datas[seed] = training_data(cfg, seed)
+                row = run_one(method, budget, seed, datas[seed], dense_fn, eval_sents, entries, cfg)
                 rows.append(row)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                                   if k != "ratios"}), flush=True)
