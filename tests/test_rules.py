@@ -176,7 +176,8 @@ def test_checkpoints_of_the_flat_version_still_load(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         m = GSMModule.load_from_checkpoint(path, backbone=mlp(), optimizer=adamw)
-    assert torch.equal(m.eval()(expected["x"]), expected["logits"])
+    # same logits up to float summation order (they were written with 2 threads; the masks use an irfft)
+    assert torch.allclose(m.eval()(expected["x"]), expected["logits"], rtol=1e-5, atol=1e-6)
     assert {n: layer.structure() for n, layer in m.gblr_layers} == expected["structure"]
     if name == "paper":
         assert isinstance(m.rule, PaperRule) and m.rule.prox_lambda == 0.3 and m.rule.structure_lr == 4e-3
