@@ -21,35 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import whitening as _whitening
 from .conversion import select_linear_layers
-from .whitening import (
-    InputStats,
-    check_calibration,
-    input_factor,
-    optimal_low_rank_error,
-    relative_output_error,
-    right_multiply,
-    right_solve,
-    second_moment_of,
-    whitened_low_rank,
-    whitened_singular_values,
-    whitening_factor,
-)
+from .whitening import *  # noqa: F403  (the maths, re-exported: this module is the one import)
+from .whitening import InputStats
 
-__all__ = [
-    "InputStats",
-    "check_calibration",
-    "collect_input_stats",
-    "input_factor",
-    "whitened_low_rank",
-    "whitened_singular_values",
-    "optimal_low_rank_error",
-    "relative_output_error",
-    "right_multiply",
-    "right_solve",
-    "second_moment_of",
-    "whitening_factor",
-]
+__all__ = ["collect_input_stats", *_whitening.__all__]
 
 
 # -------------------------------------------------------------------------------------------- collecting statistics

@@ -770,14 +770,7 @@ class GBLRLinear(StructuredCost, nn.Module):
         budget_flops = budget * self.dense_flops()
         norm = target.pow(2).sum().clamp_min(1e-30)
         structure_lr = 20.0 / min(self.in_features, self.out_features) if structure_lr is None else structure_lr
-        opt = torch.optim.AdamW(
-            [
-                {"params": [self.weight_in, self.weight_out], "lr": lr, "weight_decay": 0.0},
-                {"params": [self.widths, self.locations], "lr": structure_lr, "weight_decay": 0.0},
-            ],
-            betas=(0.0, 0.999),
-        )
-        sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.01, total_iters=max(steps, 1))
+        opt, sched = self._fit_optimizer(lr, structure_lr, steps)
         self._project_to_budget(budget_flops)
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
@@ -788,6 +781,18 @@ class GBLRLinear(StructuredCost, nn.Module):
             self._project_to_budget(budget_flops)
         with torch.no_grad():
             return float((self.to_dense().float() - target).pow(2).sum() / norm)
+
+    def _fit_optimizer(self, lr: float, structure_lr: float, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+        """AdamW (betas (0, 0.999), no decay) over factors and structure, with a linear decay to 1 % over ``steps``:
+        the optimizer of both fits of :meth:`fit_to`."""
+        opt = torch.optim.AdamW(
+            [
+                {"params": [self.weight_in, self.weight_out], "lr": lr, "weight_decay": 0.0},
+                {"params": [self.widths, self.locations], "lr": structure_lr, "weight_decay": 0.0},
+            ],
+            betas=(0.0, 0.999),
+        )
+        return opt, torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.01, total_iters=max(steps, 1))
 
     def _fit_output(
         self, weight: Tensor, factor: Tensor, budget: float, steps: int, lr: float, structure_lr: float | None
@@ -810,14 +815,7 @@ class GBLRLinear(StructuredCost, nn.Module):
         # 10x below the weight-space default: from the (near-optimal) whitened start, 20/n moves ~20 grid steps per
         # step and wrecks it; 1-2/n let the structure improve on block-structured targets (tests/test_calibration.py)
         structure_lr = 2.0 / min(self.in_features, self.out_features) if structure_lr is None else structure_lr
-        opt = torch.optim.AdamW(
-            [
-                {"params": [self.weight_in, self.weight_out], "lr": lr, "weight_decay": 0.0},
-                {"params": [self.widths, self.locations], "lr": structure_lr, "weight_decay": 0.0},
-            ],
-            betas=(0.0, 0.999),
-        )
-        sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.01, total_iters=max(steps, 1))
+        opt, sched = self._fit_optimizer(lr, structure_lr, steps)
         self._project_to_budget(budget_flops)
         params = (self.weight_in, self.weight_out, self.widths, self.locations)
         best, best_state = math.inf, [p.detach().clone() for p in params]

@@ -59,7 +59,7 @@ def split_legacy_kwargs(
         raise TypeError(f"GSMModule got unexpected arguments {unknown}; its arguments are backbone, task, num_classes, "
                         "budget, conversion, rule, sigma, phase1_epochs, switch, label_smoothing, optimizer, "
                         "lr_scheduler, warmup_epochs")
-    given = {k: v for k, v in legacy.items()}
+    given = dict(legacy)
     warnings.warn("GSMModule: flat arguments " + ", ".join(f"{k} -> {LEGACY_NAMES[k]}" for k in sorted(given))
                   + " are deprecated; pass the objects instead", DeprecationWarning, stacklevel=stacklevel)
 
