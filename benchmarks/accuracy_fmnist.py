@@ -95,7 +95,8 @@ def run_one(model: str, method: str, budget: float, seed: int, args: argparse.Na
     if args.prox_lambda is not None:
         gblr.setdefault("prox_lambda", args.prox_lambda)
     kwargs = dict(
-        num_classes=10, budget=budget if method != "dense" else 1.0, method=method, init="random",
+        num_classes=10, budget=budget if method != "dense" else 1.0, method=method,
+        init=args.baseline_init if method in ("lowrank", "monarch", "blocksparse") else "random",
         phase1_epochs=args.phase1_epochs if method == "gblr" else 0,
         structure_lr=args.structure_lr, sigma0=1.0, sigma1=100.0, sigma_start_epoch=0, label_smoothing=0.1,
         warmup_epochs=args.warmup_epochs,
@@ -118,7 +119,7 @@ def run_one(model: str, method: str, budget: float, seed: int, args: argparse.Na
     module = GSMModule(net, **kwargs)
     if method == "gblr" and args.gblr_fixed:
         set_structure(module.backbone, fixed_structure(module, args.gblr_fixed, model, budget, seed))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator=args.accelerator, devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0)
     t0 = time.perf_counter()
@@ -230,6 +231,11 @@ def main() -> None:
     p.add_argument("--dense-init", choices=["backbone", "fan_in"], default="backbone",
                    help="dense runs: the backbone's own init of the layers GBLR converts (timm-style std 0.02), or "
                         "'fan_in' (std 1/sqrt(in), GBLR's default scale)")
+    p.add_argument("--baseline-init", choices=["random", "per_factor"], default="random",
+                   help="fixed structures (lowrank, monarch, blocksparse): 'random' = GBLR's random dense matrix "
+                        "projected onto the structure (equal init, the default), 'per_factor' = each factor like its "
+                        "own nn.Linear (the smaller init of earlier tables; an ablation, label it)")
+    p.add_argument("--accelerator", default="cpu", help="the Trainer's accelerator (cpu, gpu)")
     p.add_argument("--structures", default=None, metavar="DIR",
                    help="write the learned structure of every GBLR run to DIR/structures_fmnist_*.json")
     p.add_argument("--no-report", action="store_true", help="only write --json (merge later with --report)")

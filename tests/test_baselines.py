@@ -14,6 +14,7 @@ from gsm_lightning.core.baselines import (
     MonarchLinear,
     baselinify,
     blocks_for_budget,
+    random_dense_like_gblr,
     nblocks_for_budget,
     rank_for_budget,
 )
@@ -306,6 +307,77 @@ def test_baselinify_error_decreases_with_budget_and_random_init():
     assert not torch.allclose(rnd.blocks[0]["fc1"].to_dense(), MonarchLinear.from_linear(net.blocks[0]["fc1"], 4).to_dense())
 
 
+def _gblr_law_draw(in_f: int, out_f: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GBLRLinear.reset_parameters' draw, written out independently: trunc-normal weight at 1/sqrt(in), cut at 2 std,
+    then the bias uniform in +-1/sqrt(in)."""
+    torch.manual_seed(seed)
+    std = in_f ** -0.5
+    w = torch.nn.init.trunc_normal_(torch.empty(out_f, in_f), std=std, a=-2 * std, b=2 * std)
+    b = torch.empty(out_f).uniform_(-in_f ** -0.5, in_f ** -0.5)
+    return w, b
+
+
+def test_random_init_is_the_projection_of_gblrs_draw():
+    """Equal init: a baseline's init='random' is its structure's projection of the dense matrix GBLR draws."""
+    from gsm_lightning.core.conversion import gsmify
+
+    w, b = _gblr_law_draw(48, 40, seed=3)
+    # GBLR at full width from the same seed is that very matrix (K r >= min(in, out): all singular components)
+    g = nn.Sequential(nn.Linear(48, 40))
+    torch.manual_seed(3)
+    gsmify(g, budget=1.0, init="random", init_std="fan_in", location_init="uniform", width_init="full")
+    torch.testing.assert_close(g[0].to_dense(), w, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g[0].bias.detach(), b)
+    for method, cls, size in (("lowrank", LowRankLinear, "rank"), ("monarch", MonarchLinear, "nblocks")):
+        net = nn.Sequential(nn.Linear(48, 40))
+        torch.manual_seed(3)
+        report = baselinify(net, method, 0.3, init="random")
+        expect = cls.from_linear(_linear_with(w, b), report.layers[0].num_components)  # truncated / per-block SVD
+        torch.testing.assert_close(net[0].to_dense(), expect.to_dense(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(net[0].bias.detach(), b)
+        assert report.init == "random" and report.layers[0].fit_error is None
+    u, s, vh = torch.linalg.svd(w)
+    r = rank_for_budget(48, 40, 0.3)
+    net = nn.Sequential(nn.Linear(48, 40))
+    torch.manual_seed(3)
+    baselinify(net, "lowrank", 0.3, init="random")
+    torch.testing.assert_close(net[0].to_dense(), (u[:, :r] * s[:r]) @ vh[:r], rtol=1e-4, atol=1e-5)
+    net = nn.Sequential(nn.Linear(48, 40))
+    torch.manual_seed(3)
+    baselinify(net, "blocksparse", 0.5, init="random", block_size=8)
+    keep = net[0].to_dense() != 0
+    assert keep.any() and torch.equal(net[0].to_dense()[keep], w[keep])  # the draw restricted to the diagonal blocks
+    # init_std scales the draw
+    a, c = nn.Sequential(nn.Linear(48, 40)), nn.Sequential(nn.Linear(48, 40))
+    torch.manual_seed(5)
+    baselinify(a, "lowrank", 0.3, init="random", init_std=0.02)
+    torch.manual_seed(5)
+    baselinify(c, "lowrank", 0.3, init="random", init_std=0.04)
+    torch.testing.assert_close(2 * a[0].to_dense(), c[0].to_dense(), rtol=1e-4, atol=1e-6)
+
+
+def _linear_with(w: torch.Tensor, b: torch.Tensor) -> nn.Linear:
+    lin = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    return lin
+
+
+def test_per_factor_init_is_the_old_independent_init():
+    """init='per_factor' keeps the pre-equal-init start: each factor like its own nn.Linear (smaller outputs)."""
+    net = nn.Sequential(nn.Linear(64, 96))
+    torch.manual_seed(11)
+    baselinify(net, "lowrank", 0.3, init="per_factor")
+    torch.manual_seed(11)
+    old = LowRankLinear(64, 96, rank_for_budget(64, 96, 0.3))
+    torch.testing.assert_close(net[0].to_dense(), old.to_dense())
+    fair = nn.Sequential(nn.Linear(64, 96))
+    baselinify(fair, "lowrank", 0.3, init="random")
+    x = torch.randn(256, 64)
+    assert net[0](x).std() < 0.75 * fair[0](x).std()
+
+
 def test_baselinify_errors():
     net = _Net()
     with pytest.raises(ValueError, match="unknown baseline method 'butterfly'"):
@@ -323,6 +395,12 @@ def test_baselinify_errors():
         baselinify(net, "lowrank", 0.5, block_size=8)
     with pytest.raises(ValueError, match="magnitude"):
         baselinify(net, "blocksparse", 0.5, init="random", pattern="magnitude")
+    with pytest.raises(ValueError, match="magnitude"):
+        baselinify(net, "blocksparse", 0.5, init="per_factor", pattern="magnitude")
+    with pytest.raises(ValueError, match="init_std sets the random dense matrix"):
+        baselinify(net, "lowrank", 0.5, init="pretrained", init_std=0.02)
+    with pytest.raises(ValueError, match="init_std must be"):
+        baselinify(net, "lowrank", 0.5, init="random", init_std=-1.0)
     assert all(isinstance(m, nn.Linear) for m in (net.head, net.blocks[0]["fc1"]))  # nothing swapped on error
 
 

@@ -102,6 +102,8 @@ def test_bad_arguments_are_named():
         build(conversion={"includes": ["0"]})
     with pytest.raises(ValueError, match="unknown method 'svd'"):
         Conversion(method="svd")
+    with pytest.raises(ValueError, match="init='per_factor' initialises a fixed baseline"):
+        Conversion(method="gblr", init="per_factor")
     with pytest.raises(ValueError, match="align must be an integer >= 1"):
         PhaseSwitch(align=0)
     with pytest.raises(ValueError, match="path_fraction must be a fraction"):
@@ -110,6 +112,37 @@ def test_bad_arguments_are_named():
         PaperRule(prox_lambda=-1)
     with pytest.raises(ValueError, match="structure_lr must be > 0"):
         PaperRule(structure_lr=0)
+
+
+@pytest.mark.parametrize("method", ["lowrank", "monarch", "blocksparse"])
+def test_baselines_start_like_gblr_by_default_and_reload_exactly(method, tmp_path):
+    """Fair baselines: GSMModule's fixed structures project GBLR's law of random weights (not their own smaller
+    per-factor init, which stays selectable); a checkpoint reloads them exactly (skeleton, then the weights)."""
+    from gsm_lightning.core.baselines import baselinify, random_dense_like_gblr
+
+    kw = {"block_size": 2} if method == "blocksparse" else {}
+    fair = build(seed=1, conversion=Conversion(method=method, layer_kwargs=kw))
+    torch.manual_seed(1)
+    mlp()  # the draws GSMModule made: the backbone's own init first, then GBLR's two draws per layer
+    expected = [random_dense_like_gblr(16, 32), random_dense_like_gblr(32, 4)]
+    for layer, ref in zip((fair.backbone[0], fair.backbone[2]), expected):
+        proj = nn.Sequential(ref)
+        baselinify(proj, method, 0.4, init="pretrained", **kw, **({"pattern": "diagonal"} if kw else {}))
+        torch.testing.assert_close(layer.to_dense(), proj[0].to_dense(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.bias, proj[0].bias)
+    gblr = build(seed=1, conversion=Conversion(layer_kwargs={"width_init": "full"}))  # GBLR at full width from the
+    # same seed: the very same dense matrices
+    for layer, ref in zip((gblr.backbone[0], gblr.backbone[2]), expected):
+        torch.testing.assert_close(layer.to_dense(), ref.weight, rtol=1e-4, atol=1e-5)
+    old = build(seed=1, conversion=Conversion(method=method, init="per_factor", layer_kwargs=kw))
+    assert not torch.allclose(old.backbone[0].to_dense(), fair.backbone[0].to_dense())
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(fair, loader())
+    trainer.save_checkpoint(tmp_path / "b.ckpt")
+    back = GSMModule.load_from_checkpoint(tmp_path / "b.ckpt", backbone=mlp(), optimizer=adamw)
+    x = torch.randn(8, 16)
+    torch.testing.assert_close(back.eval()(x), fair.eval()(x))
 
 
 class CountingRule(StructureRule):

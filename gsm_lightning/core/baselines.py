@@ -50,13 +50,14 @@ __all__ = [
     "nblocks_for_budget",
     "blocks_for_budget",
     "baselinify",
+    "random_dense_like_gblr",
     "BaselineReport",
     "BASELINE_METHODS",
 ]
 
 Method = Literal["lowrank", "monarch", "blocksparse"]
 BASELINE_METHODS = ("lowrank", "monarch", "blocksparse")
-_INITS = ("pretrained", "random")
+_INITS = ("pretrained", "random", "per_factor")
 BlockPattern = Literal["diagonal", "random", "magnitude"]
 _PATTERNS = ("diagonal", "random")
 _BS_FORWARD = ("auto", "bmm", "dense")
@@ -693,10 +694,45 @@ class BaselineReport(GSMReport):
         return "\n".join(lines)
 
 
+def random_dense_like_gblr(in_features: int, out_features: int, init_std: float | str = "fan_in", bias: bool = True,
+                           device: Any = None, dtype: torch.dtype | None = None) -> nn.Linear:
+    """A dense ``nn.Linear`` drawn as :class:`~gsm_lightning.core.layer.GBLRLinear` draws the matrix it initialises
+    from: weight trunc-normal of std ``init_std`` (``"fan_in"``: ``1/sqrt(in_features)``) cut at 2 std, in float32,
+    then the bias uniform in ``±1/sqrt(in_features)``, in that order from torch's global generator.  The
+    ``init="random"`` baselines are this matrix projected onto their structure, so that they start from the same
+    law of weights (and, with the same seed and layer order, the same draw) as GBLR."""
+    std = 1.0 / math.sqrt(int(in_features)) if init_std == "fan_in" else init_std
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0:
+        raise ValueError(f"init_std must be a number > 0 or 'fan_in' (1/sqrt(in_features)), got {init_std!r}")
+    lin = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, device=device or "cpu", dtype=dtype)
+    with torch.no_grad():
+        dense = torch.empty(out_features, in_features, device=lin.weight.device, dtype=torch.float32)
+        nn.init.trunc_normal_(dense, std=float(std), a=-2 * float(std), b=2 * float(std))
+        lin.weight.copy_(dense)
+        if bias:
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(lin.bias, -bound, bound)
+    return lin
+
+
 def _build(method: str, old: nn.Module, in_f: int, out_f: int, budget: float, init: str, kwargs: dict[str, Any],
            factor: Tensor | None = None) -> tuple[nn.Module, int]:
     has_bias = getattr(old, "bias", None) is not None
     factory = {"device": old.weight.device, "dtype": old.weight.dtype}
+    kwargs = dict(kwargs)
+    init_std = kwargs.pop("init_std", "fan_in")
+    if init == "random":  # GBLR's law of dense weights, projected onto the structure (see random_dense_like_gblr)
+        if method == "blocksparse":
+            if kwargs.get("pattern") == "magnitude":
+                raise ValueError("pattern='magnitude' needs pretrained weights; use init='pretrained' or pattern "
+                                 "'diagonal'/'random'")
+            kwargs.setdefault("pattern", "diagonal")
+        source = random_dense_like_gblr(in_f, out_f, init_std, bias=has_bias, **factory)
+        cuda = [source.weight.device.index or 0] if source.weight.is_cuda else []
+        # the structure's constructor draws an init that the projection overwrites: keep those draws off the global
+        # generator, so that layer after layer the draws are GBLR's (dense weight, bias)
+        with torch.random.fork_rng(devices=cuda):
+            return _build(method, source, in_f, out_f, budget, "pretrained", kwargs)
     if method == "lowrank":
         rank = kwargs.get("rank") or rank_for_budget(in_f, out_f, budget)
         new = (LowRankLinear.from_linear(old, rank, input_factor=factor) if init == "pretrained"
@@ -721,8 +757,8 @@ def _build(method: str, old: nn.Module, in_f: int, out_f: int, budget: float, in
     return new, new.nnz_blocks
 
 
-_METHOD_KWARGS = {"lowrank": {"rank"}, "monarch": {"nblocks"},
-                  "blocksparse": {"block_size", "pattern", "seed", "forward_mode", "bmm_max_density"}}
+_METHOD_KWARGS = {"lowrank": {"rank", "init_std"}, "monarch": {"nblocks", "init_std"},
+                  "blocksparse": {"block_size", "pattern", "seed", "forward_mode", "bmm_max_density", "init_std"}}
 
 
 def baselinify(
@@ -731,7 +767,7 @@ def baselinify(
     budget: float,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    init: Literal["pretrained", "random"] = "pretrained",
+    init: Literal["pretrained", "random", "per_factor"] = "pretrained",
     calibration: Mapping[str, InputStats | Tensor] | None = None,
     allocation: Literal["uniform", "global"] = "uniform",
     **kwargs: Any,
@@ -746,7 +782,12 @@ def baselinify(
         budget: in (0, 1]; each layer gets the most expressive structure of its family within it.
         include / exclude: glob or ``re:`` patterns on qualified layer names (as :func:`gsmify`).
         init: ``"pretrained"`` (projection of the existing weights: truncated SVD, per-block SVD,
-            largest-norm blocks) or ``"random"``.
+            largest-norm blocks); ``"random"``: the same projection of a random dense matrix drawn as GBLR draws its
+            own (:func:`random_dense_like_gblr`: trunc-normal, std ``init_std``, default ``"fan_in"``), so that a
+            fixed structure and GBLR start from the same law of weights (block-sparse: the ``"diagonal"`` pattern
+            unless ``pattern`` says otherwise); or ``"per_factor"``: each factor (block) initialised like an
+            ``nn.Linear`` of its own fan-in, a smaller start (about a third of the output scale for low-rank), the
+            default before equal-init baselines and kept as an ablation.
         calibration: input statistics ``{layer name: InputStats}`` from
             :func:`~gsm_lightning.core.calibration.collect_input_stats` (or ``{name: factor S}``), keyed by the names
             this call selects; ``init="pretrained"`` only.  Activation-aware conversion minimising the output error
@@ -759,7 +800,7 @@ def baselinify(
             budget ``budget * sum(in * out)`` over all converted layers, ranks from :func:`allocate_ranks_greedy`
             (on the whitened singular values with ``calibration``, plain ones without).
         **kwargs: method options: ``rank`` / ``nblocks`` (override the budget), ``block_size``
-            (default 32), ``pattern``, ``seed``, ``forward_mode``, ``bmm_max_density``.
+            (default 32), ``pattern``, ``seed``, ``forward_mode``, ``bmm_max_density``; ``init_std`` (``init="random"``).
 
     Returns:
         a :class:`BaselineReport` (a :class:`GSMReport` with ``method``, ``allocation``, ``ranks`` and ``ratios``),
@@ -781,6 +822,8 @@ def baselinify(
                          f"got method={method!r}{' with rank' if 'rank' in kwargs else ''}")
     if calibration is not None and init != "pretrained":
         raise ValueError("calibration applies to init='pretrained' (it fits the pretrained weights to their outputs)")
+    if "init_std" in kwargs and init != "random":
+        raise ValueError(f"init_std sets the random dense matrix of init='random'; it has no effect with init={init!r}")
     names = select_linear_layers(model, include, exclude)
     weights = {name: _dense_weight(model.get_submodule(name), None) for name in names}
     calibration = check_calibration(calibration, names)

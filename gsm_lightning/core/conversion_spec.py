@@ -49,8 +49,10 @@ class Conversion:
             ``"monarch"``, ``"blocksparse"``) at the same budget.
         include / exclude: glob or ``re:`` patterns of layers to convert (default: the backbone's
             ``gsm_default_include`` if it has one, else every linear layer).
-        init: ``"random"`` (SVD of trunc-normal, ``width_init``) or ``"pretrained"`` (fit the backbone's own weights
-            to the budget).
+        init: ``"random"`` (GBLR: SVD of trunc-normal, ``width_init``; a baseline: the projection of the same kind
+            of random dense matrix onto its structure, so that it starts like GBLR), ``"pretrained"`` (fit the
+            backbone's own weights to the budget) or, for a baseline only, ``"per_factor"`` (each factor initialised
+            like an ``nn.Linear`` of its own: a smaller start, the ablation of the equal init).
         fit_steps: fitting steps of the pretrained GBLR conversion.
         layer_kwargs: extra :class:`~gsm_lightning.core.layer.GBLRLinear` arguments (``rank_per_component``,
             ``width_init``, ...); for a baseline ``method``, :func:`~gsm_lightning.core.baselines.baselinify` options
@@ -67,7 +69,7 @@ class Conversion:
     method: Method = "gblr"
     include: list[str] | None = None
     exclude: list[str] | None = None
-    init: Literal["random", "pretrained"] = "random"
+    init: Literal["random", "pretrained", "per_factor"] = "random"
     fit_steps: int = 300
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration | None = None
@@ -76,8 +78,11 @@ class Conversion:
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected gblr, dense, lowrank, monarch or blocksparse")
-        if self.init not in ("random", "pretrained"):
-            raise ValueError(f"unknown init {self.init!r}; expected 'random' or 'pretrained'")
+        if self.init not in ("random", "pretrained", "per_factor"):
+            raise ValueError(f"unknown init {self.init!r}; expected 'random', 'pretrained' or 'per_factor'")
+        if self.init == "per_factor" and self.method in ("gblr", "dense"):
+            raise ValueError(f"init='per_factor' initialises a fixed baseline's factors one by one; method="
+                             f"{self.method!r} has no such init (use 'random' or 'pretrained')")
         self.layer_kwargs = dict(self.layer_kwargs or {})
         if isinstance(self.calibration, dict):
             self.calibration = Calibration(**self.calibration)
@@ -106,7 +111,7 @@ class Conversion:
         include = self.include_for(backbone)
         if self.method == "dense":
             return None
-        init = "random" if skeleton else self.init
+        init = ("random" if self.method == "gblr" else "per_factor") if skeleton else self.init
         if self.method == "gblr":
             kwargs = {**(layer_defaults or {}), **self.layer_kwargs}
             return gsmify(backbone, budget=budget, include=include, exclude=self.exclude, init=init,
