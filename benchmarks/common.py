@@ -28,7 +28,8 @@ def machine_info(threads: int | None = None) -> str:
     """The machine a report was measured on, in one line: CPU model, logical cores, torch and Python versions and
     the torch threads (``threads`` when the script chose them per run, else torch's default in this process)."""
     used = f"{threads} torch thread(s) per run" if threads else f"default torch threads {torch.get_num_threads()}"
-    return (f"CPU: {cpu_model()} ({os.cpu_count()} logical cores visible), torch {torch.__version__}, {used}, "
+    gpu = f"GPU: {torch.cuda.get_device_name(0)}, " if torch.cuda.is_available() else ""
+    return (f"{gpu}CPU: {cpu_model()} ({os.cpu_count()} logical cores visible), torch {torch.__version__}, {used}, "
             f"Python {platform.python_version()}")
 
 

@@ -110,6 +110,7 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
     dense_eval = dense_fn(eval_sents)
     before = float((student_fn(eval_sents) * dense_eval).sum(-1).mean())
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=cfg.steps // 2, limit_val_batches=0, logger=False,
+                         accelerator=cfg.accelerator, devices=1,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
     t0 = time.perf_counter()
@@ -224,6 +225,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fit-steps", type=int, default=0, help="GBLR calibrated fit steps (0: the whitened start)")
     p.add_argument("--eval-sentences", type=int, default=512)
     p.add_argument("--retrieval-entries", type=int, default=2000)
+    p.add_argument("--accelerator", default="auto",
+                   help="the Trainer's accelerator for the distillation (cpu, gpu, auto); conversion and evaluation "
+                        "run on the CPU")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
                    help="no runs: the table of these --json outputs (runs split over processes, e.g. one per budget)")
