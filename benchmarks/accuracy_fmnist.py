@@ -32,7 +32,7 @@ if __name__ == "__main__" and not __package__:  # run as `python benchmarks/accu
 
 import lightning.pytorch as pl  # noqa: E402
 
-from benchmarks.common import machine_info, parse_overrides, write_section  # noqa: E402
+from benchmarks.common import bootstrap_mean_ci, machine_info, parse_overrides, write_section  # noqa: E402
 from gsm_lightning.core.baselines import rank_for_budget  # noqa: E402
 from gsm_lightning.data import FashionMNISTDataModule  # noqa: E402
 from gsm_lightning.io.structure_io import load_structure, save_structure, set_structure  # noqa: E402
@@ -175,6 +175,26 @@ def pivot(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired(results: list[dict], reference: str = "gblr") -> str:
+    """``reference`` minus every other method of the same model and budget, seed by seed (the seed draws the same
+    data order and init for every method), with the mean's 95 % bootstrap interval over seeds."""
+    by = {(r["model"], r["method"], r["budget"], r["seed"]): r for r in results}
+    lines = ["| model | budget | gblr minus | seeds | per seed (points) | mean [95 % bootstrap] |", "|---|---|---|---|---|---|"]
+    for model, budget in sorted({(r["model"], r["budget"]) for r in results if r["method"] == reference}):
+        for method in dict.fromkeys(r["method"] for r in results if r["model"] == model and r["method"] != reference):
+            dense = method.split("[")[0] == "dense"
+            pairs = [(by[(model, reference, budget, s)], by[(model, method, 1.0 if dense else budget, s)])
+                     for (mo, me, b, s) in by if mo == model and me == reference and b == budget
+                     and (model, method, 1.0 if dense else budget, s) in by]
+            if len(pairs) < 2:
+                continue
+            d = [100 * (a["test_acc"] - b["test_acc"]) for a, b in sorted(pairs, key=lambda p: p[0]["seed"])]
+            mean, lo, hi = bootstrap_mean_ci(d)
+            lines.append(f"| {model} | {budget:g} | {method} | {len(d)} | {', '.join(f'{x:+.2f}' for x in d)} | "
+                         f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -289,7 +309,10 @@ def main() -> None:
               f"Seconds per epoch are wall-clock on a shared machine (other jobs ran at the same time): compare "
               f"them only within a row's neighbours, not as speed claims.\n")
     summary = ("\n\nMedian test accuracy (%) by method and cell (the same runs; dense fills both budgets of its "
-               "model):\n\n" + pivot(results))
+               "model):\n\n" + pivot(results) +
+               "\n\nPaired differences, GBLR minus each other row of the same model and budget, seed by seed (the seed "
+               "fixes the data order for every method), with the 95 % percentile bootstrap interval of the mean over "
+               "seeds (with 3 seeds only 10 resamples differ: a coarse interval):\n\n" + paired(results))
     write_section(header + "\n" + table(results) + summary + "\n\n![accuracy vs FLOPs](docs/accuracy_vs_flops.png)",
                   Path(args.out), START, END)
     plot(results, Path(args.plot))

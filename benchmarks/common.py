@@ -54,3 +54,20 @@ def write_section(text: str, path: Path, start: str, end: str) -> None:
     else:
         body = body.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(body)
+
+
+def bootstrap_mean_ci(values: list[float], level: float = 0.95, resamples: int = 20000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``values`` and its percentile bootstrap interval (resampling the values with replacement).
+
+    With n values there are at most C(2n-1, n) distinct resamples (10 for n = 3, 126 for n = 5): with few seeds the
+    interval is coarse and too narrow, so read it next to the per-seed values."""
+    import random
+
+    if not values:
+        raise ValueError("bootstrap_mean_ci needs at least one value")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choice(values) for _ in range(n)) / n for _ in range(resamples))
+    lo = means[int((1 - level) / 2 * (resamples - 1))]
+    hi = means[int((1 + level) / 2 * (resamples - 1))]
+    return sum(values) / n, lo, hi

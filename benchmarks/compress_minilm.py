@@ -76,7 +76,8 @@ def build(method: str, budget: float, cfg: argparse.Namespace, backbone: Sentenc
                             calibration=Calibration(batches=cfg.calib_batches) if spec["calibrated"] else None,
                             allocation=spec["allocation"])
     return GSMModule(backbone, task="embedding", budget=budget, conversion=conversion,
-                     rule=BudgetRule(structure_lr=cfg.structure_lr), sigma=SigmaSchedule(None, None), phase1_epochs=1,
+                     rule=BudgetRule(structure_lr=cfg.structure_lr), sigma=SigmaSchedule(None, None),
+                     phase1_epochs=cfg.phase1_epochs,
                      distillation=Distillation(loss="cosine", label_free=True),
                      optimizer=lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=0.0))
 
@@ -122,6 +123,8 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
     rec = reverse_dictionary_recall(student_fn, eval_entries)
     ratios = layer_ratios(module)
     name = method if method != "gblr" or cfg.structure_lr == 2.5e-3 else f"gblr, structure lr {cfg.structure_lr:g}"
+    if method == "gblr" and cfg.phase1_epochs == 0:
+        name = "gblr, structure fixed at the start"
     return {"method": name, "budget": budget, "seed": seed, "flops_ratio": round(module.flops_ratio(), 4),
             "cos_converted": before, "cos_distilled": after, "r1": rec["recall@1"], "r10": rec["recall@10"],
             "convert_s": convert_s, "tune_s": tune_s, "by_type": by_type(ratios), "ratios": ratios}
@@ -219,6 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--structure-lr", type=float, default=2.5e-3,
                    help="GBLR: the BudgetRule's structure_lr (locations; widths step at 4x it)")
+    p.add_argument("--phase1-epochs", type=int, default=1, choices=[0, 1],
+                   help="GBLR: learn the structure in the first of the two epochs (1), or not at all (0: frozen at "
+                        "the calibrated start, the ablation that separates the parametrisation from the learning)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--calib-batches", type=int, default=8)
