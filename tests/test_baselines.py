@@ -14,7 +14,6 @@ from gsm_lightning.core.baselines import (
     MonarchLinear,
     baselinify,
     blocks_for_budget,
-    random_dense_like_gblr,
     nblocks_for_budget,
     rank_for_budget,
 )
@@ -328,7 +327,7 @@ def test_random_init_is_the_projection_of_gblrs_draw():
     gsmify(g, budget=1.0, init="random", init_std="fan_in", location_init="uniform", width_init="full")
     torch.testing.assert_close(g[0].to_dense(), w, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g[0].bias.detach(), b)
-    for method, cls, size in (("lowrank", LowRankLinear, "rank"), ("monarch", MonarchLinear, "nblocks")):
+    for method, cls in (("lowrank", LowRankLinear), ("monarch", MonarchLinear)):
         net = nn.Sequential(nn.Linear(48, 40))
         torch.manual_seed(3)
         report = baselinify(net, method, 0.3, init="random")
