@@ -49,6 +49,26 @@ def test_default_learner_recovers_block_diagonal_and_beats_fixed_structures():
     assert rel <= 0.5 * fixed, (rel, fixed)
 
 
+def test_block_diagonal_plus_low_rank_mix_reaches_the_budget_and_beats_fixed_structures():
+    """The paper's mixed structure (issue 25): block-diagonal and low-rank parts of equal FLOPs, a matrix of rank 20
+    that no fixed structure of its cost holds (low-rank: rank 8; Monarch and block-sparse miss the low-rank part).
+    The default learner reaches the budget by learning and ends below every fixed structure, but only a little."""
+    module, rel, msgs = fit("block_diagonal_low_rank")
+    assert module.phase1_end_ratio <= make_teacher("block_diagonal_low_rank").flops_ratio + 0.02
+    assert not any("projected onto the budget" in m for m in msgs)
+    fixed = min(fit("block_diagonal_low_rank", method=m)[1] for m in ("lowrank", "monarch"))
+    assert rel < fixed, (rel, fixed)
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (BENCHMARKS.md, structure recovery): the default energy-weighted "
+                   "cut keeps a few wide components and misses the 16 narrow blocks of the mix")
+def test_block_diagonal_plus_low_rank_mix_is_recovered():
+    """The benchmark's goal for this teacher: at most half the best fixed structure's error."""
+    _, rel, _ = fit("block_diagonal_low_rank")
+    fixed = min(fit("block_diagonal_low_rank", method=m)[1] for m in ("lowrank", "monarch"))
+    assert rel <= 0.5 * fixed, (rel, fixed)
+
+
 def test_default_learner_recovers_low_rank():
     module, rel, _ = fit("low_rank")
     assert module.phase1_end_ratio <= make_teacher("low_rank").flops_ratio + 0.02

@@ -89,10 +89,13 @@ def _windows(name: str, g: torch.Generator) -> tuple[int, int, list[Window]]:
     if name == "mixture":  # rank 2 everywhere + two diagonal blocks of rank 4 + one random tile of rank 4
         return 128, 128, [Window(0, 128, 0, 128, 2), Window(0, 48, 0, 48, 4), Window(64, 48, 64, 48, 4),
                           Window(randint(128), 32, randint(128), 32, 4)]
+    if name == "block_diagonal_low_rank":  # 4 diagonal 32x32 blocks of rank 4 + rank 4 everywhere: equal FLOPs
+        return 128, 128, [Window(32 * b, 32, 32 * b, 32, 4) for b in range(4)] + [Window(0, 128, 0, 128, 4)]
     raise ValueError(f"unknown teacher {name!r}; expected one of {TEACHERS}")
 
 
-TEACHERS = ("block_diagonal", "block_sparse", "few_windows", "low_rank", "rectangular", "mixture")
+TEACHERS = ("block_diagonal", "block_sparse", "few_windows", "low_rank", "rectangular", "mixture",
+            "block_diagonal_low_rank")
 
 
 def make_teacher(name: str, seed: int = 0) -> Teacher:
