@@ -76,7 +76,8 @@ def build(method: str, budget: float, cfg: argparse.Namespace, backbone: Sentenc
                             calibration=Calibration(batches=cfg.calib_batches) if spec["calibrated"] else None,
                             allocation=spec["allocation"])
     return GSMModule(backbone, task="embedding", budget=budget, conversion=conversion,
-                     rule=BudgetRule(structure_lr=cfg.structure_lr), sigma=SigmaSchedule(None, None),
+                     rule=BudgetRule(structure_lr=cfg.structure_lr, width_norm=cfg.width_norm),
+                     sigma=SigmaSchedule(None, None),
                      phase1_epochs=cfg.phase1_epochs,
                      distillation=Distillation(loss="cosine", label_free=True),
                      optimizer=lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=0.0))
@@ -125,6 +126,8 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
     name = method if method != "gblr" or cfg.structure_lr == 2.5e-3 else f"gblr, structure lr {cfg.structure_lr:g}"
     if method == "gblr" and cfg.phase1_epochs == 0:
         name = "gblr, structure fixed at the start"
+    elif method == "gblr" and cfg.width_norm != "side":
+        name += f", width_norm {cfg.width_norm}"
     return {"method": name, "budget": budget, "seed": seed, "flops_ratio": round(module.flops_ratio(), 4),
             "cos_converted": before, "cos_distilled": after, "r1": rec["recall@1"], "r10": rec["recall@10"],
             "convert_s": convert_s, "tune_s": tune_s, "by_type": by_type(ratios), "ratios": ratios}
@@ -225,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phase1-epochs", type=int, default=1, choices=[0, 1],
                    help="GBLR: learn the structure in the first of the two epochs (1), or not at all (0: frozen at "
                         "the calibrated start, the ablation that separates the parametrisation from the learning)")
+    p.add_argument("--width-norm", default="side", choices=["side", "model"],
+                   help="GBLR: BudgetRule's width_norm ('model': width steps by gain per FLOP over one model-wide RMS)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--calib-batches", type=int, default=8)

@@ -96,6 +96,29 @@ def test_side_rms_step_is_normalised_per_side_and_clipped():
     assert float(moved.abs().max()) <= 3 * 0.01 + 1e-7
 
 
+def test_model_width_norm_moves_sides_by_their_gain_per_flop():
+    """width_norm="model": one RMS for the whole model of the gradient per FLOP (g / (r n_side)), so a layer whose
+    widths buy more loss per FLOP moves faster; "side" moves both layers alike whatever their gradients' scale."""
+    def moved(norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+        a = GBLRLinear(16, 16, num_components=2, width_init=0.5)
+        b = GBLRLinear(64, 64, num_components=2, width_init=0.5)
+        a.widths.grad = torch.full_like(a.widths, -1.0)   # 1/16 per unit of FLOPs
+        b.widths.grad = torch.full_like(b.widths, -0.4)   # 0.4/64 per FLOP: 10x less gain per FLOP than a
+        BudgetLearner(budget=1.0, path_steps=0, width_norm=norm, step_clip=100.0).step(nn.Sequential(a, b), lr=0.01)
+        return a.widths.detach() - 0.5, b.widths.detach() - 0.5
+
+    a, b = moved("side")
+    torch.testing.assert_close(a, b)  # each side over its own RMS: the same normalised step
+    a, b = moved("model")
+    assert bool((a > 0).all()) and bool((b > 0).all())  # both grow (negative gradients)
+    torch.testing.assert_close(a / b, torch.full_like(a, 10.0), rtol=1e-4, atol=0)
+    # the step is normalised by the model-wide RMS of the per-FLOP gradients (bias-corrected first step)
+    rms = math.sqrt(((1 / 16) ** 2 + (0.4 / 64) ** 2) / 2)
+    torch.testing.assert_close(a, torch.full_like(a, 0.01 * (1 / 16) / rms), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="unknown width_norm"):
+        BudgetLearner(budget=0.5, path_steps=1, width_norm="layer")
+
+
 def test_adam_width_step_leaves_widths_to_the_optimizer():
     layer = GBLRLinear(16, 16, width_init=0.5)
     layer.widths.grad = torch.ones_like(layer.widths)

@@ -44,12 +44,13 @@ from ..core.flops import bisect_threshold, grid_cost
 from ..core.layer import GBLRLinear, gblr_layers
 from ..core.masks import boxcar_mask
 
-__all__ = ["BudgetPath", "BudgetLearner", "WidthStep", "CutWeighting", "Tracking"]
+__all__ = ["BudgetPath", "BudgetLearner", "WidthStep", "CutWeighting", "Tracking", "WidthNorm"]
 
 WidthStep = Literal["side_rms", "adam"]
 CutWeighting = Literal["energy", "density", "density_energy", "flops", "uniform"]
 _COST_POWER = {"energy": 0.0, "density": 1.0}
 Tracking = Literal["project", "dual"]
+WidthNorm = Literal["side", "model"]
 
 
 @dataclass
@@ -114,6 +115,10 @@ class BudgetLearner:
         beta2: decay of the per-side mean-square gradient.
         tracking: ``"project"`` (exact cut onto the path) or ``"dual"`` (feedback-adapted soft threshold).
         dual_gain: feedback gain of ``tracking="dual"`` (threshold change per step per unit of ratio error).
+        width_norm: what the ``side_rms`` step divides the gradient by: ``"side"`` (one running RMS per layer side:
+            every side moves at the same rate whatever its gradient's scale, the default) or ``"model"`` (the
+            gradient per FLOP, ``g / (r n_side)``, over one running RMS for the whole model: a side whose widths buy
+            more loss per FLOP moves faster than another, so FLOPs can move between layers by measured gain).
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class BudgetLearner:
         eps: float = 1e-12,
         tracking: Tracking = "project",
         dual_gain: float = 0.01,
+        width_norm: WidthNorm = "side",
     ) -> None:
         if not 0 < budget <= 1:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
@@ -139,6 +145,8 @@ class BudgetLearner:
         if cut_weighting not in ("energy", "density", "density_energy", "flops", "uniform"):
             raise ValueError(f"unknown cut_weighting {cut_weighting!r}; expected 'energy', 'density', "
                              "'density_energy', 'flops' or 'uniform'")
+        if width_norm not in ("side", "model"):
+            raise ValueError(f"unknown width_norm {width_norm!r}; expected 'side' or 'model'")
         if tracking not in ("project", "dual"):
             raise ValueError(f"unknown tracking {tracking!r}; expected 'project' or 'dual'")
         if not dual_gain > 0:
@@ -153,6 +161,7 @@ class BudgetLearner:
             raise ValueError(f"step_clip and width_lr_scale must be > 0 and beta2 in [0, 1), got {step_clip}, "
                              f"{width_lr_scale}, {beta2}")
         self.width_lr_scale = float(width_lr_scale)
+        self.width_norm = width_norm
         self.budget = float(budget)
         self.path_steps = int(path_steps)
         self.width_step = width_step
@@ -189,7 +198,9 @@ class BudgetLearner:
         named = gblr_layers(model, include_frozen=False)
         if not named:
             return {}
-        if self.moves_widths:
+        if self.moves_widths and self.width_norm == "model":
+            self._model_width_step([m for _, m in named], lr * self.width_lr_scale)
+        elif self.moves_widths:
             for name, layer in named:
                 self._width_step(name, layer, lr * self.width_lr_scale)
         for _, layer in named:
@@ -226,6 +237,31 @@ class BudgetLearner:
         rms = (ms / correction).sqrt().clamp_min(self.eps)
         step = (g / rms[:, None]).clamp(-self.step_clip, self.step_clip)
         layer.widths.sub_((lr * step).to(layer.widths.dtype)).clamp_(0, 1)
+
+    def _model_width_step(self, layers: list[GBLRLinear], lr: float) -> None:
+        """``width_norm="model"``: ``w -= lr * clip(p / rms, +-step_clip)`` with ``p = g / (r n_side)`` the gradient
+        per FLOP of each side and one running RMS of ``p`` over every width of the model."""
+        per_flop = []
+        for layer in layers:
+            g = layer.widths.grad
+            if g is None:
+                per_flop.append(None)
+                continue
+            n = torch.tensor([layer.in_features, layer.out_features], device=g.device, dtype=torch.float32)
+            per_flop.append(g.detach().float() / (layer.rank_per_component * n)[:, None])
+        present = [p for p in per_flop if p is not None]
+        if not present:
+            return
+        sq = torch.cat([p.flatten() for p in present]).pow(2).mean()
+        ms = self.mean_sq.get("__model__")
+        ms = torch.zeros((), device=sq.device) if ms is None else ms.to(sq.device)
+        ms = ms * self.beta2 + (1 - self.beta2) * sq
+        self.mean_sq["__model__"] = ms
+        rms = (ms / (1 - self.beta2 ** (self.steps + 1))).sqrt().clamp_min(self.eps)
+        for layer, p in zip(layers, per_flop):
+            if p is not None:
+                step = (p / rms).clamp(-self.step_clip, self.step_clip)
+                layer.widths.sub_((lr * step).to(layer.widths.dtype)).clamp_(0, 1)
 
     def _cut_weights(self, layers: list[GBLRLinear], flat: _Flat) -> Tensor:
         if self.cut_weighting == "uniform":

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from .budget_learner import BudgetLearner, CutWeighting, Tracking, WidthStep
+from .budget_learner import BudgetLearner, CutWeighting, Tracking, WidthNorm, WidthStep
 from .proximal import proximal_step
 
 __all__ = ["StructureRule", "BudgetRule", "PaperRule", "build_rule"]
@@ -125,6 +125,8 @@ class BudgetRule(StructureRule):
         width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * structure_lr`` (scheduled like every
             group); locations keep ``structure_lr``.
         tracking: ``"project"`` (the exact cut onto the path) or ``"dual"`` (a feedback-adapted soft threshold).
+        width_norm: ``"side"`` (each layer side's width gradient over its own running RMS) or ``"model"`` (the
+            gradient per FLOP over one RMS for the model, so FLOPs move between layers by measured gain).
         structure_lr: learning rate of the locations (and of the widths with ``width_step="adam"``).
         start_step: optimizer steps before any cut.
 
@@ -144,13 +146,15 @@ class BudgetRule(StructureRule):
         tracking: Tracking = "project",
         structure_lr: float = 2.5e-3,
         start_step: int = 0,
+        width_norm: WidthNorm = "side",
     ) -> None:
         super().__init__(structure_lr, start_step)
         self.path_fraction = _fraction("path_fraction", path_fraction)
         self.energy_start = _fraction("energy_start", energy_start)
         # validates the learner's own arguments now, not at the first step
         self.learner = BudgetLearner(1.0, path_steps=0, width_step=width_step, cut_weighting=cut_weighting,
-                                     width_lr_scale=width_lr_scale, tracking=tracking, energy_power=energy_power)
+                                     width_lr_scale=width_lr_scale, tracking=tracking, energy_power=energy_power,
+                                     width_norm=width_norm)
 
     @property
     def moves_widths(self) -> bool:  # type: ignore[override]
@@ -192,7 +196,8 @@ class BudgetRule(StructureRule):
         lr = self.learner
         return {"path_fraction": self.path_fraction, "width_step": lr.width_step, "cut_weighting": lr.cut_weighting,
                 "energy_start": self.energy_start, "energy_power": lr.energy_power,
-                "width_lr_scale": lr.width_lr_scale, "tracking": lr.tracking, **super().init_args()}
+                "width_lr_scale": lr.width_lr_scale, "tracking": lr.tracking, **super().init_args(),
+                **({"width_norm": lr.width_norm} if lr.width_norm != "side" else {})}
 
 
 class PaperRule(StructureRule):
