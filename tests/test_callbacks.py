@@ -8,6 +8,7 @@ import io
 import json
 import os
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -40,10 +41,10 @@ from .helpers import digits_loaders, hand_layer
 MAX_SIZE = 48
 
 
-def make_module() -> GSMModule:
+def make_module(phase1_epochs: int = 1) -> GSMModule:
     module = GSMModule(
         nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32), nn.GELU(), nn.Linear(32, 10)),
-        num_classes=10, budget=0.5, include=["0", "2"], phase1_epochs=1, prox_lambda=1.0, structure_lr=0.02,
+        num_classes=10, budget=0.5, include=["0", "2"], phase1_epochs=phase1_epochs, prox_lambda=1.0, structure_lr=0.02,
         optimizer=functools.partial(torch.optim.AdamW, lr=3e-3),  # picklable for ddp_spawn
     )
     module.example_input_array = torch.randn(4, 64)
@@ -68,7 +69,7 @@ def tb_run(tmp_path_factory):
     torch.manual_seed(0)
     report = StructureReport(print_table=False)
     trainer, module = fit(tmp, TensorBoardLogger(str(tmp), name="tb"),
-                          [StructureMonitor(), StructureVisualizer(max_size=MAX_SIZE), report])
+                          [StructureMonitor(), StructureVisualizer(max_size=MAX_SIZE, log_layer_figures=True), report])
     acc = EventAccumulator(trainer.logger.log_dir,
                            size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
     acc.Reload()
@@ -168,15 +169,16 @@ def test_visualizer_histograms_and_images(tb_run):
     assert "structure/footprint_grid" in tags["images"]
     assert "structure/flops_by_type" in tags["images"]
     assert len(names) == 2
-    # labelled matplotlib figures (add_figure) at a readable size: the model's at every log, per layer at the end
+    # labelled matplotlib figures (add_figure) at a readable size, the model's and per layer: only at the end of
+    # each phase (phase 1 is epoch 0: 4 optimizer steps; phase 2 ends with training)
     final_step = acc.Scalars("structure/flops_ratio")[-1].step
+    assert final_step == 12
     layer_tags = [f"structure/{n}/{kind}" for n in names for kind in ("weights", "windows")]
     model_tags = [f"structure/{t}" for t in ("overview", "flops_by_type", "flops_by_depth", "width_histograms",
                                               "footprint_grid")]
     for tag in layer_tags + model_tags:
         events = acc.Images(tag)
-        assert len(events) == (1 if tag in layer_tags else 4), tag
-        assert events[-1].step == final_step
+        assert [e.step for e in events] == [4, final_step], tag
         assert events[-1].width >= 600 and events[-1].height >= 400, tag
         pixels = np.asarray(Image.open(io.BytesIO(events[-1].encoded_image_string)).convert("L"), dtype=np.float64)
         assert pixels.shape == (events[-1].height, events[-1].width)
@@ -266,12 +268,95 @@ def test_visualizer_layer_figure_schedule(tmp_path):
     for tag, step, (w, h) in logger.figures:
         steps.setdefault(tag, []).append(step)
         assert w >= 600 and h >= 400, tag
-    # 4 optimizer steps per epoch: model figures at the start and after every epoch; per-layer figures at the
-    # start, after epoch 2 (every 2 epochs) and once more at the end of training
-    assert steps["structure/overview"] == steps["structure/footprint_grid"] == [0, 4, 8, 12]
+    # 4 optimizer steps per epoch, phase 1 = epoch 0: model figures at the end of each phase only; per-layer
+    # figures (switched on by their interval) at the start, at the end of phase 1, after epoch 2 (every 2 epochs)
+    # and at the end of training
+    assert steps["structure/overview"] == steps["structure/footprint_grid"] == [4, 12]
     for name in ("backbone.0", "backbone.2"):
-        assert steps[f"structure/{name}/weights"] == steps[f"structure/{name}/windows"] == [0, 8, 12]
+        assert steps[f"structure/{name}/weights"] == steps[f"structure/{name}/windows"] == [0, 4, 8, 12]
     assert len(steps) == 5 + 4
+
+
+class PictureRecorder(FigureRecorder):
+    """:class:`FigureRecorder` that also records histograms and images: ``pictures[(kind, tag)] = [steps]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pictures: dict[tuple[str, str], list[int]] = {}
+
+    def add_figure(self, tag, figure, global_step=None, close=True) -> None:
+        super().add_figure(tag, figure, global_step, close)
+        self.pictures.setdefault(("figure", tag), []).append(global_step)
+
+    def add_histogram(self, tag, values, global_step=None, *args, **kwargs) -> None:
+        self.pictures.setdefault(("histogram", tag), []).append(global_step)
+
+    def add_image(self, tag, image, global_step=None, *args, **kwargs) -> None:
+        self.pictures.setdefault(("image", tag), []).append(global_step)
+
+    def steps(self, kind: str, suffix: str) -> set[tuple[int, ...]]:
+        """The step lists of every tag of ``kind`` ending in ``suffix`` (one set element when all agree)."""
+        return {tuple(v) for (k, tag), v in self.pictures.items() if k == kind and tag.endswith(suffix)}
+
+
+def fit_module(tmp_path, module, logger, callbacks, epochs: int):
+    train, val = digits_loaders(n_train=256)  # 4 optimizer steps per epoch
+    trainer = Trainer(max_epochs=epochs, logger=logger, callbacks=callbacks, accelerator="cpu", devices=1,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(tmp_path), log_every_n_steps=1, limit_val_batches=1)
+    trainer.fit(module, train, val)
+    return trainer
+
+
+def test_visualizer_draws_figures_only_at_phase_ends_by_default(tmp_path):
+    """Default: cheap pictures every epoch, matplotlib figures only at the end of phase 1 and of training, no
+    per-layer figure; a figure interval adds the start and its epochs, never a second drawing at one step."""
+    logger = PictureRecorder()
+    fit_module(tmp_path, make_module(), logger, [StructureVisualizer()], epochs=3)  # phase 1 = epoch 0
+    figures = {tag for kind, tag in logger.pictures if kind == "figure"}
+    assert figures == {f"structure/{t}" for t in ("overview", "flops_by_type", "flops_by_depth", "width_histograms",
+                                                   "footprint_grid")}  # nothing per layer
+    assert logger.steps("figure", "") == {(4, 12)}
+    assert logger.steps("histogram", "/widths_in") == logger.steps("image", "/footprint") == {(0, 4, 8, 12)}
+
+    logger = PictureRecorder()
+    module = make_module(phase1_epochs=2)  # phase 1 ends after epoch 1 (step 8), also on the figure interval
+    fit_module(tmp_path, module, logger, [StructureVisualizer(every_n_epochs=3, figures_every_n_epochs=2)], epochs=4)
+    assert logger.steps("figure", "/overview") == {(0, 8, 16)}
+    assert logger.steps("histogram", "/widths_out") == {(0, 8, 12, 16)}  # start, phase end, every 3, end
+    assert not any(tag.endswith(("/weights", "/windows")) for _, tag in logger.pictures)
+
+
+class OwnFreeze(pl.LightningModule):
+    """Not a GSMModule (no ``phase1_epochs``): freezes its one GBLR layer itself at the start of epoch 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = GBLRLinear(64, 10, sigma=1.0)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.layer(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == 1:
+            self.layer.freeze_structure()
+
+
+def test_visualizer_finds_the_end_of_phase_1_of_any_module(tmp_path):
+    logger = PictureRecorder()
+    fit_module(tmp_path, OwnFreeze(), logger, [StructureVisualizer(log_layer_figures=True, log_on_train_start=False)],
+               epochs=3)
+    # phase 1 ends when the layer is found frozen (first batch of epoch 1, after 4 steps), phase 2 with training
+    assert logger.steps("figure", "") == {(4, 12)}
+    assert ("figure", "structure/layer/windows") in logger.pictures
+    assert logger.steps("histogram", "") == {(4, 8, 12)}  # every epoch; once at the step phase 1 ended
 
 
 def test_no_logger_writes_report_to_root_dir(tmp_path, capsys):
@@ -426,4 +511,4 @@ def test_ddp_two_processes(tmp_path):
     acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     assert [e.value for e in acc.Scalars("structure/phase")] == [1.0, 2.0]
-    assert len(acc.Images("structure/footprint_grid")) == 3
+    assert len(acc.Images("structure/footprint_grid")) == 2  # the end of each phase

@@ -88,7 +88,7 @@ def check_html(out, pngs) -> str:
 def test_report_of_a_phase2_checkpoint_matches_the_trained_model(run, tmp_path, capsys):
     _, module, _, _, ckpt = run
     out = tmp_path / "out"
-    assert main([ckpt, "--out", str(out)]) == 0
+    assert main([ckpt, "--out", str(out), "--layer-figures"]) == 0
     printed = capsys.readouterr().out
     assert "backbone.0" in printed and "report.html" in printed
     data = json.loads((out / "structure.json").read_text())
@@ -119,7 +119,7 @@ def test_report_of_a_phase1_checkpoint(run, tmp_path):
     stored = torch.load(ckpt, weights_only=True)["gsm_structure"]
     assert not any(s["frozen"] for s in stored.values())  # really a phase-1 checkpoint
     out = tmp_path / "out"
-    assert main([ckpt, "--out", str(out), "--quiet"]) == 0
+    assert main([ckpt, "--out", str(out), "--quiet", "--layer-figures"]) == 0
     data = json.loads((out / "structure.json").read_text())
     assert data["phase"] == 1 and data["checkpoint"]["frozen_layers"] == 0
     for row, (short, s) in zip(data["layers"], stored.items()):
@@ -154,6 +154,46 @@ def test_bare_state_dict_without_figures(run, tmp_path):
     pngs = read_pngs(out)
     assert set(pngs) == MODEL_FIGURES and not (out / "layers").exists()
     check_html(out, pngs)
+
+
+def test_default_report_draws_the_model_figures_and_layer_figures_on_request(run, tmp_path, capsys):
+    """By default only the model figures (the per-layer ones are most of the time of a deep model's report);
+    ``--layer-figures-match REGEX`` draws them for the matching layers; ``--no-figures`` none at all."""
+    _, module, _, _, ckpt = run
+    out = tmp_path / "default"
+    assert main([ckpt, "--out", str(out), "--quiet"]) == 0
+    pngs = read_pngs(out)
+    assert set(pngs) == MODEL_FIGURES and not (out / "layers").exists()
+    text = check_html(out, pngs)
+    assert "--layer-figures" in text  # the page says how to get the per-layer figures
+    data = json.loads((out / "structure.json").read_text())
+    assert data["layers"] == json.loads(json.dumps(structure_table(module)))  # the numbers do not depend on it
+
+    some = tmp_path / "some"
+    assert main([ckpt, "--out", str(some), "--quiet", "--layer-figures-match", r"\.2$"]) == 0
+    pngs = read_pngs(some)
+    assert set(pngs) == MODEL_FIGURES | {"layer:backbone.2__weights", "layer:backbone.2__windows"}
+    text = check_html(some, pngs)
+    assert "Layers, one by one" in text and "--layer-figures" not in text
+    assert json.loads((some / "structure.json").read_text()) == data
+
+    capsys.readouterr()
+    none = tmp_path / "none"
+    assert main([ckpt, "--out", str(none), "--quiet", "--layer-figures-match", "no_such_layer"]) == 0
+    assert "no GBLR layer name matches" in capsys.readouterr().err
+    assert set(read_pngs(none)) == MODEL_FIGURES
+
+    bare = tmp_path / "bare"
+    assert main([ckpt, "--out", str(bare), "--quiet", "--no-figures"]) == 0
+    assert read_pngs(bare) == {} and "<img" not in (bare / "report.html").read_text()
+    assert json.loads((bare / "structure.json").read_text()) == data
+
+    for argv in (["--layer-figures-match", "("], ["--layer-figures", "--no-layer-figures"],
+                 ["--layer-figures", "--layer-figures-match", "q"]):
+        with pytest.raises(SystemExit) as err:
+            main([ckpt, "--out", str(tmp_path / "bad"), *argv])
+        assert err.value.code == 2  # a usage error, before anything is read or written
+    assert not (tmp_path / "bad").exists()
 
 
 def expect_exit(argv, match: str) -> None:

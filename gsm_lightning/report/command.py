@@ -7,9 +7,11 @@ Lightning checkpoint of :class:`~gsm_lightning.module.GSMModule` (either phase) 
 end ratio and the stored ``gsm_structure``, which is checked against the tensors; a bare ``state_dict`` works too.
 
 ``DIR`` receives ``structure.json`` and ``structure.csv`` (as :class:`~gsm_lightning.callbacks.StructureReport`
-writes them, over the GBLR layers: other layers are not in the rebuilt model), the PNG figures of
-:func:`gsm_lightning.plotting.structure_figures` (``layers/`` holds the per-layer ones) and ``report.html``, one
-self-contained page with the figures embedded.  A file that is not a GSM checkpoint (or is corrupt) ends the
+writes them, over the GBLR layers: other layers are not in the rebuilt model), the PNG figures of the model
+(:func:`gsm_lightning.plotting.structure_figures`: overview, width histograms, FLOPs by type and by depth, footprint
+grid) and ``report.html``, one self-contained page with the figures embedded.  The two figures per layer (``|W|``
+heatmap, component windows; in ``layers/``) come with ``--layer-figures`` (all layers) or ``--layer-figures-match
+REGEX`` (the layers whose name matches): at about 0.2 s per layer they would be most of the time of a deep model's report.  A file that is not a GSM checkpoint (or is corrupt) ends the
 command with ``SystemExit`` carrying the reason (status 1).  No Lightning import.
 """
 
@@ -29,7 +31,6 @@ from torch import nn
 
 from ..core.layer import gblr_layers
 from ..io.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .plotting import iter_structure_figures, save_figure
 from .structure import print_structure_table, run_state, structure_metrics, structure_summary, write_structure_csv
 
 __all__ = ["CheckpointError", "load_checkpoint", "model_from_checkpoint", "write_report", "main"]
@@ -40,9 +41,13 @@ def _safe(name: str) -> str:
 
 
 def write_report(model: nn.Module, out_dir: str, info: Mapping[str, Any] | None = None, figures: bool = True,
-                 layer_figures: bool = True, max_size: int = 256) -> dict[str, Any]:
+                 layer_figures: bool | str = False, max_size: int = 256) -> dict[str, Any]:
     """Write ``structure.json``, ``structure.csv``, the PNG figures and ``report.html`` for the GBLR layers of
-    ``model`` into ``out_dir``; returns ``{"summary", "json", "csv", "html", "figures": {name: path}}``."""
+    ``model`` into ``out_dir``; returns ``{"summary", "json", "csv", "html", "figures": {name: path}}``.
+
+    ``figures``: the model figures (matplotlib, imported only then); ``layer_figures``: also the two figures per
+    layer, ``True`` for every layer or a regular expression for the layers whose name matches it (``re.search``).
+    """
     # a model rebuilt by model_from_checkpoint carries the checkpoint's numbers as attributes
     state = run_state(model) or {k: getattr(model, k) for k in ("budget", "phase1_end_ratio", "projection_delta")
                                  if hasattr(model, k)}
@@ -59,6 +64,8 @@ def write_report(model: nn.Module, out_dir: str, info: Mapping[str, Any] | None 
     write_structure_csv(csv_path, summary)
     paths: dict[str, str] = {}
     if figures:
+        from .plotting import iter_structure_figures, save_figure  # matplotlib: only when drawing
+
         for key, fig in iter_structure_figures(model, layers=layer_figures, max_size=max_size):
             if "/" in key:
                 layer, kind = key.rsplit("/", 1)
@@ -69,7 +76,7 @@ def write_report(model: nn.Module, out_dir: str, info: Mapping[str, Any] | None 
             del fig
     html_path = os.path.join(out_dir, "report.html")
     with open(html_path, "w", encoding="utf-8") as f:
-        f.write(_html(summary, paths, [n for n, _ in gblr_layers(model)]))
+        f.write(_html(summary, paths, [n for n, _ in gblr_layers(model)], layer_hint=figures and not layer_figures))
     return {"summary": summary, "json": json_path, "csv": csv_path, "html": html_path, "figures": paths}
 
 
@@ -103,7 +110,7 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def _html(summary: Mapping[str, Any], paths: Mapping[str, str], names: Sequence[str]) -> str:
+def _html(summary: Mapping[str, Any], paths: Mapping[str, str], names: Sequence[str], layer_hint: bool = False) -> str:
     e = html.escape
     ck = summary.get("checkpoint", {})
     g, m = summary["totals"]["gblr_layers"], summary["totals"]["model"]
@@ -151,6 +158,10 @@ def _html(summary: Mapping[str, Any], paths: Mapping[str, str], names: Sequence[
             out.append(f"<details{' open' if i == 0 else ''}><summary>{e(name)}</summary>"
                        + _img(paths, f"{name}/weights", f"{name} weights") + _img(paths, f"{name}/windows", f"{name} windows")
                        + "</details>")
+    elif layer_hint:
+        out.append("<p class='note'>The two figures per layer (|W| heatmap and component windows) are left out: "
+                   "<code>python -m gsm_lightning.report CKPT --out DIR --layer-figures</code> draws them for every "
+                   "layer, <code>--layer-figures-match REGEX</code> for the layers whose name matches REGEX.</p>")
     out.append(f"<p class='note'>Model totals (the rebuilt GBLR layers only): {_fmt(m['flops_per_token'])} of "
                f"{_fmt(m['dense_flops_per_token'])} multiply-adds per token.</p></body></html>\n")
     return "\n".join(x for x in out if x)
@@ -164,7 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "checkpoint, in either phase, without the backbone's code.")
     parser.add_argument("checkpoint", help="a GSMModule checkpoint (.ckpt) or a saved state dict with GBLR layers")
     parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--no-layer-figures", action="store_true", help="skip the two figures per layer")
+    layers = parser.add_mutually_exclusive_group()
+    layers.add_argument("--layer-figures", action="store_true",
+                        help="also draw the two figures per layer (|W| heatmap, component windows) for every GBLR "
+                             "layer: about 0.2 s per layer, so off by default")
+    layers.add_argument("--layer-figures-match", metavar="REGEX",
+                        help="the two figures per layer for the layers whose name matches REGEX (re.search), "
+                             r"e.g. 'layer\.0\.' or 'fc1$'")
+    layers.add_argument("--no-layer-figures", action="store_true",
+                        help="no per-layer figures (the default; kept for older scripts)")
+    parser.add_argument("--no-figures", action="store_true",
+                        help="no figures at all: structure.json, structure.csv and report.html only")
     parser.add_argument("--max-size", type=int, default=256, help="heatmap cells per side at most (default 256)")
     parser.add_argument("--quiet", action="store_true", help="do not print the table")
     parser.add_argument("--unsafe-load", action="store_true",
@@ -172,12 +193,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_size < 8:
         parser.error(f"--max-size must be >= 8, got {args.max_size}")
+    layer_figures: bool | str = bool(args.layer_figures)
+    if args.layer_figures_match is not None:
+        try:
+            re.compile(args.layer_figures_match)
+        except re.error as err:
+            parser.error(f"--layer-figures-match: not a regular expression: {args.layer_figures_match!r} ({err})")
+        layer_figures = args.layer_figures_match
     try:
         ckpt = load_checkpoint(args.checkpoint, unsafe=args.unsafe_load)
         model, info = model_from_checkpoint(ckpt, args.checkpoint)
     except CheckpointError as err:
         raise SystemExit(f"gsm_lightning.report: error: {err}") from None
-    result = write_report(model, args.out, info, layer_figures=not args.no_layer_figures, max_size=args.max_size)
+    result = write_report(model, args.out, info, figures=not args.no_figures, layer_figures=layer_figures,
+                          max_size=args.max_size)
+    if isinstance(layer_figures, str) and not args.no_figures and not any(k.endswith("/weights") for k in result["figures"]):
+        print(f"gsm_lightning.report: no GBLR layer name matches --layer-figures-match {layer_figures!r}",
+              file=sys.stderr)
     if not args.quiet:
         print_structure_table(result["summary"])
     print(f"wrote {result['json']}, {result['csv']}, {len(result['figures'])} figures and {result['html']}")

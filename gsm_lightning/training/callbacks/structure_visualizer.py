@@ -24,34 +24,57 @@ from ._logging import log_step
 
 __all__ = ["StructureVisualizer"]
 
+#: What one drawing logs: ``pictures`` (width histograms and raw footprint images: milliseconds per layer),
+#: ``model`` (the model's matplotlib figures) and ``layers`` (two matplotlib figures per layer: the costliest).
+_KINDS = ("pictures", "model", "layers")
+
+
+def _interval(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise ValueError(f"{what} must be a positive integer or None, got {value!r}")
+    return int(value)
+
 
 class StructureVisualizer(Callback):
-    """Pictures of the learned structure for TensorBoard-like loggers.
+    """Pictures of the learned structure for TensorBoard-like loggers, drawn off the hot path: the matplotlib
+    figures at the end of each phase (and at an interval only when asked), the cheap pictures more often.
 
-    Every ``every_n_epochs`` training epochs (and once at the start of training):
+    * Cheap pictures, every ``every_n_epochs`` training epochs, at the start of training and at the end of each
+      phase: ``{prefix}/{layer}/widths_in`` / ``widths_out`` (histograms of the width fractions of all components)
+      and ``{prefix}/{layer}/footprint`` (where the weight is nonzero, :func:`footprint_image`, at most
+      ``max_size`` pixels per side; rows = outputs, columns = inputs).
+    * Model figures (matplotlib), at the end of each phase, and also every ``figures_every_n_epochs`` epochs (and
+      at the start) when set: ``{prefix}/footprint_grid`` (every layer's footprint, labelled;
+      :func:`~gsm_lightning.plotting.footprint_grid_figure`), ``{prefix}/flops_by_type`` / ``flops_by_depth``
+      (dense vs GBLR FLOPs), ``{prefix}/overview`` (one row per layer: widths, effective rank, FLOPs % against the
+      budget) and ``{prefix}/width_histograms``.
+    * Per-layer figures (``log_layer_figures``), at the end of each phase, and also every
+      ``layer_figures_every_n_epochs`` epochs (and at the start) when set: ``{prefix}/{layer}/weights`` (the
+      ``|W|`` heatmap) and ``{prefix}/{layer}/windows`` (the component windows;
+      :func:`~gsm_lightning.plotting.weight_heatmap`, ``component_windows``).  About 0.1 s per figure, two per
+      layer, so off by default: ``python -m gsm_lightning.report CKPT --out DIR --layer-figures`` draws the same
+      figures from a checkpoint after the fit.
 
-    * ``{prefix}/{layer}/widths_in`` / ``widths_out``: histograms of the width fractions of all components;
-    * ``{prefix}/{layer}/footprint``: where the weight is nonzero (:func:`footprint_image`, at most
-      ``max_size`` pixels per side; rows = outputs, columns = inputs), and ``{prefix}/footprint_grid``: every
-      layer's footprint in one labelled figure (:func:`~gsm_lightning.plotting.footprint_grid_figure`);
-    * ``{prefix}/flops_by_type`` / ``flops_by_depth``: dense vs GBLR FLOPs per layer type and per depth;
-    * ``{prefix}/overview``: one row per layer with widths, effective rank and FLOPs % against the budget, and
-      ``{prefix}/width_histograms`` (:func:`~gsm_lightning.plotting.model_overview`, ``width_histograms``).
-
-    Per layer, ``{prefix}/{layer}/weights`` (the ``|W|`` heatmap) and ``{prefix}/{layer}/windows`` (the component
-    windows; :func:`~gsm_lightning.plotting.weight_heatmap`, ``component_windows``) at the end of training, and
-    also every ``layer_figures_every_n_epochs`` epochs (and at the start) when set: at two figures per layer they
-    are the costliest pictures to draw.
+    The end of phase 1 is the end of the last epoch before the structure freezes (for
+    :class:`~gsm_lightning.module.GSMModule`, epoch ``phase1_epochs - 1``: the structure phase 1 learned, before
+    the switch's projection and rounding; for another module, the first batch at which all its GBLR layers are
+    frozen); the end of phase 2 is the end of training.  Nothing is drawn twice at the same step.
 
     Args:
-        every_n_epochs: epoch interval.
+        every_n_epochs: epoch interval of the cheap pictures.
         max_size: maximum image side in pixels (footprints) or cells (heatmaps).
-        log_histograms / log_images / log_flops_chart / log_figures / log_layer_figures: switch each kind off
-            (``log_figures``: overview and width histograms; ``log_layer_figures``: the two figures per layer).
-        log_on_train_start: also log the initial structure (step 0).
+        log_histograms / log_images / log_flops_chart / log_figures: switch each kind off (``log_images``: the
+            footprints, raw and as a figure; ``log_figures``: overview and width histograms).
+        log_on_train_start: also log the initial structure (step 0): the cheap pictures, and the figures that
+            have an interval.
         prefix: tag prefix.
-        layer_figures_every_n_epochs: also log the per-layer figures at this epoch interval (default: only at the
-            end of training).
+        log_layer_figures: the two figures per layer; ``None`` (default): only when
+            ``layer_figures_every_n_epochs`` is set.
+        layer_figures_every_n_epochs: also log the per-layer figures at this epoch interval.
+        figures_every_n_epochs: also log the model figures at this epoch interval (default: only at the end of
+            each phase).
 
     Loggers whose ``experiment`` lacks ``add_histogram`` / ``add_image`` / ``add_figure`` (CSV, none) are
     skipped with a one-time warning.  Rank 0 only.
@@ -67,49 +90,71 @@ class StructureVisualizer(Callback):
         log_on_train_start: bool = True,
         prefix: str = "structure",
         log_figures: bool = True,
-        log_layer_figures: bool = True,
+        log_layer_figures: bool | None = None,
         layer_figures_every_n_epochs: int | None = None,
+        figures_every_n_epochs: int | None = None,
     ) -> None:
         if isinstance(every_n_epochs, bool) or int(every_n_epochs) < 1:
             raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}")
-        if layer_figures_every_n_epochs is not None and (
-                isinstance(layer_figures_every_n_epochs, bool) or int(layer_figures_every_n_epochs) < 1):
-            raise ValueError(f"layer_figures_every_n_epochs must be a positive integer or None, "
-                             f"got {layer_figures_every_n_epochs!r}")
         if isinstance(max_size, bool) or int(max_size) < 8:
             raise ValueError(f"max_size must be an integer >= 8 (pixels), got {max_size!r}")
         if not prefix:
             raise ValueError("prefix must be a non-empty string")
         self.every_n_epochs = int(every_n_epochs)
+        self.layer_figures_every_n_epochs = _interval(layer_figures_every_n_epochs, "layer_figures_every_n_epochs")
+        self.figures_every_n_epochs = _interval(figures_every_n_epochs, "figures_every_n_epochs")
         self.max_size = int(max_size)
         self.log_histograms = log_histograms
         self.log_images = log_images
         self.log_flops_chart = log_flops_chart
         self.log_figures = log_figures
-        self.log_layer_figures = log_layer_figures
-        self.layer_figures_every_n_epochs = None if layer_figures_every_n_epochs is None else int(layer_figures_every_n_epochs)
+        self.log_layer_figures = (self.layer_figures_every_n_epochs is not None if log_layer_figures is None
+                                  else bool(log_layer_figures))
         self.log_on_train_start = log_on_train_start
         self.prefix = prefix
         self._warned: set[str] = set()
-        self._layer_figures_step: int | None = None
+        self._drawn: dict[str, int] = {}  # kind -> the last step it was drawn at
+        self._learning: list[GBLRLinear] = []  # layers not frozen yet, while waiting for the end of phase 1
+
+    # ------------------------------------------------------------------ schedule
+    def _every(self) -> dict[str, int | None]:
+        return {"pictures": self.every_n_epochs, "model": self.figures_every_n_epochs,
+                "layers": self.layer_figures_every_n_epochs if self.log_layer_figures else None}
+
+    def _phase_end_kinds(self) -> set[str]:
+        return {"pictures", "model"} | ({"layers"} if self.log_layer_figures else set())
+
+    @staticmethod
+    def _phase1_ends(pl_module: LightningModule, epoch: int) -> bool:
+        """The structure freezes at the start of the next epoch (``GSMModule``: epoch ``phase1_epochs``)."""
+        last = getattr(pl_module, "phase1_epochs", None)
+        return (isinstance(last, int) and not isinstance(last, bool) and getattr(pl_module, "phase", None) == 1
+                and epoch + 1 >= last)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._drawn = {}
+        self._learning = [m for _, m in gblr_layers(pl_module) if not m.is_frozen]
         if self.log_on_train_start:
-            self._visualize(trainer, pl_module, layers=self.layer_figures_every_n_epochs is not None)
+            self._visualize(trainer, pl_module, {k for k, every in self._every().items() if every is not None})
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # the end of phase 1 for a module that does not announce it (phase1_epochs): once every layer is frozen
+        if self._learning and all(m.is_frozen for m in self._learning):
+            self._learning = []
+            self._visualize(trainer, pl_module, self._phase_end_kinds())
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        every_layers = self.layer_figures_every_n_epochs
-        layers = every_layers is not None and epoch % every_layers == 0
-        if epoch % self.every_n_epochs == 0:
-            self._visualize(trainer, pl_module, layers=layers)
-        elif layers:
-            self._visualize(trainer, pl_module, layers=True, model=False)
+        epoch = trainer.current_epoch
+        kinds = {k for k, every in self._every().items() if every is not None and (epoch + 1) % every == 0}
+        if self._learning and self._phase1_ends(pl_module, epoch):
+            self._learning = []
+            kinds |= self._phase_end_kinds()
+        self._visualize(trainer, pl_module, kinds)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._layer_figures_step != log_step(trainer):  # not drawn at this step already
-            self._visualize(trainer, pl_module, layers=True, model=False)
+        self._visualize(trainer, pl_module, self._phase_end_kinds())
 
+    # ------------------------------------------------------------------ drawing
     def _experiment(self, trainer: Trainer, method: str) -> Any:
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
@@ -122,8 +167,12 @@ class StructureVisualizer(Callback):
         return None
 
     @torch.no_grad()
-    def _visualize(self, trainer: Trainer, pl_module: LightningModule, layers: bool, model: bool = True) -> None:
-        if not trainer.is_global_zero:
+    def _visualize(self, trainer: Trainer, pl_module: LightningModule, kinds: set[str]) -> None:
+        if not kinds or not trainer.is_global_zero:
+            return
+        step = log_step(trainer)
+        kinds = {k for k in kinds if self._drawn.get(k) != step}  # at most once per step and kind
+        if not kinds:
             return
         named = gblr_layers(pl_module)
         if not named:
@@ -131,20 +180,20 @@ class StructureVisualizer(Callback):
                 self._warned.add("layers")
                 rank_zero_warn("StructureVisualizer: the module has no GBLR layer, nothing to draw.")
             return
-        step = log_step(trainer)
-        if model and self.log_histograms and (exp := self._experiment(trainer, "add_histogram")) is not None:
-            self._histograms(exp, named, step)
-        if model and self.log_images and (exp := self._experiment(trainer, "add_image")) is not None:
-            for name, layer in named:
-                exp.add_image(f"{self.prefix}/{name}/footprint", footprint_image(layer, self.max_size).cpu(), step,
-                              dataformats="CHW")
-        figures = (self._model_figures(pl_module) if model else []) + (
-            self._layer_figures(named) if layers and self.log_layer_figures else [])
+        for kind in kinds:
+            self._drawn[kind] = step
+        if "pictures" in kinds:
+            if self.log_histograms and (exp := self._experiment(trainer, "add_histogram")) is not None:
+                self._histograms(exp, named, step)
+            if self.log_images and (exp := self._experiment(trainer, "add_image")) is not None:
+                for name, layer in named:
+                    exp.add_image(f"{self.prefix}/{name}/footprint", footprint_image(layer, self.max_size).cpu(),
+                                  step, dataformats="CHW")
+        figures = (self._model_figures(pl_module) if "model" in kinds else []) + (
+            self._layer_figures(named) if "layers" in kinds else [])
         if figures and (exp := self._experiment(trainer, "add_figure")) is not None:
             for tag, make in figures:
                 exp.add_figure(f"{self.prefix}/{tag}", make(), global_step=step, close=False)
-            if layers and self.log_layer_figures:
-                self._layer_figures_step = step
 
     def _model_figures(self, model: nn.Module) -> list[tuple[str, Any]]:
         """(tag, figure builder) of the model figures switched on; built one at a time, as they are logged."""
