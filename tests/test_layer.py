@@ -493,3 +493,46 @@ def test_pruned_component_receives_width_gradient() -> None:
         layer.widths[:, 3] = 0.0
     ((layer(x) - torch.randn(7, 10)) ** 2).mean().backward()
     assert (layer.widths.grad[:, 3] == 0).all()
+
+
+@pytest.mark.parametrize("sigma", [None, 10.0, 1.0])
+@pytest.mark.parametrize("tokens", [3, 64])
+def test_components_empty_on_both_sides_are_left_out_exactly(sigma, tokens):
+    """Phase-1 forward skips the components whose two widths round to 0: same output and the same gradients of
+    every parameter as the full computation over all K components (issue 26)."""
+    torch.manual_seed(0)
+    layer = GBLRLinear(24, 40, num_components=10, width_init=0.5, location_init="random")
+    layer.set_sigma(sigma)
+    with torch.no_grad():
+        layer.widths[:, :4] = 0.0                       # empty on both sides: left out
+        layer.widths[0, 4] = 0.0                        # empty input side only: kept (its width gradient is not 0)
+        layer.widths[1, 5] = 0.01                       # rounds to 0 on the output side (0.4 of a row) ...
+        layer.widths[0, 5] = 0.01                       # ... and on the input side (0.24 of a column): left out
+    assert layer.live_components().tolist() == [4, 6, 7, 8, 9]
+    x = torch.randn(tokens, 24)
+    gy = torch.randn(tokens, 40)
+
+    def grads(fn):
+        layer.zero_grad(set_to_none=True)
+        y = fn(x)
+        (y * gy).sum().backward()
+        return y.detach(), {n: p.grad.detach().clone() for n, p in layer.named_parameters()}
+
+    def full(x):
+        v, u = layer.masked_factors()
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, v), u.t(), layer.bias)
+
+    y_live, g_live = grads(layer)
+    y_full, g_full = grads(full)
+    torch.testing.assert_close(y_live, y_full, rtol=1e-5, atol=1e-6)
+    for name in g_full:
+        torch.testing.assert_close(g_live[name], g_full[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert float(g_full["widths"][:, :4].abs().max()) == 0.0  # why skipping is exact
+    assert float(g_full["widths"][0, 4].abs()) > 0              # why a one-sided empty component is kept
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y_full, rtol=1e-5, atol=1e-6)  # no-grad path: cached masks' rows
+        layer.widths[:, 0] = 0.5                        # regrown in place: the live set follows the widths
+    assert layer.live_components().tolist() == [0, 4, 6, 7, 8, 9]
+    with torch.no_grad():
+        layer.widths.fill_(0.5)
+    assert layer.live_components() is None

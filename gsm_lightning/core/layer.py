@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .align import align_structure
 from .flops import StructuredCost, grid_widths, layers_flops, project_widths_to_budget, structure_flops
-from .masks import boxcar_mask, gaudi_mask
+from .masks import boxcar_mask, gaudi_mask, to_grid
 from .whitening import InputStats, right_multiply, whitened_low_rank
 from .whitening import input_factor as as_input_factor
 
@@ -246,6 +246,54 @@ class GBLRLinear(StructuredCost, nn.Module):
     def invalidate_cache(self) -> None:
         """Drop cached masks (done automatically when widths, locations or sigma change in place)."""
         self._mask_cache = None
+        self._live_cache = None
+
+    # ``None`` (the class default) also for a layer pickled before the cache existed.
+    _live_cache: tuple[tuple, Tensor | None] | None = None
+
+    def live_components(self) -> Tensor | None:
+        """Indices of the components not empty on both sides (grid-rounded widths), or ``None`` when every component
+        is (and under ``torch.compile``, frozen or not).
+
+        A component whose two widths round to 0 has both masks exactly 0 (the Dirichlet amplitude is proportional to
+        the width, whatever sigma), so it adds nothing to the output, and every gradient it receives is 0 too: its
+        factors are masked, the derivative of a mask at width 0 is multiplied by the other side's zero mask, and a
+        location moves nothing at width 0.  So it can be left out of the computation exactly (up to float
+        summation order), and it never comes back by itself: the budget learner cuts components to 0 on both sides
+        in phase 1 (on the recovery teachers, 94 of 128 once the budget is reached), and they then cost nothing.
+        One host read per change of the widths (the result is cached on their version)."""
+        if torch.compiler.is_compiling() or self.is_frozen:
+            return None
+        key = (self.widths._version, self.widths.data_ptr(), self.widths.device, self.num_components)
+        cache = self._live_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        with torch.no_grad():
+            live = (to_grid(self.widths[0], self.in_features) > 0) | (to_grid(self.widths[1], self.out_features) > 0)
+            index = None if bool(live.all()) else live.nonzero().flatten()
+        self._live_cache = (key, index)
+        return index
+
+    def _live_masked_factors(self) -> tuple[Tensor, Tensor]:
+        """:meth:`masked_factors` restricted to :meth:`live_components` (all of them when that is ``None``): what
+        the forward multiplies by.  Gradients reach the full parameters through the index (0 for the others)."""
+        index = self.live_components()
+        if index is None:
+            return self.masked_factors()
+        k, r = index.numel(), self.rank_per_component
+        needs_grad = torch.is_grad_enabled() and (self.widths.requires_grad or self.locations.requires_grad)
+        if needs_grad:  # only the live components' masks (the masks' cost is K FFTs per side)
+            self._check_finite()
+            sigma = float(self.sigma)
+            widths, locations = self.widths.index_select(1, index), self.locations.index_select(1, index)
+            dtype = self.weight_in.dtype
+            m_in = gaudi_mask(widths[0], locations[0], self.in_features, sigma).to(dtype)
+            m_out = gaudi_mask(widths[1], locations[1], self.out_features, sigma).to(dtype)
+        else:  # the cached masks of every component, then the live rows
+            m_in, m_out = (m.index_select(0, index) for m in self.masks())
+        v = (self.weight_in.index_select(0, index) * m_in.unsqueeze(1)).reshape(k * r, self.in_features)
+        u = (self.weight_out.index_select(0, index) * m_out.unsqueeze(1)).reshape(k * r, self.out_features)
+        return v, u
 
     def _cache_key(self) -> tuple:
         # Masks cached under torch.inference_mode are inference tensors that autograd cannot save,
@@ -332,10 +380,10 @@ class GBLRLinear(StructuredCost, nn.Module):
         return v, u
 
     # --------------------------------------------------------------- forward
-    def _use_dense(self, tokens: int) -> bool:
+    def _use_dense(self, tokens: int, kr: int | None = None) -> bool:
         if self.forward_mode != "auto":
             return self.forward_mode == "dense"
-        kr = self.num_components * self.rank_per_component
+        kr = self.num_components * self.rank_per_component if kr is None else kr
         lowrank = tokens * kr * (self.in_features + self.out_features)
         dense = kr * self.in_features * self.out_features + tokens * self.in_features * self.out_features
         return dense < lowrank
@@ -347,9 +395,9 @@ class GBLRLinear(StructuredCost, nn.Module):
             routed = _frozen_route(self, x)  # see set_frozen_route (FLOP counting)
             if routed is not None:
                 return routed
-        v, u = self.masked_factors()
+        v, u = self._live_masked_factors()
         tokens = x.numel() // self.in_features if self.in_features else 0
-        if self._use_dense(tokens):
+        if self._use_dense(tokens, v.shape[0]):
             return F.linear(x, u.t() @ v, self.bias)
         return F.linear(F.linear(x, v), u.t(), self.bias)
 
