@@ -122,3 +122,32 @@ def test_compress_minilm_quick_run_and_its_table(tmp_path):
     assert json.loads(out.read_text())["dense"]["num_queries"] == 64
     again = bench.main(["--from-json", str(out)])
     assert again == json.loads(out.read_text())["rows"]
+
+
+def test_bench_fit_quick(tmp_path):
+    """The whole-fit benchmark times a quick quickstart fit (the config's callbacks, through the CLI), dense and GBLR,
+    with a breakdown whose parts fit in the total; the section it writes starts with its command."""
+    import json
+
+    bench = _load("bench_fit")
+    out, md = tmp_path / "fit.json", tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nother section\n")
+    bench.main(["--quick", "--recipes", "quickstart", "--json", str(out), "--write-md", "--output", str(md)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["recipe"], r["method"]) for r in rows] == [("quickstart", "dense"), ("quickstart", "gblr")]
+    for r in rows:
+        for clock in ("wall", "cpu"):
+            t = r[clock]
+            assert t["total"] > 0
+            assert all(t[k] >= -0.01 for k in bench.PARTS) and 0 <= t["learner"] <= t["optimizer"] + 0.01
+            assert sum(t[k] for k in bench.PARTS) <= t["total"] * 1.02 + 0.05
+        assert r["batches"] == {"phase1_epochs": 3, "phase2_epochs": 3}
+    dense, gblr = rows
+    assert gblr["module_phase_by_epoch"] == {"0": 1, "1": 2} and dense["module_phase_by_epoch"] == {"0": 2, "1": 2}
+    assert abs(gblr["flops_ratio"] - 0.3) < 0.01 and dense["flops_ratio"] == 1.0
+    assert gblr["wall"]["learner"] > 0 and any(k.startswith("StructureVisualizer.") for k in gblr["by_callback"])
+    text = md.read_text()
+    body = text[text.index(bench.START) + len(bench.START):text.index(bench.END)]
+    assert text.startswith("# Benchmarks\n\nother section\n") and bench.HEADING in text
+    assert body.lstrip().startswith("Command: `python -m benchmarks.bench_fit --quick --recipes quickstart")
+    assert "| gblr - dense |" in body and "QUICK" in body
