@@ -533,6 +533,10 @@ def test_components_empty_on_both_sides_are_left_out_exactly(sigma, tokens):
         torch.testing.assert_close(layer(x), y_full, rtol=1e-5, atol=1e-6)  # no-grad path: cached masks' rows
         layer.widths[:, 0] = 0.5                        # regrown in place: the live set follows the widths
     assert layer.live_components().tolist() == [0, 4, 6, 7, 8, 9]
+    with torch.inference_mode():  # a validation loop, then training again: the index made there is not reused
+        layer(x)
+    y_live, g_live = grads(layer)
+    torch.testing.assert_close(g_live["widths"], grads(full)[1]["widths"], rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         layer.widths.fill_(0.5)
     assert layer.live_components() is None

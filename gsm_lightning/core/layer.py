@@ -264,7 +264,9 @@ class GBLRLinear(StructuredCost, nn.Module):
         One host read per change of the widths (the result is cached on their version)."""
         if torch.compiler.is_compiling() or self.is_frozen:
             return None
-        key = (self.widths._version, self.widths.data_ptr(), self.widths.device, self.num_components)
+        # an index made under inference_mode is an inference tensor that autograd cannot save: not reused outside it
+        key = (torch.is_inference_mode_enabled(), self.widths._version, self.widths.data_ptr(), self.widths.device,
+               self.num_components)
         cache = self._live_cache
         if cache is not None and cache[0] == key:
             return cache[1]
