@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .conversion import GSMReport, ReplacedLayer, select_linear_layers
+from .conversion import GSMReport, ReplacedLayer, check_layer_budgets, select_linear_layers
 from .flops import StructuredCost
 from .modules import set_submodule
 from .whitening import (
@@ -212,6 +212,7 @@ def allocate_ranks_greedy(
     stats: Mapping[str, InputStats | Tensor] | None,
     budget: float,
     normalize: bool = False,
+    gains: Mapping[str, float] | None = None,
 ) -> dict[str, int]:
     """Ranks of low-rank layers under ONE FLOPs budget ``budget * sum(in * out)`` over all ``layers_weights``
     (``{name: weight (out x in)}``), greedily on the whitened singular values per FLOP.
@@ -221,6 +222,8 @@ def allocate_ranks_greedy(
     ``cost = in + out`` its multiply-adds per token.  ``sigma_i^2`` is the output energy that component restores
     (in the units of the layer's outputs); ``normalize=True`` divides it by the layer's total ``||W S||_F^2`` (each
     layer's relative error, the proxy METHOD.md found to hurt the model: judge an allocation on the model's outputs).
+    ``gains`` (``{name: g}``) multiplies each layer's ``sigma_i^2`` by ``g``: how much a unit of that layer's output
+    error costs the model's output (measured by :func:`~gsm_lightning.core.allocation.layer_gains`).
     A layer's rank never exceeds ``min(in, out)`` nor the rank at which it costs more than dense.
     Raises ``ValueError`` if rank 1 everywhere does not fit the budget."""
     budget = _check_budget(budget)
@@ -241,6 +244,10 @@ def allocate_ranks_greedy(
         energy = sv.pow(2)
         if normalize:
             energy = energy / energy.sum().clamp_min(1e-300)
+        if gains is not None:
+            if name not in gains:
+                raise ValueError(f"allocate_ranks_greedy: no gain for layer {name!r}")
+            energy = energy * float(gains[name])
         cost = n_in + n_out
         r_max = max(1, min(min(n_in, n_out), (n_in * n_out) // cost))
         ranks[name], costs[name] = 1, cost
@@ -770,6 +777,7 @@ def baselinify(
     init: Literal["pretrained", "random", "per_factor"] = "pretrained",
     calibration: Mapping[str, InputStats | Tensor] | None = None,
     allocation: Literal["uniform", "global"] = "uniform",
+    layer_budgets: Mapping[str, float] | None = None,
     **kwargs: Any,
 ) -> BaselineReport:
     """Replace matching ``nn.Linear`` (and HF ``Conv1D``) layers of ``model`` in place by a baseline
@@ -799,6 +807,9 @@ def baselinify(
         allocation: ``"uniform"`` (every layer at ``budget``) or, for ``method="lowrank"``, ``"global"``: one FLOPs
             budget ``budget * sum(in * out)`` over all converted layers, ranks from :func:`allocate_ranks_greedy`
             (on the whitened singular values with ``calibration``, plain ones without).
+        layer_budgets: ``{layer name: FLOPs ratio}`` overriding ``budget`` for those layers (``init="pretrained"``,
+            ``allocation="uniform"``): a per-layer allocation chosen elsewhere, e.g. measured
+            (:func:`~gsm_lightning.core.allocation.allocate_from_curves`).
         **kwargs: method options: ``rank`` / ``nblocks`` (override the budget), ``block_size``
             (default 32), ``pattern``, ``seed``, ``forward_mode``, ``bmm_max_density``; ``init_std`` (``init="random"``).
 
@@ -827,6 +838,9 @@ def baselinify(
     names = select_linear_layers(model, include, exclude)
     weights = {name: _dense_weight(model.get_submodule(name), None) for name in names}
     calibration = check_calibration(calibration, names)
+    if layer_budgets is not None and allocation != "uniform":
+        raise ValueError("layer_budgets is an allocation of its own: use it with allocation='uniform'")
+    layer_budgets = check_layer_budgets(layer_budgets, names, init)
     ranks = allocate_ranks_greedy(weights, calibration, budget) if allocation == "global" else None
     report = BaselineReport(budget=budget, init=init, method=method, allocation=allocation, calibrated=calibration is not None)
     for name in names:
@@ -835,7 +849,7 @@ def baselinify(
         out_f, in_f = weight.shape
         layer_kwargs = kwargs if ranks is None else {**kwargs, "rank": ranks[name]}
         factor = None if calibration is None else as_input_factor(calibration[name], in_f)
-        new, size = _build(method, old, in_f, out_f, budget, init, layer_kwargs, factor)
+        new, size = _build(method, old, in_f, out_f, layer_budgets.get(name, budget), init, layer_kwargs, factor)
         new.train(old.training)
         fit_error = output_error = None
         if init == "pretrained":

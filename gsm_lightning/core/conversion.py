@@ -169,6 +169,23 @@ class GSMReport:
         return "\n".join(lines)
 
 
+def check_layer_budgets(layer_budgets: Mapping[str, float] | None, names: Sequence[str], init: str) -> dict[str, float]:
+    """Validate per-layer budgets against the selected layer ``names``; ``{}`` for None."""
+    if layer_budgets is None:
+        return {}
+    if init != "pretrained":
+        raise ValueError(f"layer_budgets fit each pretrained layer to its own budget: it needs init='pretrained', got "
+                         f"init={init!r}")
+    unknown = sorted(set(layer_budgets) - set(names))
+    if unknown:
+        raise ValueError(f"layer_budgets names layers that are not converted: {unknown}; converted: {list(names)}")
+    bad = {n: b for n, b in layer_budgets.items()
+           if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1}
+    if bad:
+        raise ValueError(f"layer_budgets must be FLOPs ratios in (0, 1]; got {bad}")
+    return {n: float(b) for n, b in layer_budgets.items()}
+
+
 def gsmify(
     model: nn.Module,
     budget: float = 1.0,
@@ -178,6 +195,7 @@ def gsmify(
     fit_steps: int = 300,
     layer_factory: Callable[..., nn.Module] | None = None,
     calibration: Mapping[str, InputStats | Tensor] | None = None,
+    layer_budgets: Mapping[str, float] | None = None,
     **layer_kwargs: Any,
 ) -> GSMReport:
     """Replace matching ``nn.Linear`` (and HF ``Conv1D``) modules of ``model`` in place by GBLR layers.
@@ -198,6 +216,9 @@ def gsmify(
             output error ``||(W - W') S||_F`` (:meth:`GBLRLinear.from_linear` with ``input_factor``; never worse than
             the whitened SVD of the same FLOPs).  The report's ``output_error`` holds the relative output error of
             each layer.  A converted layer without statistics raises ``ValueError``.
+        layer_budgets: ``{layer name: FLOPs ratio}`` overriding ``budget`` for those layers of an
+            ``init="pretrained"`` conversion (a per-layer allocation, e.g. from
+            :func:`~gsm_lightning.core.allocation.allocate_from_curves`); names must be among the converted layers.
         **layer_kwargs: passed to :class:`GBLRLinear`.
 
     Returns:
@@ -213,6 +234,7 @@ def gsmify(
         raise ValueError("calibration applies to init='pretrained' conversions by gsmify itself (not init='random', "
                          "not with a layer_factory)")
     calibration = check_calibration(calibration, [n for n in names if id(model.get_submodule(n).weight) not in tied])
+    layer_budgets = check_layer_budgets(layer_budgets, names, init)
     report = GSMReport(budget=float(budget), init=init)
     for name in names:
         old = model.get_submodule(name)
@@ -229,7 +251,8 @@ def gsmify(
             new = layer_factory(old, name)
         elif init == "pretrained":
             factor = None if calibration is None else input_factor(calibration[name], in_f)
-            new = GBLRLinear.from_linear(old, budget=budget, fit_steps=fit_steps, input_factor=factor, **layer_kwargs)
+            new = GBLRLinear.from_linear(old, budget=layer_budgets.get(name, budget), fit_steps=fit_steps,
+                                         input_factor=factor, **layer_kwargs)
             with_w = (old.weight.detach().t() if type(old).__name__ == "Conv1D" else old.weight.detach()).float()
             fit_error = float(((new.to_dense().detach().float() - with_w).norm() / with_w.norm().clamp_min(1e-30)) ** 2)
             if factor is not None:

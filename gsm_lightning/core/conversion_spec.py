@@ -10,7 +10,7 @@ from torch import nn
 
 from .conversion import GSMReport, gsmify, select_linear_layers
 
-__all__ = ["Conversion", "Calibration", "Method"]
+__all__ = ["Conversion", "Calibration", "MeasuredAllocation", "Method"]
 
 Method = Literal["gblr", "dense", "lowrank", "monarch", "blocksparse"]
 _METHODS = ("gblr", "dense", "lowrank", "monarch", "blocksparse")
@@ -41,6 +41,64 @@ class Calibration:
 
 
 @dataclass
+class MeasuredAllocation:
+    """Spread one FLOPs budget over the converted layers by what each layer's truncation does to the model's output
+    (:func:`~gsm_lightning.core.allocation.layer_sensitivity`): a layer alone is replaced by its whitened SVD and the
+    relative output error of the model on the first ``batches`` calibration batches is measured.
+
+    * ``grid=None`` (default, cheap): one point per layer, at the budget's ratio; each layer's error at any other rank
+      is extrapolated as its measured gain times its whitened tail energy (:func:`~gsm_lightning.core.allocation.
+      layer_gains`), and the ranks are bought greedily by predicted gain per FLOP
+      (:func:`~gsm_lightning.core.baselines.allocate_ranks_greedy` with ``gains``).  Cost: one forward pass of the
+      batches per layer.
+    * ``grid=[...]``: each ratio of the grid is measured per layer and the budget goes to the measured steps with
+      the largest gain per FLOP (:func:`~gsm_lightning.core.allocation.allocate_from_curves`).  Cost: ``len(grid)``
+      forward passes per layer.
+
+    Needs a calibrated ``init="pretrained"`` conversion.  GBLR starts from these per-layer budgets and its rule may
+    move FLOPs from there; the low-rank baseline keeps them.
+
+    Args:
+        batches: calibration batches to judge on (the first ones of ``Calibration.batches``).
+        grid: FLOPs ratios in (0, 1] measured per layer, or None for the one-point form.
+
+    Examples:
+        In YAML: ``conversion: {init: pretrained, calibration: {batches: 8}, allocation: {batches: 2}}``, or
+        ``allocation: measured`` for the defaults.
+    """
+
+    batches: int = 2
+    grid: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
+            raise ValueError(f"allocation batches must be an integer >= 1, got {self.batches!r}")
+        if self.grid is None:
+            return
+        self.grid = [float(g) for g in self.grid] if isinstance(self.grid, (list, tuple)) else self.grid
+        if (not isinstance(self.grid, list) or not self.grid
+                or any(isinstance(g, bool) or not 0 < g <= 1 for g in self.grid)):
+            raise ValueError(f"allocation grid must be None or a non-empty list of FLOPs ratios in (0, 1], got "
+                             f"{self.grid!r}")
+
+    def layer_budgets(self, backbone: nn.Module, budget: float, calibration: Mapping[str, Any], batches: list[Any],
+                      forward: Any) -> dict[str, float]:
+        """Per-layer FLOPs ratios at total ``budget`` for the dense ``backbone`` (see the class docstring)."""
+        from .allocation import allocate_from_curves, layer_gains, layer_sensitivity, ranks_to_ratios
+        from .baselines import allocate_ranks_greedy
+
+        curves = layer_sensitivity(backbone, calibration, batches[: self.batches],
+                                   grid=[budget] if self.grid is None else self.grid, forward=forward)
+        weights = {n: backbone.get_submodule(n).weight.detach() for n in curves}
+        shapes = {n: tuple(w.shape) for n, w in weights.items()}
+        if self.grid is None:
+            ranks = allocate_ranks_greedy(weights, calibration, budget, gains=layer_gains(curves, weights, calibration))
+        else:
+            ranks = allocate_from_curves(curves, shapes, budget)
+        return ranks_to_ratios(ranks, shapes)
+
+
+@dataclass
 class Conversion:
     """Which linear layers of a backbone become structured, as what, and from which weights.
 
@@ -61,9 +119,11 @@ class Conversion:
         calibration: a :class:`Calibration` for an activation-aware ``init="pretrained"`` conversion (GBLR and the
             low-rank, Monarch and block-sparse baselines); the module then converts in ``setup``, once the data is
             known.  None (default): a weight-space fit.
-        allocation: how the low-rank baseline spreads the budget over layers: ``"uniform"`` (every layer at the
-            budget) or ``"global"`` (one FLOPs budget for all converted layers, ranks chosen greedily on the
-            (whitened) singular values).  GBLR's allocation is learned by the structure rule in phase 1.
+        allocation: how the budget is spread over layers at conversion: ``"uniform"`` (every layer at the budget),
+            ``"global"`` (low-rank baseline only: one FLOPs budget for all converted layers, ranks chosen greedily on
+            the (whitened) singular values), or a :class:`MeasuredAllocation` (``"measured"`` for its defaults; GBLR
+            and low-rank, calibrated: per-layer budgets from the model's measured output error).  GBLR's rule may move
+            FLOPs between layers in phase 1 from whatever it starts with.
     """
 
     method: Method = "gblr"
@@ -73,7 +133,7 @@ class Conversion:
     fit_steps: int = 300
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration | None = None
-    allocation: Literal["uniform", "global"] = "uniform"
+    allocation: Literal["uniform", "global", "measured"] | MeasuredAllocation = "uniform"
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -88,8 +148,18 @@ class Conversion:
             self.calibration = Calibration(**self.calibration)
         if self.calibration is not None and self.init != "pretrained":
             raise ValueError("calibration fits pretrained weights to their activations: it needs init='pretrained'")
-        if self.allocation not in ("uniform", "global"):
-            raise ValueError(f"unknown allocation {self.allocation!r}; expected 'uniform' or 'global'")
+        if self.allocation == "measured":
+            self.allocation = MeasuredAllocation()
+        elif isinstance(self.allocation, dict):
+            self.allocation = MeasuredAllocation(**self.allocation)
+        if isinstance(self.allocation, MeasuredAllocation):
+            if self.method not in ("gblr", "lowrank") or self.calibration is None:
+                raise ValueError("a measured allocation truncates each layer's whitened SVD: it needs method 'gblr' or "
+                                 f"'lowrank' with calibration (init='pretrained'); got method={self.method!r}"
+                                 f"{'' if self.calibration is not None else ' without calibration'}")
+        elif self.allocation not in ("uniform", "global"):
+            raise ValueError(f"unknown allocation {self.allocation!r}; expected 'uniform', 'global' or 'measured' "
+                             "(a MeasuredAllocation)")
         if self.allocation == "global" and self.method != "lowrank":
             raise ValueError(f"allocation='global' chooses the ranks of the low-rank baseline; method={self.method!r} "
                              "allocates otherwise (GBLR: learned in phase 1)")
@@ -102,12 +172,14 @@ class Conversion:
         return list(select_linear_layers(backbone, self.include_for(backbone), self.exclude))
 
     def apply(self, backbone: nn.Module, budget: float, layer_defaults: dict[str, Any] | None = None,
-              calibration: Mapping[str, Any] | None = None, skeleton: bool = False) -> GSMReport | None:
+              calibration: Mapping[str, Any] | None = None, skeleton: bool = False,
+              layer_budgets: Mapping[str, float] | None = None) -> GSMReport | None:
         """Convert ``backbone`` in place; returns the conversion report (None for ``"dense"``).
 
         ``calibration``: the statistics of :func:`~gsm_lightning.core.calibration.collect_input_stats`.
         ``skeleton``: only the layers' shapes matter (their weights are about to be loaded from a checkpoint): a quick
-        random init instead of the fit."""
+        random init instead of the fit.  ``layer_budgets``: per-layer FLOPs ratios (a measured allocation's
+        :meth:`MeasuredAllocation.layer_budgets`)."""
         include = self.include_for(backbone)
         if self.method == "dense":
             return None
@@ -115,16 +187,19 @@ class Conversion:
         if self.method == "gblr":
             kwargs = {**(layer_defaults or {}), **self.layer_kwargs}
             return gsmify(backbone, budget=budget, include=include, exclude=self.exclude, init=init,
-                          fit_steps=self.fit_steps, calibration=None if skeleton else calibration, **kwargs)
+                          fit_steps=self.fit_steps, calibration=None if skeleton else calibration,
+                          layer_budgets=None if skeleton else layer_budgets, **kwargs)
         from .baselines import baselinify
 
-        if skeleton and self.allocation == "global":
-            raise ValueError("a low-rank baseline with allocation='global' has per-layer ranks chosen from calibration "
-                             "data: it cannot be rebuilt without it; load its weights into a module converted with the "
-                             "same calibration")
+        if skeleton and self.allocation != "uniform":
+            raise ValueError("a low-rank baseline with a global or measured allocation has per-layer ranks chosen from "
+                             "calibration data: it cannot be rebuilt without it; load its weights into a module "
+                             "converted with the same calibration")
+        measured = isinstance(self.allocation, MeasuredAllocation)
         return baselinify(backbone, method=self.method, budget=budget, include=include, exclude=self.exclude, init=init,
-                          calibration=None if skeleton else calibration, allocation=self.allocation,
-                          **self.layer_kwargs)
+                          calibration=None if skeleton else calibration,
+                          allocation="uniform" if measured else self.allocation,
+                          layer_budgets=layer_budgets if measured else None, **self.layer_kwargs)
 
     def config(self) -> dict[str, Any]:
         return asdict(self)

@@ -224,10 +224,10 @@ class GSMModule(LightningModule):
             self._convert()
         self._setup_metrics(num_classes)
 
-    def _convert(self, calibration: Any = None, skeleton: bool = False) -> None:
+    def _convert(self, calibration: Any = None, skeleton: bool = False, layer_budgets: Any = None) -> None:
         conversion = self.conversion
         self.report = conversion.apply(self.backbone, self.budget, self.rule.layer_defaults(conversion.init),
-                                       calibration=calibration, skeleton=skeleton)
+                                       calibration=calibration, skeleton=skeleton, layer_budgets=layer_budgets)
         self.converted = True
         if self.method == "gblr" and conversion.init == "random":
             initial = self.report.flops_ratio
@@ -254,10 +254,13 @@ class GSMModule(LightningModule):
         if not names:
             raise ValueError(f"the conversion's include patterns {self.conversion.include_for(self.backbone)!r} select no "
                              "linear layer of the backbone: nothing to calibrate")
-        stats = collect_input_stats(self.backbone, batches, layers=names,
-                                    forward=lambda model, batch: model(self._unpack(batch)[0]),
-                                    diagonal=cal.diagonal)
-        self._convert(calibration=stats)
+        forward = lambda model, batch: model(self._unpack(batch)[0])  # noqa: E731
+        allocation = self.conversion.allocation
+        measured = not isinstance(allocation, str)
+        batches = list(batches) if measured else batches  # a measured allocation runs the first ones again
+        stats = collect_input_stats(self.backbone, batches, layers=names, forward=forward, diagonal=cal.diagonal)
+        budgets = allocation.layer_budgets(self.backbone, self.budget, stats, batches, forward) if measured else None
+        self._convert(calibration=stats, layer_budgets=budgets)
 
     def setup(self, stage: str) -> None:
         if self.converted:
