@@ -227,3 +227,37 @@ def test_cli_config_builds_a_measured_allocation(value, batches, grid, tmp_path)
                      "--trainer.default_root_dir", str(tmp_path)], run=False)
     allocation = cli.model.conversion.allocation
     assert isinstance(allocation, MeasuredAllocation) and (allocation.batches, allocation.grid) == (batches, grid)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = TwoBranch()
+        shard = batches(5)[:3] if rank == 0 else batches(5)[3:]  # uneven shards: 3 and 2 batches
+        stats = collect_input_stats(model, shard, layers=["a", "b", "head"])
+        curves = layer_sensitivity(model, stats, shard, grid=[0.25, 0.5])
+        torch.save(curves, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_curves_equal_one_process_on_the_union(tmp_path):
+    from .test_calibration import _free_port
+
+    torch.multiprocessing.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                                          start_method="fork")
+    model, data = TwoBranch(), batches(5)
+    single = layer_sensitivity(model, collect_input_stats(model, data, layers=["a", "b", "head"]), data,
+                               grid=[0.25, 0.5])
+    for rank in (0, 1):  # both ranks measure the same curves (so choose the same budgets), those of the union
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got.keys() == single.keys()
+        for name, points in single.items():
+            assert [r for r, _ in got[name]] == [r for r, _ in points]
+            assert [e for _, e in got[name]] == pytest.approx([e for _, e in points], rel=1e-9)
