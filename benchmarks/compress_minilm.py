@@ -16,7 +16,10 @@ Methods (the q/k/v and FFN linears of every layer; ``budget`` = FLOPs of those l
 * ``svd``: plain truncated SVD, each layer at the budget;
 * ``wsvd``: whitened SVD (SVD-LLM), each layer at the budget;
 * ``wsvd-global``: whitened SVD with ranks allocated greedily over all layers under the one budget;
-* ``monarch``: calibrated block-diagonal-approximation Monarch, each layer at the budget.
+* ``monarch``: calibrated block-diagonal-approximation Monarch, each layer at the budget;
+* ``wsvd-measured`` / ``gblr-measured``: whitened SVD / GBLR started from per-layer budgets measured on the model's
+  output (:class:`~gsm_lightning.core.conversion_spec.MeasuredAllocation` on the first ``--alloc-batches``
+  calibration batches); GBLR's rule may move FLOPs from there in phase 1.
 
     python -m benchmarks.compress_minilm --write-md                   # the BENCHMARKS.md table
     python -m benchmarks.compress_minilm --quick                      # seconds-scale smoke run
@@ -45,7 +48,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import machine_info, write_section  # noqa: E402
-from gsm_lightning.core.conversion_spec import Calibration, Conversion  # noqa: E402
+from gsm_lightning.core.conversion_spec import Calibration, Conversion, MeasuredAllocation  # noqa: E402
 from gsm_lightning.core.layer import gblr_layers  # noqa: E402
 from gsm_lightning.data.sentences import (  # noqa: E402
     SentenceDataModule,
@@ -67,14 +70,18 @@ METHODS = {
     "wsvd": {"method": "lowrank", "calibrated": True, "allocation": "uniform"},
     "wsvd-global": {"method": "lowrank", "calibrated": True, "allocation": "global"},
     "monarch": {"method": "monarch", "calibrated": True, "allocation": "uniform"},
+    "wsvd-measured": {"method": "lowrank", "calibrated": True, "allocation": "measured"},
+    "gblr-measured": {"method": "gblr", "calibrated": True, "allocation": "measured"},
 }
 
 
 def build(method: str, budget: float, cfg: argparse.Namespace, backbone: SentenceEncoder) -> GSMModule:
     spec = METHODS[method]
+    allocation = (MeasuredAllocation(batches=min(cfg.alloc_batches, cfg.calib_batches))
+                  if spec["allocation"] == "measured" else spec["allocation"])
     conversion = Conversion(method=spec["method"], init="pretrained", fit_steps=cfg.fit_steps,
                             calibration=Calibration(batches=cfg.calib_batches) if spec["calibrated"] else None,
-                            allocation=spec["allocation"])
+                            allocation=allocation)
     return GSMModule(backbone, task="embedding", budget=budget, conversion=conversion,
                      rule=BudgetRule(structure_lr=cfg.structure_lr, width_norm=cfg.width_norm),
                      sigma=SigmaSchedule(None, None),
@@ -123,10 +130,11 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
     after = float((student_fn(eval_sents) * dense_eval).sum(-1).mean())
     rec = reverse_dictionary_recall(student_fn, eval_entries)
     ratios = layer_ratios(module)
-    name = method if method != "gblr" or cfg.structure_lr == 2.5e-3 else f"gblr, structure lr {cfg.structure_lr:g}"
-    if method == "gblr" and cfg.phase1_epochs == 0:
-        name = "gblr, structure fixed at the start"
-    elif method == "gblr" and cfg.width_norm != "side":
+    gblr = method.startswith("gblr")
+    name = method if not gblr or cfg.structure_lr == 2.5e-3 else f"{method}, structure lr {cfg.structure_lr:g}"
+    if gblr and cfg.phase1_epochs == 0:
+        name = f"{method}, structure fixed at the start"
+    elif gblr and cfg.width_norm != "side":
         name += f", width_norm {cfg.width_norm}"
     return {"method": name, "budget": budget, "seed": seed, "flops_ratio": round(module.flops_ratio(), 4),
             "cos_converted": before, "cos_distilled": after, "r1": rec["recall@1"], "r10": rec["recall@10"],
@@ -198,18 +206,27 @@ def markdown(rows: list[dict[str, Any]], dense: dict[str, Any], cfg: argparse.Na
 
 
 def paired(rows: list[dict[str, Any]]) -> list[str]:
-    """GBLR minus the whitened SVD per seed, for the GBLR rows run with more than one seed."""
+    """Per-seed differences for the rows run with more than one seed: each GBLR row minus the whitened SVD of the same
+    allocation (``gblr-measured`` minus ``wsvd-measured``, the others minus ``wsvd``), and ``wsvd-measured`` minus
+    ``wsvd`` (what the measured allocation alone gives)."""
     out = []
     for budget in sorted({r["budget"] for r in rows}, reverse=True):
-        base = {r["seed"]: r for r in rows if r["budget"] == budget and r["method"] == "wsvd"}
-        for method in sorted({r["method"] for r in rows if r["method"].startswith("gblr")}):
+        methods = sorted({r["method"] for r in rows if r["budget"] == budget})
+        for method in methods:
+            if method.startswith("gblr"):
+                ref = "wsvd-measured" if method.startswith("gblr-measured") else "wsvd"
+            elif method == "wsvd-measured":
+                ref = "wsvd"
+            else:
+                continue
+            base = {r["seed"]: r for r in rows if r["budget"] == budget and r["method"] == ref}
             pairs = [(r, base[r["seed"]]) for r in rows
                      if r["budget"] == budget and r["method"] == method and r["seed"] in base]
             if len(pairs) < 2:
                 continue
             d_cos = [a["cos_distilled"] - b["cos_distilled"] for a, b in pairs]
             d_r10 = [100 * (a["r10"] - b["r10"]) for a, b in pairs]
-            out += ["", f"{budget:.0%}, {method} minus wsvd, per seed ({', '.join(str(a['seed']) for a, _ in pairs)}): "
+            out += ["", f"{budget:.0%}, {method} minus {ref}, per seed ({', '.join(str(a['seed']) for a, _ in pairs)}): "
                         f"cosine {', '.join(f'{d:+.4f}' for d in d_cos)} (mean {statistics.mean(d_cos):+.4f}, range "
                         f"{min(d_cos):+.4f} to {max(d_cos):+.4f}); recall@10 {', '.join(f'{d:+.1f}' for d in d_r10)} "
                         f"points."]
@@ -233,6 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--alloc-batches", type=int, default=2,
+                   help="*-measured methods: calibration batches the per-layer output errors are measured on")
     p.add_argument("--fit-steps", type=int, default=0, help="GBLR calibrated fit steps (0: the whitened start)")
     p.add_argument("--eval-sentences", type=int, default=512)
     p.add_argument("--retrieval-entries", type=int, default=2000)
