@@ -261,3 +261,34 @@ def test_two_process_gloo_curves_equal_one_process_on_the_union(tmp_path):
         for name, points in single.items():
             assert [r for r, _ in got[name]] == [r for r, _ in points]
             assert [e for _, e in got[name]] == pytest.approx([e for _, e in points], rel=1e-9)
+
+
+def test_conversion_layer_budgets_for_a_fixed_baseline_any_init_and_checkpoint_skeleton():
+    budgets = {"a": 0.75, "b": 0.125}
+    conv = Conversion(method="lowrank", include=["a", "b", "head"], init="random", layer_budgets=budgets)
+    m = GSMModule(TwoBranch(), num_classes=16, budget=0.5, conversion=conv, optimizer=adamw())
+    assert {r.name: r.num_components for r in m.report.layers} == {"a": 6, "b": 1, "head": 4}
+    # a checkpoint skeleton (no data) has the same shapes: explicit budgets need no calibration
+    skeleton = TwoBranch()
+    Conversion(method="lowrank", include=["a", "b", "head"], init="random", layer_budgets=budgets).apply(
+        skeleton, 0.5, skeleton=True)
+    assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in m.backbone.state_dict().items()}
+    with pytest.raises(ValueError, match="GBLR's random init learns its allocation"):
+        Conversion(method="gblr", init="random", layer_budgets=budgets)
+    with pytest.raises(ValueError, match="use it with allocation='uniform'"):
+        Conversion(method="lowrank", init="pretrained", allocation="global", layer_budgets=budgets)
+
+
+def test_a_per_layer_budget_of_one_costs_at_most_dense():
+    # budget=1.0 alone is lossless by convention (a full SVD: 2x dense for a square layer); a layer the allocation
+    # gives all of its FLOPs must not take more than that
+    model, data = TwoBranch(), batches()
+    stats = collect_input_stats(model, data, layers=["a", "b"])
+    g = TwoBranch()
+    gsmify(g, budget=0.5, include=["a", "b"], init="pretrained", fit_steps=0, calibration=stats,
+           layer_budgets={"a": 1.0})
+    # at most dense; one component under the 8 that cost exactly dense (the fit sits a hair below budget 1)
+    assert 7 * 32 <= g.a.flops() <= 256
+    lossless = TwoBranch()
+    gsmify(lossless, budget=1.0, include=["a"], init="pretrained", fit_steps=0, calibration=stats)
+    assert lossless.a.flops() > 256  # the convention this guards against

@@ -8,6 +8,7 @@ e.g. ``"blocks.*.mlp.fc1"``) or regular expressions prefixed with ``re:``
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -169,11 +170,13 @@ class GSMReport:
         return "\n".join(lines)
 
 
-def check_layer_budgets(layer_budgets: Mapping[str, float] | None, names: Sequence[str], init: str) -> dict[str, float]:
-    """Validate per-layer budgets against the selected layer ``names``; ``{}`` for None."""
+def check_layer_budgets(layer_budgets: Mapping[str, float] | None, names: Sequence[str], init: str,
+                        fixed: bool = False) -> dict[str, float]:
+    """Validate per-layer budgets against the selected layer ``names``; ``{}`` for None.  ``fixed``: the layers are
+    fixed structures (any init; GBLR's random init has no per-layer budget, its budget is a learning target)."""
     if layer_budgets is None:
         return {}
-    if init != "pretrained":
+    if init != "pretrained" and not fixed:
         raise ValueError(f"layer_budgets fit each pretrained layer to its own budget: it needs init='pretrained', got "
                          f"init={init!r}")
     unknown = sorted(set(layer_budgets) - set(names))
@@ -219,6 +222,9 @@ def gsmify(
         layer_budgets: ``{layer name: FLOPs ratio}`` overriding ``budget`` for those layers of an
             ``init="pretrained"`` conversion (a per-layer allocation, e.g. from
             :func:`~gsm_lightning.core.allocation.allocate_from_curves`); names must be among the converted layers.
+            A per-layer ratio of 1 gives a fit just under the dense layer's cost (a square layer: one component fewer
+            than the ``in out / (in + out)`` that cost exactly dense), not the lossless ``budget=1.0`` convention,
+            whose full SVD may cost up to twice dense.
         **layer_kwargs: passed to :class:`GBLRLinear`.
 
     Returns:
@@ -251,8 +257,11 @@ def gsmify(
             new = layer_factory(old, name)
         elif init == "pretrained":
             factor = None if calibration is None else input_factor(calibration[name], in_f)
-            new = GBLRLinear.from_linear(old, budget=layer_budgets.get(name, budget), fit_steps=fit_steps,
-                                         input_factor=factor, **layer_kwargs)
+            # a per-layer budget of 1 is the best fit that costs no more than dense, not the lossless convention of
+            # budget=1.0 (full SVD, up to 2x dense), which would spend FLOPs the allocation gave to other layers
+            layer_budget = min(layer_budgets[name], math.nextafter(1.0, 0.0)) if name in layer_budgets else budget
+            new = GBLRLinear.from_linear(old, budget=layer_budget, fit_steps=fit_steps, input_factor=factor,
+                                         **layer_kwargs)
             with_w = (old.weight.detach().t() if type(old).__name__ == "Conv1D" else old.weight.detach()).float()
             fit_error = float(((new.to_dense().detach().float() - with_w).norm() / with_w.norm().clamp_min(1e-30)) ** 2)
             if factor is not None:
