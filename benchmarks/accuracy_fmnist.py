@@ -34,6 +34,7 @@ import lightning.pytorch as pl  # noqa: E402
 
 from benchmarks.common import bootstrap_mean_ci, machine_info, parse_overrides, write_section  # noqa: E402
 from gsm_lightning.core.baselines import rank_for_budget  # noqa: E402
+from gsm_lightning.core.conversion_spec import Conversion  # noqa: E402
 from gsm_lightning.data import FashionMNISTDataModule  # noqa: E402
 from gsm_lightning.io.structure_io import load_structure, save_structure, set_structure  # noqa: E402
 from gsm_lightning.models import MLPMixer, ViT  # noqa: E402
@@ -87,6 +88,18 @@ def fixed_structure(module: GSMModule, source: str, model: str, budget: float, s
     return {"layers": layers}
 
 
+def learned_ratios(structure: dict) -> dict[str, float]:
+    """Each stored layer's FLOPs ratio ``r * sum(w_in + w_out) / (in * out)`` (widths on the grid), at least the cost
+    of one rank-1 component so that every layer keeps a fixed structure."""
+    out = {}
+    for name, rec in structure["layers"].items():
+        n_in, n_out, r = rec["in_features"], rec["out_features"], rec["rank_per_component"]
+        w_in, w_out = rec["widths"]
+        flops = r * sum(a + b for a, b in zip(w_in, w_out) if a > 0 and b > 0)
+        out[name] = min(1.0, max(flops, n_in + n_out) / (n_in * n_out))
+    return out
+
+
 def run_one(model: str, method: str, budget: float, seed: int, args: argparse.Namespace) -> dict:
     pl.seed_everything(seed, workers=True)
     data = FashionMNISTDataModule(root=args.root, batch_size=args.batch_size, seed=seed, val_size=0,
@@ -110,6 +123,14 @@ def run_one(model: str, method: str, budget: float, seed: int, args: argparse.Na
     )
     kwargs.update(gblr)  # --gblr KEY=VALUE overrides the recipe's own settings (sigma0, ...)
     net = backbone(model)
+    if fixed and args.baseline_allocation:
+        # the per-layer FLOPs the GBLR run of the same model, budget and seed learned (the allocation without the
+        # structure): each layer's rank (blocks) at that layer's learned ratio
+        learned = load_structure(Path(args.baseline_allocation) / f"structures_fmnist_{model}_b{budget:g}_s{seed}.json")
+        kwargs.pop("layer_kwargs")
+        kwargs["conversion"] = Conversion(method=kwargs.pop("method"), init=kwargs.pop("init"),
+                                          layer_budgets={n: min(1.0, r * args.baseline_budget_scale)
+                                                         for n, r in learned_ratios(learned).items()})
     if method == "dense" and args.dense_init == "fan_in":
         # The layers GBLR would convert, re-drawn at GBLR's default scale (trunc-normal, std 1/sqrt(in)):
         # separates the init scale from the structure in the comparison.
@@ -260,6 +281,9 @@ def main() -> None:
                    help="fixed structures (lowrank, monarch, blocksparse): 'random' = GBLR's random dense matrix "
                         "projected onto the structure (equal init, the default), 'per_factor' = each factor like its "
                         "own nn.Linear (the smaller init of earlier tables; an ablation, label it)")
+    p.add_argument("--baseline-allocation", default=None, metavar="DIR",
+                   help="fixed structures get the per-layer FLOPs ratios GBLR learned (the structure files that "
+                        "--structures wrote in DIR, same model, budget and seed) instead of the budget in every layer")
     p.add_argument("--baseline-budget-scale", type=float, default=1.0,
                    help="fixed structures train at budget x SCALE, reported in the budget's cell (1.1 puts their "
                         "rounded-down FLOPs at or above GBLR's at 10 %%)")

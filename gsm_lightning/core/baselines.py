@@ -807,9 +807,9 @@ def baselinify(
         allocation: ``"uniform"`` (every layer at ``budget``) or, for ``method="lowrank"``, ``"global"``: one FLOPs
             budget ``budget * sum(in * out)`` over all converted layers, ranks from :func:`allocate_ranks_greedy`
             (on the whitened singular values with ``calibration``, plain ones without).
-        layer_budgets: ``{layer name: FLOPs ratio}`` overriding ``budget`` for those layers (``init="pretrained"``,
-            ``allocation="uniform"``): a per-layer allocation chosen elsewhere, e.g. measured
-            (:func:`~gsm_lightning.core.allocation.allocate_from_curves`).
+        layer_budgets: ``{layer name: FLOPs ratio}`` overriding ``budget`` for those layers (with
+            ``allocation="uniform"``, any init): a per-layer allocation chosen elsewhere, e.g. measured
+            (:func:`~gsm_lightning.core.allocation.allocate_from_curves`) or the one a GBLR run learned.
         **kwargs: method options: ``rank`` / ``nblocks`` (override the budget), ``block_size``
             (default 32), ``pattern``, ``seed``, ``forward_mode``, ``bmm_max_density``; ``init_std`` (``init="random"``).
 
@@ -840,7 +840,7 @@ def baselinify(
     calibration = check_calibration(calibration, names)
     if layer_budgets is not None and allocation != "uniform":
         raise ValueError("layer_budgets is an allocation of its own: use it with allocation='uniform'")
-    layer_budgets = check_layer_budgets(layer_budgets, names, init)
+    layer_budgets = check_layer_budgets(layer_budgets, names, init, fixed=True)
     ranks = allocate_ranks_greedy(weights, calibration, budget) if allocation == "global" else None
     report = BaselineReport(budget=budget, init=init, method=method, allocation=allocation, calibrated=calibration is not None)
     for name in names:

@@ -124,6 +124,9 @@ class Conversion:
             the (whitened) singular values), or a :class:`MeasuredAllocation` (``"measured"`` for its defaults; GBLR
             and low-rank, calibrated: per-layer budgets from the model's measured output error).  GBLR's rule may move
             FLOPs between layers in phase 1 from whatever it starts with.
+        layer_budgets: explicit per-layer FLOPs ratios ``{layer name: ratio}`` overriding the budget for those layers
+            (a fixed baseline with any init, e.g. the allocation a GBLR run learned; GBLR with ``init="pretrained"``);
+            with ``allocation="uniform"`` only.
     """
 
     method: Method = "gblr"
@@ -134,6 +137,7 @@ class Conversion:
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration | None = None
     allocation: Literal["uniform", "global", "measured"] | MeasuredAllocation = "uniform"
+    layer_budgets: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -160,6 +164,14 @@ class Conversion:
         elif self.allocation not in ("uniform", "global"):
             raise ValueError(f"unknown allocation {self.allocation!r}; expected 'uniform', 'global' or 'measured' "
                              "(a MeasuredAllocation)")
+        if self.layer_budgets is not None:
+            if self.allocation != "uniform":
+                raise ValueError("layer_budgets is an allocation of its own: use it with allocation='uniform'")
+            if self.method == "dense" or (self.method == "gblr" and self.init != "pretrained"):
+                raise ValueError(f"layer_budgets sets the per-layer budgets of a fixed baseline or of a pretrained GBLR "
+                                 f"conversion; method={self.method!r} with init={self.init!r} has none (GBLR's random "
+                                 "init learns its allocation toward the one budget)")
+            self.layer_budgets = dict(self.layer_budgets)
         if self.allocation == "global" and self.method != "lowrank":
             raise ValueError(f"allocation='global' chooses the ranks of the low-rank baseline; method={self.method!r} "
                              "allocates otherwise (GBLR: learned in phase 1)")
@@ -183,6 +195,8 @@ class Conversion:
         include = self.include_for(backbone)
         if self.method == "dense":
             return None
+        if self.layer_budgets is not None:
+            layer_budgets = self.layer_budgets
         init = ("random" if self.method == "gblr" else "per_factor") if skeleton else self.init
         if self.method == "gblr":
             kwargs = {**(layer_defaults or {}), **self.layer_kwargs}
@@ -196,10 +210,11 @@ class Conversion:
                              "calibration data: it cannot be rebuilt without it; load its weights into a module "
                              "converted with the same calibration")
         measured = isinstance(self.allocation, MeasuredAllocation)
+        explicit = measured or self.layer_budgets is not None
         return baselinify(backbone, method=self.method, budget=budget, include=include, exclude=self.exclude, init=init,
                           calibration=None if skeleton else calibration,
                           allocation="uniform" if measured else self.allocation,
-                          layer_budgets=layer_budgets if measured else None, **self.layer_kwargs)
+                          layer_budgets=layer_budgets if explicit else None, **self.layer_kwargs)
 
     def config(self) -> dict[str, Any]:
         return asdict(self)
