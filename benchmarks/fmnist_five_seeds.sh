@@ -21,3 +21,6 @@ run --methods dense --seeds 3,4 --json "docs/fmnist/five_dense_$m.json"
 # The fixed structures round their rank down (10 %: FLOPs ratio 0.089-0.092 against GBLR's 0.100). The same runs
 # at 1.1x the budget put them at 0.100-0.107, at or above GBLR:
 run --methods lowrank,monarch --budgets 0.1 --seeds 0,1,2,3,4 --baseline-budget-scale 1.1 --label "equal-init,flops>=gblr" --json "docs/fmnist/five_eq10up_$m.json"
+# Low-rank at the per-layer FLOPs GBLR learned (same model, budget, seed; 1.1x so that rounding down does not leave
+# it below GBLR): the learned allocation without the learned structure.
+run --methods lowrank --budgets 0.1,0.3,0.5 --seeds 0,1,2,3,4 --baseline-allocation docs/fmnist/structures --baseline-budget-scale 1.1 --label "equal-init,gblr-allocation" --json "docs/fmnist/five_lralloc_$m.json"
