@@ -1,12 +1,15 @@
-"""Phase-1 training step (structure learning, not frozen) at a FLOPs ratio, against nn.Linear, with and without
-leaving out the components the budget learner emptied on both sides (issue 26).
+"""A GBLR layer's training step at a FLOPs ratio, in phase 1 (at several sigmas) and frozen (phase 2), against
+nn.Linear: what the forward does now and what it did before (issue 26).
 
-Once the budget learner's path reaches the budget most components are 0 wide on both sides (on the recovery
-teachers 94 of 128, from the first third of phase 1 on) and stay so: their gradients are exactly 0.
-``GBLRLinear.live_components`` leaves them out of the forward and backward.  This script times one forward +
-backward of a layer in that state (``--dead`` of its K = min(in, out) components empty, the others at the width
-that puts the layer at ``--ratio``, random locations, sigma ``--sigma``) for the P1 shapes, against nn.Linear in
-the same rounds, and the same layer with every component computed (the cost before this change).
+Two things make a layer cost less than its full width: (1) ``GBLRLinear.live_components`` leaves out the
+components the budget learner emptied on both sides (exact; on the recovery teachers 94 of 128 once its path
+reaches the budget); (2) the windowed product (:mod:`gsm_lightning.core.windows`) computes every other component
+only on the tiles its masks reach, the window plus the margin where the mask's Gaussian tails and their
+derivatives exceed ``window_tol`` (exact when frozen).  For each P1 shape, each ``--deads`` share of empty
+components (the others at one width that puts the layer at ``--ratio``, random locations) and each of
+``--sigmas`` (``frozen``: the same structure frozen), one forward + backward with every gradient is timed for:
+``now`` (the layer's forward), ``live`` (empty components left out, no windows: ``window_tol=None``), ``all``
+(every component over the full width) and ``nn.Linear``, interleaved in rounds.
 
     python -m benchmarks.bench_phase1 --write-md
 """
@@ -14,6 +17,7 @@ the same rounds, and the same layer with every component computed (the cost befo
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -67,24 +71,40 @@ class _AllComponents(nn.Module):
         return nn.functional.linear(nn.functional.linear(x, v), u.t(), self.layer.bias)
 
 
+def _no_windows(layer: GBLRLinear) -> GBLRLinear:
+    twin = copy.deepcopy(layer)
+    twin.window_tol = None
+    return twin
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for n_in, n_out in SHAPES:
         x = torch.randn(args.tokens, n_in, requires_grad=True)
         gy = torch.randn(args.tokens, n_out)
         lin = nn.Linear(n_in, n_out)
-        layer = phase1_layer(n_in, n_out, args.ratio, args.dead, args.sigma)
-        fns: dict[str, Callable[[], Any]] = {
-            "dense": train_step(lin, x, gy),
-            "live": train_step(layer, x, gy),
-            "all": train_step(_AllComponents(layer), x, gy),
-        }
-        ratios, t_dense = interleaved_ratios(fns, args.threads, args.rounds, args.min_run_time)
-        live = layer.live_components()
-        rows.append({"shape": f"{n_in}x{n_out}", "flops_ratio": layer.flops_ratio(),
-                     "live": layer.num_components if live is None else int(live.numel()), "k": layer.num_components,
-                     "dense_ms": 1e3 * t_dense, "live_x": ratios["live"], "all_x": ratios["all"]})
-        print(rows[-1], flush=True)
+        for dead in args.deads:
+            for sigma in args.sigmas:
+                frozen = sigma == "frozen"
+                layer = phase1_layer(n_in, n_out, args.ratio, dead, 30.0 if frozen else float(sigma))
+                if frozen:
+                    layer.freeze_structure()
+                fns: dict[str, Callable[[], Any]] = {
+                    "dense": train_step(lin, x, gy),
+                    "now": train_step(layer, x, gy),
+                    "live": train_step(_no_windows(layer), x, gy),
+                    "all": train_step(_AllComponents(layer), x, gy),
+                }
+                ratios, t_dense = interleaved_ratios(fns, args.threads, args.rounds, args.min_run_time)
+                live = layer.live_components()
+                plan = layer._window_plan(args.tokens, layer.num_components * layer.rank_per_component)
+                rows.append({"shape": f"{n_in}x{n_out}", "sigma": sigma, "flops_ratio": layer.flops_ratio(),
+                             "live": layer.num_components if live is None else int(live.numel()),
+                             "k": layer.num_components, "dead": dead,
+                             "window_fraction": None if plan is None else plan.fraction,
+                             "dense_ms": 1e3 * t_dense, "now_x": ratios["now"], "live_x": ratios["live"],
+                             "all_x": ratios["all"]})
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -93,18 +113,25 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, argv: list[st
         f"Command: `python -m benchmarks.bench_phase1 {' '.join(argv)}` ({machine_info(args.threads)}; other jobs "
         "shared the cores: read the ratios, each the median over rounds of times taken one after the other).",
         "",
-        f"One training step (forward + backward, {args.tokens} tokens) of a GBLR layer in phase 1 (not frozen, sigma "
-        f"{args.sigma:g}, random locations) with {args.dead:.0%} of its K = min(in, out) components empty on both "
-        f"sides and the others at the width that puts it at {args.ratio:g} of dense FLOPs, against `nn.Linear` "
-        "timed in the same rounds: with the empty components left out (`live`, the forward now) and with every "
-        "component computed (`all`, the forward before).",
+        f"One training step (forward + backward, {args.tokens} tokens, every parameter's gradient) of a GBLR layer at "
+        f"{args.ratio:g} of dense FLOPs (random locations): in phase 1 (not frozen) at the sigma given, or frozen "
+        "(phase 2). `empty`: the share of its K = min(in, out) components empty on both sides (what the budget "
+        "learner leaves once its path reaches the budget: 73 % on the recovery teachers; 0 %: every component "
+        "partly wide); the others share one width that puts the layer at the ratio. Against `nn.Linear` timed in "
+        "the same rounds: `now` (the forward: empty components left out, then each component computed on the tiles "
+        "its masks reach, `window_tol` 1e-5, when the cost model takes it), `live` (empty components left out, "
+        "every live one over the full width: the forward before the windows), `all` (every component over the "
+        "full width: the forward before that). `windowed MACs` = the windowed product's multiply-adds over the "
+        "full product's (-: the full product runs, the tails cover too much at that sigma).",
         "",
-        "| shape (in x out) | FLOPs ratio | live components / K | nn.Linear (ms) | live | all |",
-        "|---|---|---|---|---|---|",
+        "| shape (in x out) | sigma | empty | FLOPs ratio | live / K | windowed MACs | nn.Linear (ms) | now | live | all |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['flops_ratio']:.3f} | {r['live']} / {r['k']} | {r['dense_ms']:.1f} | "
-                     f"{r['live_x']:.2f}x | {r['all_x']:.2f}x |")
+        frac = "-" if r["window_fraction"] is None else f"{r['window_fraction']:.2f}"
+        lines.append(f"| {r['shape']} | {r['sigma']} | {r['dead']:.0%} | {r['flops_ratio']:.3f} | {r['live']} / "
+                     f"{r['k']} | {frac} | {r['dense_ms']:.1f} | {r['now_x']:.2f}x | {r['live_x']:.2f}x | "
+                     f"{r['all_x']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -113,8 +140,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--dead", type=float, default=0.73, help="fraction of components empty on both sides")
-    p.add_argument("--sigma", type=float, default=10.0)
+    p.add_argument("--deads", type=lambda t: [float(v) for v in t.split(",")], default=[0.0, 0.73],
+                   help="fractions of components empty on both sides (comma-separated)")
+    p.add_argument("--sigmas", type=lambda t: [v if v == "frozen" else float(v) for v in t.split(",")],
+                   default=[1.0, 10.0, 30.0, 100.0, "frozen"], help="sigmas of phase 1, and/or 'frozen' (phase 2)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--min-run-time", type=float, default=0.5)

@@ -292,3 +292,23 @@ def test_a_per_layer_budget_of_one_costs_at_most_dense():
     lossless = TwoBranch()
     gsmify(lossless, budget=1.0, include=["a"], init="pretrained", fit_steps=0, calibration=stats)
     assert lossless.a.flops() > 256  # the convention this guards against
+
+
+def test_dense_method_drops_the_conversion_options_with_a_warning():
+    """``--model.conversion.method dense`` on a calibrated, measured config is its dense comparator: no calibration
+    pass, no conversion, a warning naming what was dropped."""
+    with pytest.warns(UserWarning, match="calibration, allocation ignored"):
+        conv = Conversion(method="dense", init="pretrained", calibration={"batches": 2}, allocation={"batches": 2})
+    assert conv.calibration is None and conv.allocation == "uniform" and conv.layer_budgets is None
+    with pytest.warns(UserWarning, match="layer_budgets ignored"):
+        Conversion(method="dense", layer_budgets={"a": 0.5})
+    with pytest.raises(ValueError, match="unknown allocation"):
+        Conversion(method="dense", allocation="greedy")
+    model = TwoBranch()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning):
+        m = GSMModule(model, num_classes=16, budget=0.4, optimizer=adamw(),
+                      conversion=Conversion(method="dense", init="pretrained", calibration={"batches": 2},
+                                            allocation="measured"))
+    assert m.converted and m.conversion.config()["calibration"] is None  # nothing waits for calibration data
+    assert all(torch.equal(before[k], v) for k, v in m.backbone.state_dict().items())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -103,8 +105,9 @@ class Conversion:
     """Which linear layers of a backbone become structured, as what, and from which weights.
 
     Args:
-        method: ``"gblr"`` (learned structure), ``"dense"`` (no conversion) or a fixed baseline (``"lowrank"``,
-            ``"monarch"``, ``"blocksparse"``) at the same budget.
+        method: ``"gblr"`` (learned structure), ``"dense"`` (no conversion; ``calibration``, ``allocation`` and
+            ``layer_budgets`` are then dropped with a warning, so that any config has a dense comparator) or a fixed
+            baseline (``"lowrank"``, ``"monarch"``, ``"blocksparse"``) at the same budget.
         include / exclude: glob or ``re:`` patterns of layers to convert (default: the backbone's
             ``gsm_default_include`` if it has one, else every linear layer).
         init: ``"random"`` (GBLR: SVD of trunc-normal, ``width_init``; a baseline: the projection of the same kind
@@ -148,6 +151,8 @@ class Conversion:
             raise ValueError(f"init='per_factor' initialises a fixed baseline's factors one by one; method="
                              f"{self.method!r} has no such init (use 'random' or 'pretrained')")
         self.layer_kwargs = dict(self.layer_kwargs or {})
+        if self.method == "dense":
+            self._drop_conversion_options()
         if isinstance(self.calibration, dict):
             self.calibration = Calibration(**self.calibration)
         if self.calibration is not None and self.init != "pretrained":
@@ -175,6 +180,22 @@ class Conversion:
         if self.allocation == "global" and self.method != "lowrank":
             raise ValueError(f"allocation='global' chooses the ranks of the low-rank baseline; method={self.method!r} "
                              "allocates otherwise (GBLR: learned in phase 1)")
+
+    def _drop_conversion_options(self) -> None:
+        """``method="dense"`` converts nothing: calibration, allocation and per-layer budgets have nothing to act on.
+
+        They are dropped with a warning (not an error), so that ``--model.conversion.method dense`` gives the dense
+        comparator of any config, calibrated or not, without a calibration pass that nothing would use."""
+        if isinstance(self.allocation, str) and self.allocation not in ("uniform", "global", "measured"):
+            raise ValueError(f"unknown allocation {self.allocation!r}; expected 'uniform', 'global' or 'measured' "
+                             "(a MeasuredAllocation)")
+        dropped = [k for k, v in (("calibration", self.calibration is not None),
+                                  ("allocation", self.allocation != "uniform"),
+                                  ("layer_budgets", self.layer_budgets is not None)) if v]
+        if dropped:
+            warnings.warn(f"conversion.method='dense' converts no layer: {', '.join(dropped)} ignored (no calibration "
+                          "pass runs)", UserWarning, stacklevel=3)
+        self.calibration, self.allocation, self.layer_budgets = None, "uniform", None
 
     def include_for(self, backbone: nn.Module) -> Any:
         """The include patterns in force for ``backbone`` (its ``gsm_default_include`` when none are given)."""

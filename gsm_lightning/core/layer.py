@@ -24,6 +24,7 @@ from .align import align_structure
 from .flops import StructuredCost, grid_widths, layers_flops, project_widths_to_budget, structure_flops
 from .masks import boxcar_mask, gaudi_mask, to_grid
 from .whitening import InputStats, right_multiply, whitened_low_rank
+from .windows import WindowPlan, window_margin, window_plan, windowed_product
 from .whitening import input_factor as as_input_factor
 
 __all__ = ["GBLRLinear", "gblr_layers", "set_frozen_route"]
@@ -68,7 +69,14 @@ class GBLRLinear(StructuredCost, nn.Module):
             paper's 0.02), or ``"fan_in"`` for ``1 / sqrt(in_features)`` (LeCun-normal; what ``GSMModule`` uses
             for a random init with its budget learner: a factorised layer started at the paper's small scale
             trains much worse, see BENCHMARKS.md).
-        forward_mode: ``"auto"`` picks the cheaper of masked low-rank and materialised dense per call.
+        forward_mode: ``"auto"`` picks the cheapest of masked low-rank, windowed low-rank (below) and materialised
+            dense per call; ``"lowrank"`` / ``"dense"`` force one of the two full products.
+        window_tol: in ``"auto"`` mode, large layers compute each component only on the tiles its masks reach
+            (:mod:`gsm_lightning.core.windows`): mask values and their width/location derivatives (per grid step)
+            below ``window_tol`` outside a component's window are taken as 0 (frozen layers: exact, their boxcars
+            have no tails).  ``None`` always computes every component over the full width.
+        window_tile: tile size (positions) of the windowed product; ``None``: per side, 64 below 2048 features and
+            128 from there (the faster of 64, 128 and 256 on the P1 shapes, ``benchmarks/bench_phase1.py``).
 
     Shapes: input ``(*, in_features)``, output ``(*, out_features)``.
     """
@@ -85,6 +93,8 @@ class GBLRLinear(StructuredCost, nn.Module):
         location_init: LocationInit = "zero",
         init_std: float | Literal["fan_in"] = 0.02,
         forward_mode: ForwardMode = "auto",
+        window_tol: float | None = 1e-5,
+        window_tile: int | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -111,6 +121,12 @@ class GBLRLinear(StructuredCost, nn.Module):
             raise ValueError(f"unknown location_init {location_init!r}; expected one of {_LOCATION_INITS}")
         if forward_mode not in _FORWARD_MODES:
             raise ValueError(f"unknown forward_mode {forward_mode!r}; expected one of {_FORWARD_MODES}")
+        if window_tol is not None and (isinstance(window_tol, bool) or not isinstance(window_tol, numbers.Real)
+                                       or not 0 < float(window_tol) < 1):
+            raise ValueError(f"window_tol must be a number in (0, 1) or None (no windowed product), got {window_tol!r}")
+        if window_tile is not None and (isinstance(window_tile, bool) or not isinstance(window_tile, numbers.Integral)
+                                        or int(window_tile) < 1):
+            raise ValueError(f"window_tile must be an integer >= 1 or None (by side size), got {window_tile!r}")
         if init_std == "fan_in":
             init_std = 1.0 / math.sqrt(int(in_features))
         if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not init_std > 0:
@@ -123,6 +139,8 @@ class GBLRLinear(StructuredCost, nn.Module):
         self.location_init = location_init
         self.init_std = float(init_std)
         self.forward_mode = forward_mode
+        self.window_tol = None if window_tol is None else float(window_tol)
+        self.window_tile = None if window_tile is None else int(window_tile)
         self.weight_in = nn.Parameter(torch.empty(k, r, self.in_features, **factory))
         self.weight_out = nn.Parameter(torch.empty(k, r, self.out_features, **factory))
         self.widths = nn.Parameter(torch.empty(2, k, device=device, dtype=torch.float32))
@@ -247,6 +265,17 @@ class GBLRLinear(StructuredCost, nn.Module):
         """Drop cached masks (done automatically when widths, locations or sigma change in place)."""
         self._mask_cache = None
         self._live_cache = None
+        self._window_cache = None
+
+    # class defaults (also for a layer pickled before these existed)
+    _window_cache: tuple[tuple, WindowPlan | None] | None = None
+    window_tol: float | None = 1e-5
+    window_tile: int | None = None
+    # below this many multiply-adds of the full product the windowed one is not tried (its host read of the
+    # structure and its per-tile calls cost more than it saves)
+    window_min_macs: int = 1 << 24
+    # the windowed product is taken when its multiply-adds are at most this fraction of the full product's
+    window_max_fraction: float = 0.7
 
     # ``None`` (the class default) also for a layer pickled before the cache existed.
     _live_cache: tuple[tuple, Tensor | None] | None = None
@@ -382,11 +411,11 @@ class GBLRLinear(StructuredCost, nn.Module):
         return v, u
 
     # --------------------------------------------------------------- forward
-    def _use_dense(self, tokens: int, kr: int | None = None) -> bool:
+    def _use_dense(self, tokens: int, kr: int | None = None, plan: WindowPlan | None = None) -> bool:
         if self.forward_mode != "auto":
             return self.forward_mode == "dense"
         kr = self.num_components * self.rank_per_component if kr is None else kr
-        lowrank = tokens * kr * (self.in_features + self.out_features)
+        lowrank = tokens * (kr * (self.in_features + self.out_features) if plan is None else plan.macs)
         dense = kr * self.in_features * self.out_features + tokens * self.in_features * self.out_features
         return dense < lowrank
 
@@ -399,9 +428,53 @@ class GBLRLinear(StructuredCost, nn.Module):
                 return routed
         v, u = self._live_masked_factors()
         tokens = x.numel() // self.in_features if self.in_features else 0
-        if self._use_dense(tokens, v.shape[0]):
+        plan = self._window_plan(tokens, v.shape[0])
+        if self._use_dense(tokens, v.shape[0], plan):
             return F.linear(x, u.t() @ v, self.bias)
+        if plan is not None:
+            return windowed_product(x, v, u, plan, self.bias)
         return F.linear(F.linear(x, v), u.t(), self.bias)
+
+    def _window_tiles(self) -> tuple[int, int]:
+        if self.window_tile is not None:
+            return self.window_tile, self.window_tile
+        return tuple(64 if n < 2048 else 128 for n in (self.in_features, self.out_features))  # type: ignore[return-value]
+
+    def _window_plan(self, tokens: int, kr: int) -> WindowPlan | None:
+        """The tiles each (live) component meets (:func:`~gsm_lightning.core.windows.window_plan`), or ``None``
+        when the full product is the one to run: not ``"auto"``, ``window_tol=None``, under ``torch.compile`` or
+        autocast (the tiles' products keep one dtype), a product under ``window_min_macs``, or a plan that saves too little (``window_max_fraction``).  Cached on
+        the structure's versions and sigma (one host read of the structure per change)."""
+        if (self.forward_mode != "auto" or self.window_tol is None or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled(self.weight_in.device.type) or tokens * kr * (self.in_features + self.out_features) < self.window_min_macs
+                or max(self.in_features, self.out_features) < 2 * min(tiles := self._window_tiles())):
+            return None
+        frozen = self.is_frozen
+        sigma = math.inf if frozen else float(self.sigma)
+        margins = (0, 0) if frozen else (window_margin(self.in_features, sigma, self.window_tol),
+                                         window_margin(self.out_features, sigma, self.window_tol))
+        if margins[0] >= self.in_features and margins[1] >= self.out_features:
+            return None
+        index = self.live_components()
+        key = (torch.is_inference_mode_enabled(), self.widths._version, self.locations._version,
+               self.widths.data_ptr(), self.locations.data_ptr(), self.num_components, frozen, margins,
+               tiles, self.weight_in.device, None if index is None else index.data_ptr())
+        cache = self._window_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        with torch.no_grad():
+            widths, locations = self.widths, self.locations
+            if index is not None:
+                widths, locations = widths.index_select(1, index), locations.index_select(1, index)
+            grid = [(to_grid(widths[i], n), to_grid(locations[i], n) % n)
+                    for i, n in enumerate((self.in_features, self.out_features))]
+            plan = window_plan(torch.stack([grid[0][0], grid[1][0]]), torch.stack([grid[0][1], grid[1][1]]),
+                               self.in_features, self.out_features, self.rank_per_component, margins,
+                               tiles, device=self.weight_in.device)
+        if plan.fraction > self.window_max_fraction:
+            plan = None
+        self._window_cache = (key, plan)
+        return plan
 
     def to_dense(self) -> Tensor:
         """The weight ``W`` ``(out, in)`` as a dense matrix (differentiable)."""
