@@ -227,3 +227,16 @@ def test_window_settings_are_checked():
     with pytest.raises(ValueError, match="window_tile must be an integer >= 1 or None"):
         GBLRLinear(8, 8, window_tile=0)
     assert GBLRLinear(8, 8, window_tol=None).window_tol is None
+
+
+@pytest.mark.parametrize("init", ["random", "pretrained"])
+def test_window_settings_reach_converted_layers(init):
+    """``layer_kwargs`` (``conversion.layer_kwargs`` in a config) set the windows of every converted layer."""
+    from torch import nn
+
+    from gsm_lightning.core.conversion import gsmify
+    from gsm_lightning.core.layer import gblr_layers
+
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    gsmify(model, budget=0.5, init=init, fit_steps=0, window_tol=None, window_tile=32)
+    assert [(m.window_tol, m.window_tile) for _, m in gblr_layers(model)] == [(None, 32), (None, 32)]
