@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             pts.append((r, 1.0 - cos(ref_held, held)))
         restore()
         curves[n] = sorted(set(pts))
-        print(n, [(r, round(l, 4)) for r, l in curves[n]], flush=True)
+        print(n, [(r, round(err, 4)) for r, err in curves[n]], flush=True)
     curves_s = time.perf_counter() - t0 if cfg.curves_from is None else stored["curves_s"]
     learned = json.loads(cfg.learned.read_text())["rows"][0]["ratios"] if cfg.learned.exists() else None
     rows = []
@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> None:
         rules = {"uniform": {n: rank_at(weights[n], budget) for n in names},
                  "greedy-whitened": allocate_ranks_greedy(weights, stats, budget),
                  "measured": measured_allocation(curves, shapes, budget)}
-        at_budget = {n: [min(curves[n], key=lambda pt, r0=rank_at(weights[n], budget): abs(pt[0] - r0))] for n in names}
+        at_budget = {}
+        for n in names:
+            r0 = rank_at(weights[n], budget)
+            at_budget[n] = [min(curves[n], key=lambda pt, r0=r0: abs(pt[0] - r0))]
         rules["measured, one point"] = allocate_ranks_greedy(weights, stats, budget,
                                                              gains=layer_gains(at_budget, weights, stats))
         if learned is not None and abs(json.loads(cfg.learned.read_text())["rows"][0]["budget"] - budget) < 1e-9:

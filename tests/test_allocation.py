@@ -5,7 +5,6 @@ steps, convex curves: brute force); GSMModule and the low-rank baseline convert 
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
