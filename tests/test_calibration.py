@@ -462,3 +462,35 @@ def test_hf_gpt2_conv1d_statistics_and_calibrated_conversion():
         assert base.output_error == pytest.approx(opt, rel=1e-5)
         assert layer.output_error <= opt + 1e-5
     assert g(**xs[0]).last_hidden_state.shape == (2, 12, 16)
+
+
+class _SharedInputs(nn.Module):
+    """q, k and v read one tensor (as in attention); ``mutate`` changes that tensor in place between k and v."""
+
+    def __init__(self, mutate: bool = False) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 5)
+        self.mutate = mutate
+
+    def forward(self, x):
+        h = x * 1.0
+        out = self.q(h).sum() + self.k(h).sum()
+        if self.mutate:
+            h.mul_(2.0)
+        return out + self.v(h).sum()
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_layers_fed_one_tensor_share_the_product_and_still_get_their_own_statistics(diagonal):
+    torch.manual_seed(0)
+    batches = [torch.randn(3, 7, 6), torch.randn(2, 6)]
+    xs = torch.cat([b.reshape(-1, 6) for b in batches]).double()
+    gram = xs.pow(2).sum(0) if diagonal else xs.t() @ xs
+    stats = collect_input_stats(_SharedInputs(), batches, diagonal=diagonal)
+    for name in ("q", "k", "v"):
+        torch.testing.assert_close(stats[name].h, gram)
+        assert stats[name].count == 23
+    # an in-place change between two layers is a new input: v sees 2x, so 4x the product
+    stats = collect_input_stats(_SharedInputs(mutate=True), batches, diagonal=diagonal)
+    torch.testing.assert_close(stats["k"].h, gram)
+    torch.testing.assert_close(stats["v"].h, 4 * gram)

