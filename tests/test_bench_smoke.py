@@ -151,3 +151,33 @@ def test_bench_fit_quick(tmp_path):
     assert text.startswith("# Benchmarks\n\nother section\n") and bench.HEADING in text
     assert body.lstrip().startswith("Command: `python -m benchmarks.bench_fit --quick --recipes quickstart")
     assert "| gblr - dense |" in body and "QUICK" in body
+
+
+def test_compress_smollm2_table_from_json(tmp_path, monkeypatch):
+    """The SmolLM2 table from --json outputs (no model needed): medians, large perplexities, and each kind of run
+    (conversion only / with distillation) in its own BENCHMARKS.md section."""
+    import json
+
+    bench = _load("compress_smollm2")
+    cfg = vars(bench.parse_args([]))
+    rows = [{"method": m, "budget": 0.5, "seed": s, "flops_ratio": 0.5, "ppl_converted": p, "ppl_distilled": None,
+             "convert_s": 1.0, "tune_s": 0.0, "by_type": {t: 0.5 for t in bench.TYPES}}
+            for m, s, p in [("wsvd", 0, 1000.0), ("wsvd", 1, 1200.0), ("wsvd", 2, 900.0), ("svd", 0, 2.5e7)]]
+    conv = tmp_path / "conv.json"
+    conv.write_text(json.dumps({"dense_ppl": 93.5, "rows": rows, "total_s": 60, "argv": ["--budgets", "0.5"], "cfg": cfg}))
+    distilled = [dict(r, ppl_distilled=150.0, tune_s=9.0) for r in rows[:1]]
+    dist = tmp_path / "dist.json"
+    dist.write_text(json.dumps({"dense_ppl": 93.5, "rows": distilled, "total_s": 60, "argv": ["--steps", "60"],
+                                "cfg": dict(cfg, steps=60)}))
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nkeep me\n")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    bench.main(["--from-json", str(conv), "--write-md"])
+    bench.main(["--from-json", str(dist), "--write-md"])
+    text = md.read_text()
+    assert "keep me" in text and "**Dense: 93.50.**" in text
+    conv_part = text.split(bench.MD_START)[1].split(bench.MD_END)[0]
+    assert "| 50% | wsvd | 3 | 0.500 | 1000.00 | - |" in conv_part  # the median of 3 seeds
+    assert "| 50% | svd | 1 | 0.500 | 2.50e+07 |" in conv_part and "No training" in conv_part
+    dist_part = text.split(bench.MD_DISTILL[0])[1].split(bench.MD_DISTILL[1])[0]
+    assert "| 50% | wsvd | 1 | 0.500 | 1000.00 | 150.00 |" in dist_part and "60 AdamW steps" in dist_part
