@@ -91,8 +91,9 @@ def collect_input_stats(
     Forward pre-hooks on the chosen layers accumulate ``H = sum_tokens x x^T`` (``(in, in)`` in ``dtype``, on the
     layer's device; only ``sum x^2``, ``(in,)``, with ``diagonal=True``: memory ``in`` instead of ``in^2`` for wide
     layers) and the token count, while ``forward(model, batch)`` runs every batch under ``torch.no_grad()`` with the
-    model in eval mode.  Activations are never stored beyond their batch; layers fed the very same input tensor
-    (q/k/v projections, an MLP's gate and up) share one product ``x^T x`` per batch.  The train/eval mode of every module is restored and the hooks
+    model in eval mode.  Activations are never stored (only the last hooked input is held, until the next hook
+    call); consecutive layers fed the very same input tensor (q/k/v projections, an MLP's gate and up) share one
+    product ``x^T x``.  The train/eval mode of every module is restored and the hooks
     are removed afterwards, also on error.
 
     Args:
@@ -125,7 +126,7 @@ def collect_input_stats(
         acc[name] = torch.zeros((n,) if diagonal else (n, n), dtype=dtype, device=device)
         counts[name] = 0
 
-    shared: dict[tuple, tuple[Tensor, Tensor, int]] = {}
+    last: list[Any] = []  # [input, its version, device, product, tokens] of the last hooked call
 
     def make_hook(name: str, n: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -134,19 +135,18 @@ def collect_input_stats(
                 raise ValueError(f"layer {name!r} expects inputs of last dimension {n}, got "
                                  f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
             h = acc[name]
-            # layers fed the very same tensor (q/k/v, an MLP's gate/up) share one product per forward pass: the
-            # cache holds the input itself, so its memory cannot be reused by another tensor while the entry lives
-            key = (id(x), x._version, h.dtype, h.device, n)
-            hit = shared.get(key)
-            if hit is not None and hit[0] is x:
-                h.add_(hit[1])
-                counts[name] += hit[2]
+            # consecutive layers fed the very same tensor (q/k/v, an MLP's gate and up) share one product: only the
+            # last input and its product are kept (one in x in matrix at a time), and an in-place change of the
+            # tensor (its version counter) makes it a new input
+            if last and last[0] is x and last[1] == x._version and last[2] == h.device:
+                h.add_(last[3])
+                counts[name] += last[4]
                 return
             flat = x.detach().reshape(-1, n).to(device=h.device, dtype=h.dtype)
             product = flat.pow(2).sum(0) if diagonal else flat.t() @ flat
             h.add_(product)
             counts[name] += flat.shape[0]
-            shared[key] = (x, product, flat.shape[0])
+            last[:] = [x, x._version, h.device, product, flat.shape[0]]
 
         return hook
 
@@ -162,7 +162,7 @@ def collect_input_stats(
                 try:
                     forward(model, batch)
                 finally:
-                    shared.clear()
+                    last.clear()
                 n_batches += 1
     finally:
         for handle in handles:

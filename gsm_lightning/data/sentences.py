@@ -22,6 +22,7 @@ examples.  The ``index.*`` files of the same package give each headword's sense 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -526,4 +527,4 @@ def perplexity(model: Callable[[Tensor], Tensor], chunks: Tensor, batch_size: in
     finally:
         if was is not None:
             model.train(was)
-    return float(torch.tensor(total / count).exp())
+    return math.exp(total / count)
