@@ -19,7 +19,10 @@ Methods (the q/k/v and FFN linears of every layer; ``budget`` = FLOPs of those l
 * ``monarch``: calibrated block-diagonal-approximation Monarch, each layer at the budget;
 * ``wsvd-measured`` / ``gblr-measured``: whitened SVD / GBLR started from per-layer budgets measured on the model's
   output (:class:`~gsm_lightning.core.conversion_spec.MeasuredAllocation` on the first ``--alloc-batches``
-  calibration batches); GBLR's rule may move FLOPs from there in phase 1.
+  calibration batches); GBLR's rule may move FLOPs from there in phase 1;
+* ``wsvd-seq`` / ``wsvd-seq-measured`` / ``gblr-seq-measured``: the same with a sequential calibration
+  (``Calibration(sequential=True)``): the layers are converted in forward order, each fitted to the dense model's
+  output from the inputs the already converted layers give it.
 
     python -m benchmarks.compress_minilm --write-md                   # the BENCHMARKS.md table
     python -m benchmarks.compress_minilm --quick                      # seconds-scale smoke run
@@ -72,6 +75,9 @@ METHODS = {
     "monarch": {"method": "monarch", "calibrated": True, "allocation": "uniform"},
     "wsvd-measured": {"method": "lowrank", "calibrated": True, "allocation": "measured"},
     "gblr-measured": {"method": "gblr", "calibrated": True, "allocation": "measured"},
+    "wsvd-seq": {"method": "lowrank", "calibrated": True, "allocation": "uniform", "sequential": True},
+    "wsvd-seq-measured": {"method": "lowrank", "calibrated": True, "allocation": "measured", "sequential": True},
+    "gblr-seq-measured": {"method": "gblr", "calibrated": True, "allocation": "measured", "sequential": True},
 }
 
 
@@ -80,7 +86,9 @@ def build(method: str, budget: float, cfg: argparse.Namespace, backbone: Sentenc
     allocation = (MeasuredAllocation(batches=min(cfg.alloc_batches, cfg.calib_batches))
                   if spec["allocation"] == "measured" else spec["allocation"])
     conversion = Conversion(method=spec["method"], init="pretrained", fit_steps=cfg.fit_steps,
-                            calibration=Calibration(batches=cfg.calib_batches) if spec["calibrated"] else None,
+                            calibration=(Calibration(batches=cfg.calib_batches, sequential=spec.get("sequential", False),
+                                                     mask_padding=not cfg.keep_padding)
+                                         if spec["calibrated"] else None),
                             allocation=allocation)
     return GSMModule(backbone, task="embedding", budget=budget, conversion=conversion,
                      rule=BudgetRule(structure_lr=cfg.structure_lr, width_norm=cfg.width_norm),
@@ -207,18 +215,26 @@ def markdown(rows: list[dict[str, Any]], dense: dict[str, Any], cfg: argparse.Na
 
 def paired(rows: list[dict[str, Any]]) -> list[str]:
     """Per-seed differences for the rows run with more than one seed: each GBLR row minus the whitened SVD of the same
-    allocation (``gblr-measured`` minus ``wsvd-measured``, the others minus ``wsvd``), and ``wsvd-measured`` minus
-    ``wsvd`` (what the measured allocation alone gives)."""
+    allocation and calibration (``gblr-measured`` minus ``wsvd-measured``, ``gblr-seq-measured`` minus
+    ``wsvd-seq-measured``, the others minus ``wsvd``), ``wsvd-measured`` and ``wsvd-seq`` minus ``wsvd`` (what the
+    measured allocation, the sequential calibration alone give) and ``wsvd-seq-measured`` minus ``wsvd-measured``
+    (what the sequential calibration adds to the measured allocation)."""
     out = []
     for budget in sorted({r["budget"] for r in rows}, reverse=True):
         methods = sorted({r["method"] for r in rows if r["budget"] == budget})
         for method in methods:
-            if method.startswith("gblr"):
-                ref = "wsvd-measured" if method.startswith("gblr-measured") else "wsvd"
-            elif method == "wsvd-measured":
+            pad = ", padding in calibration"
+            plain = method.removesuffix(pad)
+            if plain.startswith("gblr"):
+                ref = ("wsvd-measured" if plain.startswith("gblr-measured") else
+                       "wsvd-seq-measured" if plain.startswith("gblr-seq-measured") else "wsvd")
+            elif plain in ("wsvd-measured", "wsvd-seq"):
                 ref = "wsvd"
+            elif plain == "wsvd-seq-measured":
+                ref = "wsvd-measured"
             else:
                 continue
+            ref += pad if method.endswith(pad) else ""
             base = {r["seed"]: r for r in rows if r["budget"] == budget and r["method"] == ref}
             pairs = [(r, base[r["seed"]]) for r in rows
                      if r["budget"] == budget and r["method"] == method and r["seed"] in base]
@@ -252,6 +268,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--alloc-batches", type=int, default=2,
                    help="*-measured methods: calibration batches the per-layer output errors are measured on")
+    p.add_argument("--keep-padding", action="store_true",
+                   help="calibration statistics over every position, padding included (Calibration(mask_padding="
+                        "False): how the rows of before the option were made)")
     p.add_argument("--fit-steps", type=int, default=0, help="GBLR calibrated fit steps (0: the whitened start)")
     p.add_argument("--eval-sentences", type=int, default=512)
     p.add_argument("--retrieval-entries", type=int, default=2000)
@@ -274,6 +293,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     cfg = parse_args(argv)
     if cfg.from_json:
         parts = [json.loads(f.read_text()) for f in cfg.from_json]
+        for part in parts:  # runs from before Calibration(mask_padding) (no such key) counted the padding too
+            if part["cfg"].get("keep_padding", True):
+                for r in part["rows"]:
+                    if r["method"] != "svd" and ", padding in calibration" not in r["method"]:
+                        r["method"] += ", padding in calibration"
         rows = [r for part in parts for r in part["rows"]]
         text = markdown(rows, parts[0]["dense"], argparse.Namespace(**parts[0]["cfg"]), parts[0]["argv"],
                         sum(part["total_s"] for part in parts), commands=[part["argv"] for part in parts],

@@ -19,7 +19,10 @@ layer type ended with.
 
 Methods: ``svd`` (plain truncated SVD at the budget per layer), ``wsvd`` (whitened, SVD-LLM), ``wsvd-measured``
 (whitened, per-layer budgets measured on the logits: ``MeasuredAllocation``), ``gblr`` / ``gblr-measured`` (GBLR from
-the calibrated start of ``wsvd`` / ``wsvd-measured``; its rule may move FLOPs between layers in phase 1).
+the calibrated start of ``wsvd`` / ``wsvd-measured``; its rule may move FLOPs between layers in phase 1),
+``wsvd-seq`` / ``wsvd-seq-measured`` (the whitened SVD with a sequential calibration, ``Calibration(sequential=True)``:
+the 90 groups of layers converted in forward order, each fitted to the dense model's outputs from the inputs the
+converted layers before it give; each group reruns both models up to it, so about 45x the calibration forwards).
 
     python -m benchmarks.compress_smollm2 --write-md             # conversion only (about 10 min on 2 cores)
     python -m benchmarks.compress_smollm2 --quick                # seconds-scale smoke run
@@ -79,6 +82,8 @@ METHODS = {
     "wsvd-measured": {"method": "lowrank", "calibrated": True, "allocation": "measured"},
     "gblr": {"method": "gblr", "calibrated": True, "allocation": "uniform"},
     "gblr-measured": {"method": "gblr", "calibrated": True, "allocation": "measured"},
+    "wsvd-seq": {"method": "lowrank", "calibrated": True, "allocation": "uniform", "sequential": True},
+    "wsvd-seq-measured": {"method": "lowrank", "calibrated": True, "allocation": "measured", "sequential": True},
 }
 TYPES = ("q", "k", "v", "gate", "up", "down")
 
@@ -111,7 +116,8 @@ def build(method: str, budget: float, cfg: argparse.Namespace, backbone: CausalL
     allocation = (MeasuredAllocation(batches=min(cfg.alloc_batches, cfg.calib_batches))
                   if spec["allocation"] == "measured" else spec["allocation"])
     conversion = Conversion(method=spec["method"], init="pretrained", fit_steps=0,
-                            calibration=Calibration(batches=cfg.calib_batches) if spec["calibrated"] else None,
+                            calibration=(Calibration(batches=cfg.calib_batches, sequential=spec.get("sequential", False))
+                                         if spec["calibrated"] else None),
                             allocation=allocation)
     return GSMModule(backbone, task="lm", budget=budget, conversion=conversion,
                      rule=BudgetRule(structure_lr=cfg.structure_lr), sigma=SigmaSchedule(None, None),

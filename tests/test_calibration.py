@@ -494,3 +494,68 @@ def test_layers_fed_one_tensor_share_the_product_and_still_get_their_own_statist
     stats = collect_input_stats(_SharedInputs(mutate=True), batches, diagonal=diagonal)
     torch.testing.assert_close(stats["k"].h, gram)
     torch.testing.assert_close(stats["v"].h, 4 * gram)
+
+
+# ------------------------------------------------------------------------------------------------ padding
+class Pooled(nn.Module):
+    """A per-token linear, a masked mean, a head on the pooled vector: dict batches with an attention mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, batch):
+        h = self.tok(batch["x"])
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def padded_batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for lengths in ([5, 2, 3], [1, 4, 4]):
+        mask = torch.zeros(3, 5, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        out.append({"x": torch.randn(3, 5, 6, generator=g) * 3 * (1 - mask.unsqueeze(-1)) + torch.randn(3, 5, 6, generator=g),
+                    "attention_mask": mask})
+    return out
+
+
+def test_padding_is_left_out_of_the_statistics_unless_asked():
+    from gsm_lightning.core.calibration import padding_mask
+
+    model = Pooled()
+    data = padded_batches()
+    fwd = lambda m, b: m(b)  # noqa: E731
+    masked = collect_input_stats(model, data, forward=fwd)
+    everything = collect_input_stats(model, data, forward=fwd, token_mask=None)
+    real = torch.cat([b["x"][b["attention_mask"].bool()] for b in data]).double()
+    every = torch.cat([b["x"].reshape(-1, 6) for b in data]).double()
+    assert masked["tok"].count == 5 + 2 + 3 + 1 + 4 + 4 and everything["tok"].count == 30
+    torch.testing.assert_close(masked["tok"].h, real.t() @ real)
+    torch.testing.assert_close(everything["tok"].h, every.t() @ every)
+    # the head's input is (batch, features): the (batch, seq) mask does not apply, every row counts
+    assert masked["head"].count == everything["head"].count == 6
+    assert padding_mask((data[0], torch.zeros(3))) is data[0]["attention_mask"]
+    assert padding_mask(torch.zeros(3)) is None and padding_mask({"x": torch.zeros(3)}) is None
+
+
+@pytest.mark.parametrize("mask_padding", [True, False])
+def test_module_calibration_masks_padding_by_default(mask_padding):
+    from gsm_lightning.core.conversion_spec import Calibration, Conversion
+    from gsm_lightning.training.module import GSMModule
+
+    from .helpers import adamw
+
+    data = [(b, torch.zeros(3, dtype=torch.long)) for b in padded_batches()]
+    conv = Conversion(method="lowrank", include=["tok"], init="pretrained",
+                      calibration=Calibration(batches=2, mask_padding=mask_padding))
+    m = GSMModule(Pooled(), num_classes=3, budget=0.4, conversion=conv, phase1_epochs=1, optimizer=adamw())
+    m.convert(data)
+    ref = Pooled()
+    stats = collect_input_stats(ref, [b for b, _ in data], layers=["tok"], forward=lambda mod, b: mod(b),
+                                token_mask=None if not mask_padding else (lambda b: b["attention_mask"]))
+    baselinify(ref, "lowrank", 0.4, include=["tok"], init="pretrained", calibration=stats)
+    torch.testing.assert_close(m.backbone.tok.to_dense(), ref.tok.to_dense())

@@ -50,6 +50,7 @@ __all__ = [
     "nblocks_for_budget",
     "blocks_for_budget",
     "baselinify",
+    "dense_weight",
     "random_dense_like_gblr",
     "BaselineReport",
     "BASELINE_METHODS",
@@ -83,6 +84,11 @@ def _dense_weight(linear: nn.Module, transpose: bool | None) -> Tensor:
     if transpose is None:
         transpose = type(linear).__name__ == "Conv1D"
     return weight.t() if transpose else weight
+
+
+def dense_weight(linear: nn.Module) -> Tensor:
+    """The ``(out, in)`` weight of an ``nn.Linear`` or HF ``Conv1D``, detached."""
+    return _dense_weight(linear, None)
 
 
 def _uniform_(t: Tensor, fan_in: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,17 @@ class Calibration:
         batches: training batches to run (of the data module's ``train_dataloader``).
         diagonal: keep only the diagonal of ``X^T X`` (memory ``in`` instead of ``in^2`` per layer, for wide layers; a
             per-channel scaling, as ASVD does, instead of full whitening).
+        sequential: convert the layers one group at a time in forward order (layers sharing an input together), each
+            fitted to the dense model's output from the inputs the already converted layers give it
+            (:func:`~gsm_lightning.core.calibration.convert_sequentially`): later layers correct for the errors of
+            earlier ones.  Cost: each group reruns the dense and the partly converted model up to that group on every
+            calibration batch (about ``groups / 2`` times the forward passes of plain calibration, for a stack of
+            equal blocks), and one copy of the backbone while converting.
+        damp: ridge of the sequential fit toward the dense weight, relative to the mean input energy
+            (:func:`~gsm_lightning.core.calibration.target_corrected_weight`).
+        mask_padding: count only the tokens the batch's ``attention_mask`` marks (a mapping batch, or a tuple whose
+            first item is one; :func:`~gsm_lightning.core.calibration.padding_mask`): padding positions are not data.
+            False: every position, padding included (the behaviour before this option).
 
     Memory: ``in^2`` float64 numbers per converted layer while converting (1.2 MB for a 384-wide input, 19 MB for
     1536, about 1 GB for 11008); freed after the conversion.
@@ -35,10 +47,20 @@ class Calibration:
 
     batches: int = 16
     diagonal: bool = False
+    sequential: bool = False
+    damp: float = 0.01
+    mask_padding: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
             raise ValueError(f"calibration batches must be an integer >= 1, got {self.batches!r}")
+        for key in ("sequential", "mask_padding"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"calibration {key} must be true or false, got {getattr(self, key)!r}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < float("inf"):
+            raise ValueError(f"calibration damp must be a number > 0 (the ridge toward the dense weight), got "
+                             f"{self.damp!r}")
+        self.damp = float(self.damp)
 
 
 @dataclass
@@ -203,24 +225,41 @@ class Conversion:
         """The qualified names of the layers this conversion replaces (what calibration hooks)."""
         return list(select_linear_layers(backbone, self.include_for(backbone), self.exclude))
 
+    def global_layer_budgets(self, backbone: nn.Module, budget: float,
+                             calibration: Mapping[str, Any]) -> dict[str, float]:
+        """The per-layer FLOPs ratios of ``allocation="global"`` (the ranks :func:`~gsm_lightning.core.baselines.
+        allocate_ranks_greedy` picks on the whitened singular values), for a conversion done group by group."""
+        from .allocation import ranks_to_ratios
+        from .baselines import allocate_ranks_greedy, dense_weight
+
+        weights = {n: dense_weight(backbone.get_submodule(n)) for n in self.layer_names(backbone)}
+        ranks = allocate_ranks_greedy(weights, calibration, budget)
+        return ranks_to_ratios(ranks, {n: tuple(w.shape) for n, w in weights.items()})
+
     def apply(self, backbone: nn.Module, budget: float, layer_defaults: dict[str, Any] | None = None,
               calibration: Mapping[str, Any] | None = None, skeleton: bool = False,
-              layer_budgets: Mapping[str, float] | None = None) -> GSMReport | None:
+              layer_budgets: Mapping[str, float] | None = None, names: list[str] | None = None) -> GSMReport | None:
         """Convert ``backbone`` in place; returns the conversion report (None for ``"dense"``).
 
         ``calibration``: the statistics of :func:`~gsm_lightning.core.calibration.collect_input_stats`.
         ``skeleton``: only the layers' shapes matter (their weights are about to be loaded from a checkpoint): a quick
-        random init instead of the fit.  ``layer_budgets``: per-layer FLOPs ratios (a measured allocation's
-        :meth:`MeasuredAllocation.layer_budgets`)."""
+        random init instead of the fit.  ``layer_budgets``: per-layer FLOPs ratios (a measured or global
+        allocation's; they replace ``allocation``).  ``names``: convert only these layers (qualified names, as
+        :meth:`layer_names` gives them; a sequential conversion converts one group at a time)."""
         include = self.include_for(backbone)
+        exclude = self.exclude
         if self.method == "dense":
             return None
         if self.layer_budgets is not None:
             layer_budgets = self.layer_budgets
+        if names is not None:
+            include, exclude = [f"re:{re.escape(n)}" for n in names], None
+            if layer_budgets is not None:
+                layer_budgets = {n: b for n, b in layer_budgets.items() if n in names}
         init = ("random" if self.method == "gblr" else "per_factor") if skeleton else self.init
         if self.method == "gblr":
             kwargs = {**(layer_defaults or {}), **self.layer_kwargs}
-            return gsmify(backbone, budget=budget, include=include, exclude=self.exclude, init=init,
+            return gsmify(backbone, budget=budget, include=include, exclude=exclude, init=init,
                           fit_steps=self.fit_steps, calibration=None if skeleton else calibration,
                           layer_budgets=None if skeleton else layer_budgets, **kwargs)
         from .baselines import baselinify
@@ -229,11 +268,10 @@ class Conversion:
             raise ValueError("a low-rank baseline with a global or measured allocation has per-layer ranks chosen from "
                              "calibration data: it cannot be rebuilt without it; load its weights into a module "
                              "converted with the same calibration")
-        measured = isinstance(self.allocation, MeasuredAllocation)
-        explicit = measured or self.layer_budgets is not None
-        return baselinify(backbone, method=self.method, budget=budget, include=include, exclude=self.exclude, init=init,
+        explicit = layer_budgets is not None
+        return baselinify(backbone, method=self.method, budget=budget, include=include, exclude=exclude, init=init,
                           calibration=None if skeleton else calibration,
-                          allocation="uniform" if measured else self.allocation,
+                          allocation="uniform" if explicit else self.allocation,
                           layer_budgets=layer_budgets if explicit else None, **self.layer_kwargs)
 
     def config(self) -> dict[str, Any]:

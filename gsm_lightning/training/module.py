@@ -10,6 +10,7 @@ integer widths, zero components dropped) and only the weights are fine-tuned.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -226,8 +227,12 @@ class GSMModule(LightningModule):
 
     def _convert(self, calibration: Any = None, skeleton: bool = False, layer_budgets: Any = None) -> None:
         conversion = self.conversion
-        self.report = conversion.apply(self.backbone, self.budget, self.rule.layer_defaults(conversion.init),
-                                       calibration=calibration, skeleton=skeleton, layer_budgets=layer_budgets)
+        self._converted(conversion.apply(self.backbone, self.budget, self.rule.layer_defaults(conversion.init),
+                                         calibration=calibration, skeleton=skeleton, layer_budgets=layer_budgets))
+
+    def _converted(self, report: Any) -> None:
+        conversion = self.conversion
+        self.report = report
         self.converted = True
         if self.method == "gblr" and conversion.init == "random":
             initial = self.report.flops_ratio
@@ -243,7 +248,7 @@ class GSMModule(LightningModule):
         """Run the pending calibrated conversion on ``batches`` (training batches as the data module yields them;
         their inputs go through the dense backbone).  ``setup`` calls it with the first ``conversion.calibration.
         batches`` batches of the data module's training loader; call it yourself to convert without a Trainer."""
-        from ..core.calibration import collect_input_stats
+        from ..core.calibration import collect_input_stats, convert_sequentially, padding_mask
 
         if self.converted:
             raise RuntimeError("this module's backbone is already converted")
@@ -255,12 +260,33 @@ class GSMModule(LightningModule):
             raise ValueError(f"the conversion's include patterns {self.conversion.include_for(self.backbone)!r} select no "
                              "linear layer of the backbone: nothing to calibrate")
         forward = lambda model, batch: model(self._unpack(batch)[0])  # noqa: E731
+        token_mask = padding_mask if cal.mask_padding else None
         allocation = self.conversion.allocation
         measured = not isinstance(allocation, str)
-        batches = list(batches) if measured else batches  # a measured allocation runs the first ones again
-        stats = collect_input_stats(self.backbone, batches, layers=names, forward=forward, diagonal=cal.diagonal)
-        budgets = allocation.layer_budgets(self.backbone, self.budget, stats, batches, forward) if measured else None
-        self._convert(calibration=stats, layer_budgets=budgets)
+        # a measured allocation and a sequential conversion run the batches again
+        batches = list(batches) if measured or cal.sequential else batches
+        stats = budgets = None
+        if measured or not cal.sequential or allocation == "global":  # the dense model's statistics
+            stats = collect_input_stats(self.backbone, batches, layers=names, forward=forward, diagonal=cal.diagonal,
+                                        token_mask=token_mask)
+        if measured:
+            budgets = allocation.layer_budgets(self.backbone, self.budget, stats, batches, forward)
+        if not cal.sequential:
+            self._convert(calibration=stats, layer_budgets=budgets)
+            return
+        if allocation == "global":  # the ranks are chosen on the dense model, then fitted group by group
+            budgets = self.conversion.global_layer_budgets(self.backbone, self.budget, stats)
+        stats = None  # freed: each group is fitted on its own statistics in the partly converted model
+        defaults = self.rule.layer_defaults(self.conversion.init)
+        reports = convert_sequentially(
+            self.backbone, batches, names,
+            lambda student, group, group_stats: self.conversion.apply(
+                student, self.budget, defaults, calibration=group_stats, layer_budgets=budgets, names=group),
+            forward=forward, diagonal=cal.diagonal, damp=cal.damp, token_mask=token_mask)
+        report = dataclasses.replace(reports[0], layers=[layer for r in reports for layer in r.layers])
+        if allocation == "global":
+            report.allocation = "global"
+        self._converted(report)
 
     def setup(self, stage: str) -> None:
         if self.converted:
