@@ -217,35 +217,39 @@ def paired(rows: list[dict[str, Any]]) -> list[str]:
     """Per-seed differences for the rows run with more than one seed: each GBLR row minus the whitened SVD of the same
     allocation and calibration (``gblr-measured`` minus ``wsvd-measured``, ``gblr-seq-measured`` minus
     ``wsvd-seq-measured``, the others minus ``wsvd``), ``wsvd-measured`` and ``wsvd-seq`` minus ``wsvd`` (what the
-    measured allocation, the sequential calibration alone give) and ``wsvd-seq-measured`` minus ``wsvd-measured``
-    (what the sequential calibration adds to the measured allocation)."""
+    measured allocation, the sequential calibration alone give), ``wsvd-seq-measured`` minus ``wsvd-measured``
+    (what the sequential calibration adds to the measured allocation), and each row minus the same method with the
+    padding in its calibration statistics (what leaving the padding out gives)."""
+    pad = ", padding in calibration"
     out = []
     for budget in sorted({r["budget"] for r in rows}, reverse=True):
         methods = sorted({r["method"] for r in rows if r["budget"] == budget})
         for method in methods:
-            pad = ", padding in calibration"
             plain = method.removesuffix(pad)
+            refs = []
             if plain.startswith("gblr"):
-                ref = ("wsvd-measured" if plain.startswith("gblr-measured") else
-                       "wsvd-seq-measured" if plain.startswith("gblr-seq-measured") else "wsvd")
+                refs.append("wsvd-measured" if plain.startswith("gblr-measured") else
+                            "wsvd-seq-measured" if plain.startswith("gblr-seq-measured") else "wsvd")
             elif plain in ("wsvd-measured", "wsvd-seq"):
-                ref = "wsvd"
+                refs.append("wsvd")
             elif plain == "wsvd-seq-measured":
-                ref = "wsvd-measured"
-            else:
-                continue
-            ref += pad if method.endswith(pad) else ""
-            base = {r["seed"]: r for r in rows if r["budget"] == budget and r["method"] == ref}
-            pairs = [(r, base[r["seed"]]) for r in rows
-                     if r["budget"] == budget and r["method"] == method and r["seed"] in base]
-            if len(pairs) < 2:
-                continue
-            d_cos = [a["cos_distilled"] - b["cos_distilled"] for a, b in pairs]
-            d_r10 = [100 * (a["r10"] - b["r10"]) for a, b in pairs]
-            out += ["", f"{budget:.0%}, {method} minus {ref}, per seed ({', '.join(str(a['seed']) for a, _ in pairs)}): "
-                        f"cosine {', '.join(f'{d:+.4f}' for d in d_cos)} (mean {statistics.mean(d_cos):+.4f}, range "
-                        f"{min(d_cos):+.4f} to {max(d_cos):+.4f}); recall@10 {', '.join(f'{d:+.1f}' for d in d_r10)} "
-                        f"points."]
+                refs.append("wsvd-measured")
+            refs = [ref + (pad if method.endswith(pad) else "") for ref in refs]
+            if not method.endswith(pad):
+                refs.append(method + pad)
+            for ref in refs:
+                base = {r["seed"]: r for r in rows if r["budget"] == budget and r["method"] == ref}
+                pairs = [(r, base[r["seed"]]) for r in rows
+                         if r["budget"] == budget and r["method"] == method and r["seed"] in base]
+                if len(pairs) < 2:
+                    continue
+                d_conv = [a["cos_converted"] - b["cos_converted"] for a, b in pairs]
+                d_cos = [a["cos_distilled"] - b["cos_distilled"] for a, b in pairs]
+                d_r10 = [100 * (a["r10"] - b["r10"]) for a, b in pairs]
+                out += ["", f"{budget:.0%}, {method} minus {ref}, per seed ({', '.join(str(a['seed']) for a, _ in pairs)}): "
+                            f"cosine {', '.join(f'{d:+.4f}' for d in d_cos)} (mean {statistics.mean(d_cos):+.4f}, range "
+                            f"{min(d_cos):+.4f} to {max(d_cos):+.4f}; converted, before distillation: mean "
+                            f"{statistics.mean(d_conv):+.4f}); recall@10 {', '.join(f'{d:+.1f}' for d in d_r10)} points."]
     return out
 
 
