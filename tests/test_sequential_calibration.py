@@ -28,15 +28,7 @@ from gsm_lightning.core.layer import GBLRLinear
 from gsm_lightning.training.module import GSMModule
 
 from .helpers import adamw
-from .test_calibration import _free_port
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from .test_calibration import _free_port, _one_thread  # noqa: F401  (_one_thread: the autouse one-thread fixture)
 
 
 class Block(nn.Module):

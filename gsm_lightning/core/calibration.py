@@ -93,6 +93,26 @@ def _tokens(x: Tensor, n: int, mask: Tensor | None) -> Tensor:
     return x.reshape(-1, n)
 
 
+def _hook_input(name: str, n: int | None, args: tuple, kwargs: dict) -> Any:
+    """The input tensor a forward pre-hook of layer ``name`` sees; checked to end in ``n`` features unless n is None."""
+    x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+    if n is not None and (not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] != n):
+        raise ValueError(f"layer {name!r} expects inputs of last dimension {n}, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    return x
+
+
+def _called_twice(name: str) -> ValueError:
+    return ValueError(f"sequential calibration: layer {name!r} is called more than once in one forward; it fits each "
+                      "layer to one input per forward (use calibration without sequential)")
+
+
+def _accumulator(module: nn.Module, n: int, diagonal: bool, dtype: torch.dtype) -> Tensor:
+    """Zeros for ``sum x x^T`` (``(n, n)``, or ``(n,)`` when diagonal) on the layer's device."""
+    ref = next(iter(module.parameters()), None)
+    return torch.zeros((n,) if diagonal else (n, n), dtype=dtype, device=ref.device if ref is not None else None)
+
+
 def _default_reduce() -> Callable[[Tensor], Any] | None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return lambda t: torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
@@ -146,10 +166,7 @@ def collect_input_stats(
     acc: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     for name, module in chosen:
-        n = _in_features(module)
-        ref = next(iter(module.parameters()), None)
-        device = ref.device if ref is not None else None
-        acc[name] = torch.zeros((n,) if diagonal else (n, n), dtype=dtype, device=device)
+        acc[name] = _accumulator(module, _in_features(module), diagonal, dtype)
         counts[name] = 0
 
     last: list[Any] = []  # [input, its version, device, product, tokens] of the last hooked call
@@ -157,10 +174,7 @@ def collect_input_stats(
 
     def make_hook(name: str, n: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-            if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] != n:
-                raise ValueError(f"layer {name!r} expects inputs of last dimension {n}, got "
-                                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+            x = _hook_input(name, n, args, kwargs)
             h = acc[name]
             # consecutive layers fed the very same tensor (q/k/v, an MLP's gate and up) share one product: only the
             # last input and its product are kept (one in x in matrix at a time), and an in-place change of the
@@ -244,13 +258,9 @@ def _run_until(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any],
 
     def make_hook(name: str, n: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-            if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] != n:
-                raise ValueError(f"layer {name!r} expects inputs of last dimension {n}, got "
-                                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+            x = _hook_input(name, n, args, kwargs)
             if name in seen:
-                raise ValueError(f"sequential calibration: layer {name!r} is called more than once in one forward; "
-                                 "it fits each layer to one input per forward (use calibration without sequential)")
+                raise _called_twice(name)
             on_input(name, _tokens(x.detach(), n, mask))
             seen.add(name)
             if seen == wanted:
@@ -286,10 +296,9 @@ def layer_groups(model: nn.Module, batch: Any, layers: str | Sequence[str | nn.M
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+            x = _hook_input(name, None, args, kwargs)
             if name in order:
-                raise ValueError(f"sequential calibration: layer {name!r} is called more than once in one forward; "
-                                 "it fits each layer to one input per forward (use calibration without sequential)")
+                raise _called_twice(name)
             order.append(name)
             if groups and last and last[0] is x and last[1] == getattr(x, "_version", None):
                 groups[-1].append(name)
@@ -355,10 +364,7 @@ def collect_pair_stats(
     cross: dict[str, Tensor] = {}
     counts = {name: 0 for name, _ in s_chosen}
     for name, module in s_chosen:
-        n = _in_features(module)
-        ref = next(iter(module.parameters()), None)
-        device = ref.device if ref is not None else None
-        ss[name] = torch.zeros((n,) if diagonal else (n, n), dtype=dtype, device=device)
+        ss[name] = _accumulator(module, _in_features(module), diagonal, dtype)
         cross[name] = torch.zeros_like(ss[name])
 
     t_inputs: dict[str, Tensor] = {}
@@ -481,7 +487,8 @@ def convert_sequentially(
     to the dense model's output of that layer.  Cost: each group reruns both models up to that group on every batch.
 
     The work is done on a copy of ``model`` (the dense original is the teacher); only at the end are the converted
-    layers put into ``model``, so that an error leaves ``model`` untouched.  Layers whose weight is tied to another
+    layers put into ``model``, so that an error leaves ``model`` untouched.  The fit and output errors that
+    ``convert`` reports are those of the corrected weight on the student's inputs, not of the original weight.  Layers whose weight is tied to another
     parameter keep their weight (their correction would change the tied one too).
 
     Args:
