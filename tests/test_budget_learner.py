@@ -10,7 +10,7 @@ from torch import nn
 
 from gsm_lightning import GBLRLinear
 from gsm_lightning.core.flops import flops_ratio
-from gsm_lightning.learn.budget_learner import BudgetLearner, BudgetPath
+from gsm_lightning.learn.budget_learner import BudgetLearner, BudgetPath, _Flat
 
 
 def two_layers(seed: int = 0) -> nn.Sequential:
@@ -212,7 +212,68 @@ def test_density_weighting_cuts_a_wide_component_of_little_energy_per_flop_first
         layer.weight_out[0, 0, :16] = 1.0
         layer.weight_in[1, 0, :32] = 0.5 ** 0.5
         layer.weight_out[1, 0, :32] = 0.5 ** 0.5
-    energy = BudgetLearner._energy_weight(layer, 0.1, 100.0)
-    density = BudgetLearner._energy_weight(layer, 0.1, 100.0, cost_power=1.0)
+    energy = BudgetLearner._energy_weights([layer], _Flat([layer]), 0.1, 100.0)
+    density = BudgetLearner._energy_weights([layer], _Flat([layer]), 0.1, 100.0, cost_power=1.0)
     assert float(energy[0]) == pytest.approx(float(energy[1]))
     assert float(density[1]) == pytest.approx(2 * float(density[0]))  # the wide one is cut twice as fast
+
+
+def _energy_weight_reference(layer: GBLRLinear, lo: float, hi: float, cost_power: float) -> torch.Tensor:
+    """The energy weight of one layer, written out per component with Python loops."""
+    k_all = layer.num_components
+    e = []
+    for k in range(k_all):
+        sides = []
+        for side, (w, n) in enumerate(((layer.weight_in, layer.in_features), (layer.weight_out, layer.out_features))):
+            width = round(float(layer.widths[side, k].clamp(0, 1)) * n)
+            start = round(float(layer.locations[side, k]) * n)
+            cols = [(start + j) % n for j in range(width)]
+            sides.append(float(w[k][:, cols].double().pow(2).sum().sqrt()) if cols else 0.0)
+        cost = round(float(layer.widths[0, k].clamp(0, 1)) * layer.in_features) + round(
+            float(layer.widths[1, k].clamp(0, 1)) * layer.out_features)
+        active = min(round(float(layer.widths[0, k].clamp(0, 1)) * layer.in_features),
+                     round(float(layer.widths[1, k].clamp(0, 1)) * layer.out_features)) > 0
+        energy = sides[0] * sides[1] / max(cost, 1) ** cost_power
+        e.append((energy, active and energy > 0))
+    live = [x for x, a in e if a]
+    mean = sum(live) / len(live) if live else 0.0
+    return torch.tensor([min(max(mean / x, lo), hi) if a else hi for x, a in e], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("cost_power", [0.0, 1.0])
+def test_energy_weights_of_layers_grouped_by_shape_match_the_per_component_reference(cost_power):
+    torch.manual_seed(0)
+    layers = [GBLRLinear(12, 20, num_components=6, location_init="random"), GBLRLinear(20, 12, num_components=5),
+              GBLRLinear(12, 20, num_components=6, location_init="random", rank_per_component=2),
+              GBLRLinear(12, 20, num_components=6, location_init="random")]
+    with torch.no_grad():
+        for m in layers:
+            m.widths.copy_(torch.rand_like(m.widths))
+        layers[0].widths[1, 2] = 0.0  # an inactive component
+        layers[3].widths.zero_()  # a layer with none active
+    weights = BudgetLearner._energy_weights(layers, _Flat(layers), 0.1, 100.0, cost_power)
+    want = torch.cat([_energy_weight_reference(m, 0.1, 100.0, cost_power) for m in layers])
+    torch.testing.assert_close(weights.double(), want, rtol=1e-5, atol=1e-6)
+    assert weights[2] == 100.0 and (weights[-6:] == 100.0).all()
+
+
+def test_side_width_step_of_all_layers_at_once_matches_the_per_layer_formula():
+    """w -= lr clip(g / rms_side, +-clip), one running mean square of g per layer side (bias-corrected), written out
+    per layer; a layer without a gradient keeps its widths and gets no state."""
+    torch.manual_seed(1)
+    net = nn.Sequential(GBLRLinear(8, 12, num_components=4), GBLRLinear(12, 8, num_components=3),
+                        GBLRLinear(8, 8, num_components=2))
+    learner = BudgetLearner(budget=1.0, path_steps=0, step_clip=1.5, beta2=0.9)
+    want = {i: net[i].widths.detach().clone() for i in range(3)}
+    ms = {0: torch.zeros(2), 1: torch.zeros(2)}
+    for t in range(3):
+        for i in (0, 1):
+            net[i].widths.grad = torch.randn(2, net[i].num_components) * (10.0 if i else 0.01)
+            ms[i] = 0.9 * ms[i] + 0.1 * net[i].widths.grad.pow(2).mean(1)
+            rms = (ms[i] / (1 - 0.9 ** (t + 1))).sqrt()
+            want[i] = (want[i] - 0.01 * (net[i].widths.grad / rms[:, None]).clamp(-1.5, 1.5)).clamp(0, 1)
+        learner.step(net, 0.01, cut=False)
+        for i in range(3):
+            torch.testing.assert_close(net[i].widths.detach(), want[i], rtol=0, atol=1e-6)
+    assert sorted(learner.mean_sq) == ["0", "1"]
+    torch.testing.assert_close(learner.mean_sq["1"], ms[1])

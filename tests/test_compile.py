@@ -73,8 +73,10 @@ def test_structure_learning_fullgraph(backend, sigma):
     got, want = grads(layer, x, out, g), grads(layer, x, ref, g)
     assert len(got) == 6  # x, both factors, widths, locations, bias
     assert got[3].abs().sum() > 0 and got[4].abs().sum() > 0  # gradients reach widths and locations
+    # eager masks are one closed-form autograd node, the traced ones the op graph: in float32 their structure
+    # gradients differ by rounding (against float64 the eager one is off by 9e-6, the graph by 7e-5, on a scale of 8)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # a new sigma (annealing) is read as a tensor: same graph, new masks
     layer.set_sigma(7.5)
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)

@@ -173,3 +173,69 @@ def test_bad_inputs_raise() -> None:
             gaudi_mask(w, loc, 8, sigma=bad)
     with pytest.raises(ValueError, match="n must be >= 1"):
         gaudi_mask(w, loc, 0)
+
+
+# ------------------------------------------------------------ the closed-form autograd node against the op graph
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 17, 64, 191])
+@pytest.mark.parametrize("sigma", [1.0, 12.0, None])
+@pytest.mark.parametrize("ste", [True, False])
+def test_fused_mask_matches_the_op_by_op_graph_in_value_and_gradient(n: int, sigma: float | None, ste: bool) -> None:
+    """gaudi_mask in eager mode is one autograd node with hand-written derivatives (_GaudiMaskFn); the graph of
+    gaudi_spectrum + irfft (what torch.compile and torch.func trace) is the independent reference, in float64."""
+    from gsm_lightning.core.masks import _gaudi_mask_graph, _GaudiMaskFn
+
+    g = torch.Generator().manual_seed(n)
+    w = torch.rand(2, 5, generator=g, dtype=torch.float64).requires_grad_()
+    loc = (2 * torch.rand(2, 5, generator=g, dtype=torch.float64) - 0.5).requires_grad_()  # also outside [0, 1)
+    probe = torch.randn(2, 5, n, generator=g, dtype=torch.float64)
+    fused = gaudi_mask(w, loc, n, sigma, ste=ste)
+    assert fused.grad_fn is not None and type(fused.grad_fn).__name__ == _GaudiMaskFn.__name__ + "Backward"
+    ref = _gaudi_mask_graph(w, loc, n, sigma, ste)
+    torch.testing.assert_close(fused, ref, atol=1e-12, rtol=0)
+    got = torch.autograd.grad((fused * probe).sum(), (w, loc))
+    want = torch.autograd.grad((ref * probe).sum(), (w, loc))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_fused_mask_in_float32_keeps_the_phase_exact_on_the_grid() -> None:
+    """With ste the phase is computed from the integer grid positions (k m mod 2n, exact), so the float32 boxcars
+    at n = 4096 are closer to exact than the op graph's, whose float32 product k * l is off by about k ulp."""
+    from gsm_lightning.core.masks import _gaudi_mask_graph
+
+    n = 4096
+    gen = torch.Generator().manual_seed(1)
+    widths, locs = torch.randint(0, n + 1, (16,), generator=gen), torch.randint(0, n, (16,), generator=gen)
+    w, loc = widths.float() / n, locs.float() / n
+    m = gaudi_mask(w, loc, n, None)
+    assert m.dtype == torch.float32
+    exact = boxcar_mask(widths, locs, n)
+    err = (m - exact).abs().max().item()
+    graph_err = (_gaudi_mask_graph(w, loc, n, None, True) - exact).abs().max().item()
+    assert err < 5e-5 and err < graph_err / 2, (err, graph_err)
+
+
+def test_fused_mask_passes_the_gradient_of_the_right_dtype_only_where_asked() -> None:
+    w = torch.rand(3, requires_grad=True)
+    loc = torch.rand(3, dtype=torch.float64)  # no gradient asked, another dtype
+    m = gaudi_mask(w, loc, 9, 4.0)
+    assert m.dtype == torch.float64
+    (gw,) = torch.autograd.grad(m.sum(), (w,))
+    assert gw.dtype == torch.float32 and torch.isfinite(gw).all()
+
+
+def test_fused_mask_has_the_op_graphs_second_derivative() -> None:
+    """With create_graph the closed-form node hands the gradient to the op graph, so higher derivatives are those
+    of the op graph (not silently 0), also mixed with other terms of the same input.  (In the width the op graph's
+    second derivative is NaN, from torch.sinc's at 0, as it always was; the location's is finite.)"""
+    from gsm_lightning.core.masks import _gaudi_mask_graph
+
+    w = torch.rand(3, dtype=torch.float64)
+    loc = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    second = []
+    for fn in (gaudi_mask, _gaudi_mask_graph):
+        m = fn(w, loc, 8, 2.0, False)
+        (g,) = torch.autograd.grad(m.pow(2).sum() + loc.pow(3).sum(), (loc,), create_graph=True)
+        second.append(torch.autograd.grad(g.sum(), (loc,))[0])
+    assert torch.isfinite(second[1]).all() and (second[1] - 6 * loc).abs().max() > 1e-3  # the mask's part is there
+    torch.testing.assert_close(second[0], second[1])

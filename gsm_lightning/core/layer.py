@@ -266,6 +266,7 @@ class GBLRLinear(StructuredCost, nn.Module):
         self._mask_cache = None
         self._live_cache = None
         self._window_cache = None
+        self._prepared_masks = None
 
     # class defaults (also for a layer pickled before these existed)
     _window_cache: tuple[tuple, WindowPlan | None] | None = None
@@ -280,6 +281,8 @@ class GBLRLinear(StructuredCost, nn.Module):
 
     # ``None`` (the class default) also for a layer pickled before the cache existed.
     _live_cache: tuple[tuple, Tensor | None] | None = None
+    # masks with their graph, computed for the next forward by core.mask_batch.prepare_masks (used once)
+    _prepared_masks: tuple[tuple, Tensor | None, Tensor, Tensor] | None = None
 
     def live_components(self) -> Tensor | None:
         """Indices of the components not empty on both sides (grid-rounded widths), or ``None`` when every component
@@ -308,13 +311,18 @@ class GBLRLinear(StructuredCost, nn.Module):
 
     def _live_masked_factors(self) -> tuple[Tensor, Tensor]:
         """:meth:`masked_factors` restricted to :meth:`live_components` (all of them when that is ``None``): what
-        the forward multiplies by.  Gradients reach the full parameters through the index (0 for the others)."""
+        the forward multiplies by.  Gradients reach the full parameters through the index (0 for the others).
+        Masks made for this forward by :func:`~gsm_lightning.core.mask_batch.prepare_masks` are used (once) when
+        the structure has not changed since."""
         index = self.live_components()
-        if index is None:
+        prepared, self._prepared_masks = self._prepared_masks, None
+        if (prepared is not None and torch.is_grad_enabled() and prepared[1] is index
+                and prepared[0] == self._cache_key()):
+            m_in, m_out = prepared[2], prepared[3]
+        elif index is None:
             return self.masked_factors()
-        k, r = index.numel(), self.rank_per_component
-        needs_grad = torch.is_grad_enabled() and (self.widths.requires_grad or self.locations.requires_grad)
-        if needs_grad:  # only the live components' masks (the masks' cost is K FFTs per side)
+        elif torch.is_grad_enabled() and (self.widths.requires_grad or self.locations.requires_grad):
+            # only the live components' masks (the masks' cost is K FFTs per side)
             self._check_finite()
             sigma = float(self.sigma)
             widths, locations = self.widths.index_select(1, index), self.locations.index_select(1, index)
@@ -323,9 +331,11 @@ class GBLRLinear(StructuredCost, nn.Module):
             m_out = gaudi_mask(widths[1], locations[1], self.out_features, sigma).to(dtype)
         else:  # the cached masks of every component, then the live rows
             m_in, m_out = (m.index_select(0, index) for m in self.masks())
-        v = (self.weight_in.index_select(0, index) * m_in.unsqueeze(1)).reshape(k * r, self.in_features)
-        u = (self.weight_out.index_select(0, index) * m_out.unsqueeze(1)).reshape(k * r, self.out_features)
-        return v, u
+        w_in = self.weight_in if index is None else self.weight_in.index_select(0, index)
+        w_out = self.weight_out if index is None else self.weight_out.index_select(0, index)
+        rows = w_in.shape[0] * self.rank_per_component
+        return ((w_in * m_in.unsqueeze(1)).reshape(rows, self.in_features),
+                (w_out * m_out.unsqueeze(1)).reshape(rows, self.out_features))
 
     def _cache_key(self) -> tuple:
         # Masks cached under torch.inference_mode are inference tensors that autograd cannot save,

@@ -16,6 +16,7 @@ components: widths/locations of shape ``(..., K)`` give masks ``(..., K, n)``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,9 +95,33 @@ def gaudi_mask(
     ``ste=True`` rounds widths and locations to the grid ``1/n`` in the forward
     pass with a straight-through gradient, so for ``sigma=None`` the masks are
     exact boxcars while gradients reach the continuous values (also at width 0).
+
+    In eager mode with a float ``sigma`` this runs as one autograd node with its derivatives in closed form
+    (:class:`_GaudiMaskFn`: about a third of the kernel launches of the op-by-op graph, which dominate for the
+    small masks of phase 1); under ``torch.compile``, with a tensor ``sigma`` or inside a ``torch.func``
+    transform it is the op-by-op graph of :func:`gaudi_spectrum` (:func:`_gaudi_mask_graph`).  Both give the same
+    masks and gradients up to float rounding (``tests/test_masks.py``).
     """
     if width.shape != location.shape:
         raise ValueError(f"width {tuple(width.shape)} and location {tuple(location.shape)} must have the same shape")
+    if (isinstance(sigma, Tensor) or torch.compiler.is_compiling()
+            or _functorch_wrapped(width) or _functorch_wrapped(location)):
+        return _gaudi_mask_graph(width, location, n, sigma, ste)
+    sigma = _check_sigma(sigma)
+    if n < 1:
+        raise ValueError(f"mask length n must be >= 1, got {n}")
+    if width.numel() == 0:  # no component (K = 0): the FFT backends reject empty batches
+        dtype = torch.promote_types(_real(width).dtype, _real(location).dtype)
+        return width.new_zeros((*width.shape, n), dtype=dtype)
+    return _GaudiMaskFn.apply(width, location, n, sigma, ste)
+
+
+def _functorch_wrapped(x: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def _gaudi_mask_graph(width: Tensor, location: Tensor, n: int, sigma: float | Tensor | None, ste: bool) -> Tensor:
+    """:func:`gaudi_mask` as an op-by-op autograd graph (traceable, forward-mode differentiable)."""
     if ste:
         width = quantize_ste(width, n)
         location = quantize_ste(location, n)
@@ -104,6 +129,81 @@ def gaudi_mask(
     if spec.numel() == 0:  # no component (K = 0): the FFT backends reject empty batches
         return spec.real[..., :1].expand(*spec.shape[:-1], n).contiguous()
     return torch.fft.irfft(spec, n=n, dim=-1, norm="forward")
+
+
+_GRID: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _grid_constants(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``k = 0..n//2``, ``1 / sinc(k / n)`` and the rfft weights ``c_k`` (1 at ``k = 0`` and at ``n / 2``, 2 between)
+    for masks of length ``n``: cached (they are made outside inference mode, so autograd may save them)."""
+    key = (n, dtype, device)
+    found = _GRID.get(key)
+    if found is None:
+        with torch.inference_mode(False), torch.no_grad():
+            k = torch.arange(n // 2 + 1, device=device, dtype=dtype)
+            c = torch.full_like(k, 2.0)
+            c[0] = 1.0
+            if n % 2 == 0:
+                c[-1] = 1.0
+            found = (k, 1.0 / torch.sinc(k / n), c)
+        if len(_GRID) > 64:
+            _GRID.clear()
+        _GRID[key] = found
+    return found
+
+
+class _GaudiMaskFn(torch.autograd.Function):
+    """Gaudi masks with hand-written derivatives.  With ``S_k = a_k e^{i phi_k}``, ``a_k = w sinc(k w) f_k``
+    (``f_k = exp(-k^2 / (2 sigma^2)) / sinc(k / n)``) and ``phi_k = k (pi / n - pi w - 2 pi l)``, the mask is
+    ``irfft(S, norm="forward")``.  For an upstream gradient ``G``, ``H = c * rfft(G)`` is the gradient of the real and
+    imaginary parts of ``S``; then ``Q = H e^{-i phi}`` gives ``dL/da = Re Q`` and ``dL/dphi = a Im Q``, so
+    ``dL/dw = sum_k Re Q f_k cos(pi k w) - pi k a Im Q`` and ``dL/dl = -2 pi sum_k k a Im Q``.  With ``ste`` the
+    forward rounds ``w`` and ``l`` to the grid and the gradients pass straight through to the inputs."""
+
+    @staticmethod
+    def forward(ctx: Any, width: Tensor, location: Tensor, n: int, sigma: float, ste: bool) -> Tensor:
+        dtype = torch.promote_types(_real(width).dtype, _real(location).dtype)
+        w, loc = width.detach().to(dtype), location.detach().to(dtype)
+        k, inv_sinc, c = _grid_constants(n, dtype, w.device)
+        if ste:  # phi_k = -pi (k m mod 2n) / n with the integer m = 2 L + W - 1: exact up to the last product
+            grid_w = torch.round(w * n)
+            w = grid_w / n
+            m = torch.remainder(2.0 * torch.round(loc * n) + grid_w - 1.0, 2.0 * n)
+            exact = dtype if dtype == torch.float64 or n <= 4096 else torch.float64  # k m < 2^24 in float32
+            km = _grid_constants(n, exact, w.device)[0] * m.to(exact).unsqueeze(-1)
+            phi = torch.remainder(km, 2.0 * n).mul_(-math.pi / n).to(dtype)
+        else:
+            phi = k * torch.remainder(2.0 * loc + w - 1.0 / n, 2.0).unsqueeze(-1).mul(-math.pi)
+        f = inv_sinc if math.isinf(sigma) else inv_sinc * torch.exp(k * k * (-0.5 / (sigma * sigma)))
+        w = w.unsqueeze(-1)
+        kw = k * w
+        amp = torch.sinc(kw).mul_(w).mul_(f)
+        rot = torch.complex(torch.cos(phi), torch.sin(phi))
+        mask = torch.fft.irfft(rot * amp, n=n, dim=-1, norm="forward")
+        ctx.save_for_backward(kw, amp, rot, f, k, c, width, location)
+        ctx.dtypes = (width.dtype, location.dtype)
+        ctx.n, ctx.sigma, ctx.ste = n, sigma, ste
+        return mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        kw, amp, rot, f, k, c, width, location = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the op graph's gradient, itself differentiable (higher orders)
+            inputs = [t for t, needed in zip((width, location), ctx.needs_input_grad[:2]) if needed]
+            with torch.enable_grad():
+                mask = _gaudi_mask_graph(width, location, ctx.n, ctx.sigma, ctx.ste)
+                grads = iter(torch.autograd.grad(mask, inputs, grad, create_graph=True))
+            return (*(next(grads) if needed else None for needed in ctx.needs_input_grad[:2]), None, None, None)
+        q = torch.fft.rfft(grad.to(amp.dtype), dim=-1).mul_(c).mul_(rot.conj())
+        k_dphi = (torch.imag(q) * amp).mul_(k).sum(-1)  # sum_k k dL/dphi_k
+        gw = gl = None
+        if ctx.needs_input_grad[0]:
+            gw = (torch.real(q) * f).mul_(torch.cos(kw * math.pi)).sum(-1) - math.pi * k_dphi
+            gw = gw.to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            gl = ((-2.0 * math.pi) * k_dphi).to(ctx.dtypes[1])
+        return gw, gl, None, None, None
 
 
 def boxcar_mask(width: Tensor, location: Tensor, n: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -72,17 +72,30 @@ class BudgetPath:
 
 
 class _Flat:
-    """All non-frozen GBLR layers' widths as one ``(2, K_total)`` tensor, for a vectorised cost."""
+    """All non-frozen GBLR layers' widths as one ``(2, K_total)`` tensor, for a vectorised cost.  The layers'
+    sizes (``n``, ``r``, dense cost) are built once per set of layers (``static``) and reused every step."""
 
-    def __init__(self, layers: list[GBLRLinear]) -> None:
+    def __init__(self, layers: list[GBLRLinear], static: tuple[Tensor, Tensor, float] | None = None) -> None:
         self.layers = layers
         self.sizes = [m.num_components for m in layers]
+        if static is None:
+            static = _Flat.static(layers)
+        self.n, self.r, self.dense = static
+        self.widths = torch.cat([m.widths.detach() for m in layers], dim=1)
+        self.widths = self.widths.to(torch.promote_types(self.widths.dtype, torch.float32)).clamp(0, 1)
+
+    @staticmethod
+    def static(layers: list[GBLRLinear]) -> tuple[Tensor, Tensor, float]:
         dev = layers[0].widths.device
-        self.n = torch.cat([torch.tensor([[m.in_features], [m.out_features]], device=dev, dtype=torch.float32)
-                            .expand(2, m.num_components) for m in layers], dim=1)
-        self.r = torch.cat([torch.full((m.num_components,), float(m.rank_per_component), device=dev) for m in layers])
-        self.dense = float(sum(m.dense_flops() for m in layers))
-        self.widths = torch.cat([m.widths.detach().float().clamp(0, 1) for m in layers], dim=1)
+        n = torch.cat([torch.tensor([[m.in_features], [m.out_features]], device=dev, dtype=torch.float32)
+                       .expand(2, m.num_components) for m in layers], dim=1)
+        r = torch.cat([torch.full((m.num_components,), float(m.rank_per_component), device=dev) for m in layers])
+        return n, r, float(sum(m.dense_flops() for m in layers))
+
+    @staticmethod
+    def key(layers: list[GBLRLinear]) -> tuple:
+        return tuple((id(m), m.num_components, m.in_features, m.out_features, m.rank_per_component, m.widths.device)
+                     for m in layers)
 
     def ratio(self, widths: Tensor) -> float:
         return float(grid_cost(widths, self.n[0], self.n[1], self.r)) / self.dense
@@ -178,6 +191,7 @@ class BudgetLearner:
         self.steps = 0
         self.start_ratio: float | None = None
         self.mean_sq: dict[str, Tensor] = {}
+        self._static: tuple[tuple, tuple[Tensor, Tensor, float]] | None = None
 
     @property
     def moves_widths(self) -> bool:
@@ -198,15 +212,18 @@ class BudgetLearner:
         named = gblr_layers(model, include_frozen=False)
         if not named:
             return {}
-        if self.moves_widths and self.width_norm == "model":
-            self._model_width_step([m for _, m in named], lr * self.width_lr_scale)
-        elif self.moves_widths:
-            for name, layer in named:
-                self._width_step(name, layer, lr * self.width_lr_scale)
-        for _, layer in named:
-            layer.locations.copy_(torch.remainder(layer.locations, 1.0))
         layers = [m for _, m in named]
-        flat = _Flat(layers)
+        for layer in layers:
+            layer.locations.copy_(torch.remainder(layer.locations, 1.0))
+        key = _Flat.key(layers)
+        if self._static is None or self._static[0] != key:
+            self._static = (key, _Flat.static(layers))
+        flat = _Flat(layers, self._static[1])
+        if self.moves_widths and self.width_norm == "model":
+            self._model_width_step(layers, lr * self.width_lr_scale)
+            flat = _Flat(layers, self._static[1])
+        elif self.moves_widths:
+            flat.widths = self._side_width_step(named, flat, lr * self.width_lr_scale)
         ratio = flat.ratio(flat.widths)
         if self.start_ratio is None:
             self.start_ratio = max(ratio, self.budget)
@@ -224,19 +241,30 @@ class BudgetLearner:
         self.steps += 1
         return {"flops_ratio": ratio, "target": target, "cut": tau, "shrink": float(tau > 0)}
 
-    def _width_step(self, name: str, layer: GBLRLinear, lr: float) -> None:
-        g = layer.widths.grad
-        if g is None:
-            return
-        g = g.detach().float()
-        ms = self.mean_sq.get(name)
-        ms = torch.zeros(2, device=g.device) if ms is None else ms.to(g.device)
-        ms.mul_(self.beta2).add_((1 - self.beta2) * g.pow(2).mean(dim=1))
-        self.mean_sq[name] = ms
-        correction = 1 - self.beta2 ** (self.steps + 1)
-        rms = (ms / correction).sqrt().clamp_min(self.eps)
-        step = (g / rms[:, None]).clamp(-self.step_clip, self.step_clip)
-        layer.widths.sub_((lr * step).to(layer.widths.dtype)).clamp_(0, 1)
+    def _side_width_step(self, named: list[tuple[str, GBLRLinear]], flat: _Flat, lr: float) -> Tensor:
+        """``width_norm="side"``, all layers at once: ``w -= lr * clip(g / rms_side, +-step_clip)`` with one running
+        mean square of the gradient per layer side (a layer without a gradient keeps its widths and its state)."""
+        with_grad = [(i, name, m) for i, (name, m) in enumerate(named) if m.widths.grad is not None]
+        if not with_grad:
+            return flat.widths
+        dev = flat.widths.device
+        grads = [m.widths.grad.detach().to(flat.widths.dtype) for _, _, m in with_grad]
+        sizes = torch.tensor([g.shape[1] for g in grads], device=dev)
+        segment = torch.repeat_interleave(torch.arange(len(grads), device=dev), sizes)
+        g = torch.cat(grads, dim=1)
+        sq = torch.zeros(2, len(grads), device=dev, dtype=g.dtype).index_add_(1, segment, g.pow(2)) / sizes
+        ms = torch.stack([self.mean_sq[name].to(device=dev, dtype=torch.float32) if name in self.mean_sq
+                          else torch.zeros(2, device=dev) for _, name, _ in with_grad], dim=1)
+        ms = ms * self.beta2 + (1 - self.beta2) * sq.float()
+        for j, (_, name, _) in enumerate(with_grad):
+            self.mean_sq[name] = ms[:, j]
+        rms = (ms / (1 - self.beta2 ** (self.steps + 1))).sqrt().clamp_min(self.eps)
+        step = (g / rms.to(g.dtype).index_select(1, segment)).clamp(-self.step_clip, self.step_clip)
+        if len(with_grad) == len(named):
+            return (flat.widths - lr * step).clamp(0, 1)
+        starts = [0, *torch.tensor(flat.sizes).cumsum(0).tolist()]
+        columns = torch.cat([torch.arange(starts[i], starts[i + 1], device=dev) for i, _, _ in with_grad])
+        return flat.widths.index_add(1, columns, -lr * step).clamp(0, 1)
 
     def _model_width_step(self, layers: list[GBLRLinear], lr: float) -> None:
         """``width_norm="model"``: ``w -= lr * clip(p / rms, +-step_clip)`` with ``p = g / (r n_side)`` the gradient
@@ -275,28 +303,40 @@ class BudgetLearner:
         mode = self.cut_weighting
         if mode == "density_energy":  # energy per FLOP along the path, energy once the budget is held
             mode = "density" if self.steps < self.path_steps else "energy"
-        comp = torch.cat([self._energy_weight(m, lo, hi, _COST_POWER[mode]) for m in layers])
+        comp = self._energy_weights(layers, flat, lo, hi, _COST_POWER[mode])
         if self.energy_power != 1.0:
             comp = comp.pow(self.energy_power).clamp(lo, hi)
         return side * comp
 
     @staticmethod
-    def _energy_weight(layer: GBLRLinear, lo: float, hi: float, cost_power: float = 0.0) -> Tensor:
-        """``clip(mean_e / e_k, lo, hi)`` with ``e_k`` the product of the masked factor norms over the
-        component's FLOPs to the power ``cost_power`` (``hi`` for inactive components)."""
-        m_in = boxcar_mask(layer.widths[0], layer.locations[0], layer.in_features)
-        m_out = boxcar_mask(layer.widths[1], layer.locations[1], layer.out_features)
-        e_in = (layer.weight_in.float() * m_in.unsqueeze(1)).flatten(1).norm(dim=1)
-        e_out = (layer.weight_out.float() * m_out.unsqueeze(1)).flatten(1).norm(dim=1)
-        energy = e_in * e_out
-        if cost_power:
-            energy = energy / layer.int_widths().sum(0).clamp_min(1).to(energy.dtype) ** cost_power
-        active = layer.active_components() & (energy > 0)
-        weight = torch.full_like(energy, hi)
-        if bool(active.any()):
-            mean = energy[active].mean()
-            weight[active] = (mean / energy[active]).clamp(lo, hi)
-        return weight
+    def _energy_weights(layers: list[GBLRLinear], flat: _Flat, lo: float, hi: float, cost_power: float = 0.0) -> Tensor:
+        """``clip(mean_e / e_k, lo, hi)`` per component, side by side as in ``flat``, with ``e_k`` the product of the
+        masked factor norms (boxcars of ``flat``'s widths) over the component's FLOPs to the power ``cost_power``, and
+        ``mean_e`` the mean over the layer's active components (``hi`` for inactive ones).  Layers of one shape are
+        computed together (one stack of their factors per shape, not a dozen small ops per layer)."""
+        widths = flat.widths.split(flat.sizes, dim=1)
+        groups: dict[tuple, list[int]] = {}
+        for i, m in enumerate(layers):
+            key = (m.in_features, m.out_features, m.num_components, m.rank_per_component, m.weight_in.device)
+            groups.setdefault(key, []).append(i)
+        out: list[Tensor] = [widths[0]] * len(layers)
+        for (n_in, n_out, *_), index in groups.items():
+            w = torch.stack([widths[i] for i in index])  # (G, 2, K)
+            loc = torch.stack([layers[i].locations.detach() for i in index])
+            e_in = (torch.stack([layers[i].weight_in.detach() for i in index]).float().pow(2).sum(2)
+                    * boxcar_mask(w[:, 0], loc[:, 0], n_in)).sum(-1).sqrt()
+            e_out = (torch.stack([layers[i].weight_out.detach() for i in index]).float().pow(2).sum(2)
+                     * boxcar_mask(w[:, 1], loc[:, 1], n_out)).sum(-1).sqrt()
+            energy = e_in * e_out  # (G, K)
+            grid_in, grid_out = (torch.round(w[:, j].clamp(0, 1) * n) for j, n in ((0, n_in), (1, n_out)))
+            if cost_power:
+                energy = energy / (grid_in + grid_out).clamp_min(1).to(energy.dtype) ** cost_power
+            active = (grid_in > 0) & (grid_out > 0) & (energy > 0)
+            mean = (energy * active).sum(-1, keepdim=True) / active.sum(-1, keepdim=True).clamp_min(1)
+            weight = torch.where(active, (mean / energy).clamp(lo, hi), torch.full_like(energy, hi))
+            for row, i in zip(weight, index):
+                out[i] = row
+        return torch.cat(out)
 
     @staticmethod
     def _solve_tau(flat: _Flat, weights: Tensor, target: float, iters: int = 40) -> float:

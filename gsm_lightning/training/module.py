@@ -28,6 +28,7 @@ from ..core.align import side_alignment
 from ..core.conversion_spec import Conversion
 from ..core.flops import flops_ratio
 from ..core.layer import gblr_layers
+from ..core.mask_batch import prepare_masks, release_masks
 from ..learn.groups import param_groups
 from ..learn.proximal import project_model_to_budget
 from ..learn.rules import StructureRule, build_rule
@@ -149,6 +150,11 @@ class GSMModule(LightningModule):
                   conversion=Conversion(include=["blocks.*.attn.qkv", "blocks.*.mlp.fc*"]),
                   rule=BudgetRule(path_fraction=0.3), sigma=SigmaSchedule(1.0, 100.0, start_epoch=5))
     """
+
+    #: phase 1 computes the masks of all layers in one call per mask length before each training forward
+    #: (:func:`~gsm_lightning.core.mask_batch.prepare_masks`; the same masks and gradients, fewer kernel launches);
+    #: ``False`` computes them layer by layer, as before (kept for the benchmark's comparison)
+    batch_masks: bool = True
 
     def __init__(
         self,
@@ -466,10 +472,17 @@ class GSMModule(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = self._unpack(batch)
         self._check_labels(y)
+        prepared = 0
         try:
+            # phase 1: every layer's masks in one call per mask length (core.mask_batch), used by this forward
+            if self.batch_masks and self.method == "gblr" and not self.structure_frozen:
+                prepared = prepare_masks(self.backbone)
             logits = self(x)
         except FloatingPointError as e:  # a GBLR layer's non-finite structure: add the rates and the likely cause
             raise FloatingPointError(f"{e} ({self._non_finite_hint(x)})") from None
+        finally:
+            if prepared:
+                release_masks(self.backbone)
         loss, _ = self._objective(x, logits, y, self.label_smoothing)
         if not torch.isfinite(loss):
             raise FloatingPointError(

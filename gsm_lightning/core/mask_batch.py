@@ -1,0 +1,66 @@
+"""The Gaudi masks of many GBLR layers in one call per mask length, for the next forward.
+
+In phase 1 every forward recomputes every layer's masks with their graph (the structure changed at the last step).
+For the small layers of a ViT or a Mixer, the cost is the number of kernel launches, not their size: two mask
+computations per layer, each a dozen small ops forward and backward.  :func:`prepare_masks` concatenates the widths
+and locations of all sides of the same length (and sigma) over the model, computes their masks at once
+(:func:`~gsm_lightning.core.masks.gaudi_mask`), and hands each layer its rows; each layer uses them in its next
+forward, once, if its structure has not changed in between, and computes its own otherwise.  The masks and their
+gradients are those of the per-layer computation (a concatenation and its split in between).
+
+``GSMModule`` calls it before each training forward of phase 1 and :func:`release_masks` after it, so no graph is
+held between steps (a layer the forward did not reach keeps nothing).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .layer import gblr_layers
+from .masks import gaudi_mask
+
+__all__ = ["prepare_masks", "release_masks"]
+
+
+def prepare_masks(model: nn.Module) -> int:
+    """Compute the masks of every non-frozen GBLR layer of ``model`` whose structure takes a gradient, grouped by
+    mask length, sigma and dtype, and leave them for each layer's next forward.  Does nothing (returns 0) without
+    grad mode or under ``torch.compile``.  Returns the number of layers prepared.
+
+    Raises:
+        FloatingPointError: a layer's widths or locations are not finite (its name in the message), as its
+            forward would.
+    """
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return 0
+    groups: dict[tuple, list[tuple[list, int, Tensor, Tensor]]] = {}
+    entries: list[list] = []
+    for _, layer in gblr_layers(model, include_frozen=False):
+        if not (layer.widths.requires_grad or layer.locations.requires_grad):
+            continue
+        layer._check_finite()
+        index = layer.live_components()
+        widths, locations = layer.widths, layer.locations
+        if index is not None:
+            widths, locations = widths.index_select(1, index), locations.index_select(1, index)
+        entry = [layer, index, None, None]
+        sigma = float(layer.sigma)
+        for side, n in ((0, layer.in_features), (1, layer.out_features)):
+            key = (n, sigma, widths.dtype, locations.dtype, widths.device)
+            groups.setdefault(key, []).append((entry, side, widths[side], locations[side]))
+        entries.append(entry)
+    for (n, sigma, *_), items in groups.items():
+        masks = gaudi_mask(torch.cat([it[2] for it in items]), torch.cat([it[3] for it in items]), n, sigma)
+        for (entry, side, _, _), mask in zip(items, masks.split([it[2].numel() for it in items])):
+            entry[2 + side] = mask
+    for layer, index, m_in, m_out in entries:
+        dtype = layer.weight_in.dtype
+        layer._prepared_masks = (layer._cache_key(), index, m_in.to(dtype), m_out.to(dtype))
+    return len(entries)
+
+
+def release_masks(model: nn.Module) -> None:
+    """Drop the masks :func:`prepare_masks` left that no forward used (and their graph)."""
+    for _, layer in gblr_layers(model):
+        layer._prepared_masks = None
