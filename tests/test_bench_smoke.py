@@ -181,3 +181,10 @@ def test_compress_smollm2_table_from_json(tmp_path, monkeypatch):
     assert "| 50% | svd | 1 | 0.500 | 2.50e+07 |" in conv_part and "No training" in conv_part
     dist_part = text.split(bench.MD_DISTILL[0])[1].split(bench.MD_DISTILL[1])[0]
     assert "| 50% | wsvd | 1 | 0.500 | 1000.00 | 150.00 |" in dist_part and "60 AdamW steps" in dist_part
+
+
+def test_bench_masks_runs_and_reports_every_case():
+    """The masks benchmark times the closed form against the op graph and the batched call against per-layer calls."""
+    text = _load("bench_masks").main(["--rounds", "1"])
+    rows = [line for line in text.splitlines() if line.startswith("| one side") or line.startswith("| quickstart")]
+    assert len(rows) == 5 and all(float(r.split("|")[4].strip().rstrip("x")) > 0 for r in rows)
