@@ -324,13 +324,23 @@ class GBLRLinear(StructuredCost, nn.Module):
         elif torch.is_grad_enabled() and (self.widths.requires_grad or self.locations.requires_grad):
             # only the live components' masks (the masks' cost is K FFTs per side)
             self._check_finite()
-            sigma = float(self.sigma)
-            widths, locations = self.widths.index_select(1, index), self.locations.index_select(1, index)
-            dtype = self.weight_in.dtype
+            _, widths, locations = self._live_structure()
+            sigma, dtype = float(self.sigma), self.weight_in.dtype
             m_in = gaudi_mask(widths[0], locations[0], self.in_features, sigma).to(dtype)
             m_out = gaudi_mask(widths[1], locations[1], self.out_features, sigma).to(dtype)
         else:  # the cached masks of every component, then the live rows
             m_in, m_out = (m.index_select(0, index) for m in self.masks())
+        return self._apply_masks(m_in, m_out, index)
+
+    def _live_structure(self) -> tuple[Tensor | None, Tensor, Tensor]:
+        """(:meth:`live_components`, the widths and locations of those components), with their graph."""
+        index = self.live_components()
+        if index is None:
+            return None, self.widths, self.locations
+        return index, self.widths.index_select(1, index), self.locations.index_select(1, index)
+
+    def _apply_masks(self, m_in: Tensor, m_out: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Masked factors ``(rows, in)`` and ``(rows, out)`` of the components ``index`` (all when ``None``)."""
         w_in = self.weight_in if index is None else self.weight_in.index_select(0, index)
         w_out = self.weight_out if index is None else self.weight_out.index_select(0, index)
         rows = w_in.shape[0] * self.rank_per_component
@@ -415,11 +425,7 @@ class GBLRLinear(StructuredCost, nn.Module):
 
     def masked_factors(self) -> tuple[Tensor, Tensor]:
         """Masked factors ``V_m`` ``(K*r, in)`` and ``U_m`` ``(K*r, out)``."""
-        m_in, m_out = self.masks()
-        k, r = self.num_components, self.rank_per_component
-        v = (self.weight_in * m_in.unsqueeze(1)).reshape(k * r, self.in_features)
-        u = (self.weight_out * m_out.unsqueeze(1)).reshape(k * r, self.out_features)
-        return v, u
+        return self._apply_masks(*self.masks())
 
     # --------------------------------------------------------------- forward
     def _use_dense(self, tokens: int, kr: int | None = None, plan: WindowPlan | None = None) -> bool:

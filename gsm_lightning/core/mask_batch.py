@@ -40,10 +40,7 @@ def prepare_masks(model: nn.Module) -> int:
         if not (layer.widths.requires_grad or layer.locations.requires_grad):
             continue
         layer._check_finite()
-        index = layer.live_components()
-        widths, locations = layer.widths, layer.locations
-        if index is not None:
-            widths, locations = widths.index_select(1, index), locations.index_select(1, index)
+        index, widths, locations = layer._live_structure()
         entry = [layer, index, None, None]
         sigma = float(layer.sigma)
         for side, n in ((0, layer.in_features), (1, layer.out_features)):

@@ -33,6 +33,7 @@ target))``.  It is there for the ablation: it lags, overshoots and kills compone
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -262,7 +263,7 @@ class BudgetLearner:
         step = (g / rms.to(g.dtype).index_select(1, segment)).clamp(-self.step_clip, self.step_clip)
         if len(with_grad) == len(named):
             return (flat.widths - lr * step).clamp(0, 1)
-        starts = [0, *torch.tensor(flat.sizes).cumsum(0).tolist()]
+        starts = [0, *itertools.accumulate(flat.sizes)]
         columns = torch.cat([torch.arange(starts[i], starts[i + 1], device=dev) for i, _, _ in with_grad])
         return flat.widths.index_add(1, columns, -lr * step).clamp(0, 1)
 
@@ -319,7 +320,7 @@ class BudgetLearner:
         for i, m in enumerate(layers):
             key = (m.in_features, m.out_features, m.num_components, m.rank_per_component, m.weight_in.device)
             groups.setdefault(key, []).append(i)
-        out: list[Tensor] = [widths[0]] * len(layers)
+        out: list[Tensor | None] = [None] * len(layers)
         for (n_in, n_out, *_), index in groups.items():
             w = torch.stack([widths[i] for i in index])  # (G, 2, K)
             loc = torch.stack([layers[i].locations.detach() for i in index])
