@@ -25,6 +25,7 @@ from .flops import StructuredCost, grid_widths, layers_flops, project_widths_to_
 from .masks import boxcar_mask, gaudi_mask, to_grid
 from .whitening import InputStats, right_multiply, whitened_low_rank
 from .whitening import input_factor as as_input_factor
+from .split_product import SideSplit, side_split, split_macs, split_product
 from .windows import WindowPlan, window_margin, window_plan, windowed_product
 
 __all__ = ["GBLRLinear", "gblr_layers", "set_frozen_route"]
@@ -266,6 +267,7 @@ class GBLRLinear(StructuredCost, nn.Module):
         self._mask_cache = None
         self._live_cache = None
         self._window_cache = None
+        self._split_cache = None
         self._prepared_masks = None
 
     # class defaults (also for a layer pickled before these existed)
@@ -281,6 +283,7 @@ class GBLRLinear(StructuredCost, nn.Module):
 
     # ``None`` (the class default) also for a layer pickled before the cache existed.
     _live_cache: tuple[tuple, Tensor | None] | None = None
+    _split_cache: tuple[tuple, SideSplit | None] | None = None
     # masks with their graph, computed for the next forward by core.mask_batch.prepare_masks (used once)
     _prepared_masks: tuple[tuple, Tensor | None, Tensor, Tensor] | None = None
 
@@ -428,11 +431,18 @@ class GBLRLinear(StructuredCost, nn.Module):
         return self._apply_masks(*self.masks())
 
     # --------------------------------------------------------------- forward
-    def _use_dense(self, tokens: int, kr: int | None = None, plan: WindowPlan | None = None) -> bool:
+    def _use_dense(self, tokens: int, kr: int | None = None, plan: WindowPlan | None = None,
+                   split: SideSplit | None = None) -> bool:
         if self.forward_mode != "auto":
             return self.forward_mode == "dense"
         kr = self.num_components * self.rank_per_component if kr is None else kr
-        lowrank = tokens * (kr * (self.in_features + self.out_features) if plan is None else plan.macs)
+        if plan is not None:
+            per_token = plan.macs
+        elif split is not None:
+            per_token = split_macs(split, self.in_features, self.out_features)
+        else:
+            per_token = kr * (self.in_features + self.out_features)
+        lowrank = tokens * per_token
         dense = kr * self.in_features * self.out_features + tokens * self.in_features * self.out_features
         return dense < lowrank
 
@@ -446,11 +456,35 @@ class GBLRLinear(StructuredCost, nn.Module):
         v, u = self._live_masked_factors()
         tokens = x.numel() // self.in_features if self.in_features else 0
         plan = self._window_plan(tokens, v.shape[0])
-        if self._use_dense(tokens, v.shape[0], plan):
+        split = self._side_split() if plan is None else None
+        if self._use_dense(tokens, v.shape[0], plan, split):
             return F.linear(x, u.t() @ v, self.bias)
         if plan is not None:
             return windowed_product(x, v, u, plan, self.bias)
+        if split is not None:
+            return split_product(x, v, u, split, self.bias)
         return F.linear(F.linear(x, v), u.t(), self.bias)
+
+    def _side_split(self) -> SideSplit | None:
+        """The live components' rows by which of their sides are non-empty
+        (:func:`~gsm_lightning.core.split_product.side_split`), or ``None`` when none is empty on one side only, or
+        when the full product is the one to run: frozen, under ``torch.compile`` or autocast.  Cached with the live
+        index (one host read per change of the widths)."""
+        if (self.is_frozen or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled(self.weight_in.device.type)):
+            return None
+        index = self.live_components()
+        key = (self._live_cache[0] if self._live_cache is not None else None,
+               None if index is None else index.data_ptr())
+        cache = self._split_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        with torch.no_grad():
+            widths = self.widths if index is None else self.widths.index_select(1, index)
+            grid = torch.stack([to_grid(widths[0], self.in_features), to_grid(widths[1], self.out_features)])
+            split = side_split(grid, self.rank_per_component)
+        self._split_cache = (key, split)
+        return split
 
     def _window_tiles(self) -> tuple[int, int]:
         if self.window_tile is not None:

@@ -25,6 +25,7 @@ __all__ = [
     "gaudi_spectrum",
     "gaudi_mask",
     "boxcar_mask",
+    "boxcar_sums",
     "quantize_ste",
     "to_grid",
 ]
@@ -219,3 +220,26 @@ def boxcar_mask(width: Tensor, location: Tensor, n: int, dtype: torch.dtype = to
     j = torch.arange(n, device=width.device)
     offset = torch.remainder(j - location.unsqueeze(-1), n)
     return (offset < width.unsqueeze(-1)).to(dtype)
+
+
+def boxcar_sums(values: Tensor, width: Tensor, location: Tensor) -> Tensor:
+    """Sums of non-negative ``values`` ``(..., K, n)`` over each component's cyclic boxcar ``(..., K)``.
+
+    Equal to ``(values * boxcar_mask(width, location, n)).sum(-1)`` up to float rounding, from prefix sums along the
+    last dimension: no ``(..., K, n)`` mask, index tensor or comparison.  The prefix sums are in ``values``' dtype, so
+    a window's sum carries an absolute error of about ``eps * sqrt(n)`` times its row's total (relative ``1e-4`` for a
+    one-position window in a row of 1536 equal float32 values); it is clamped at 0.  ``width``/``location`` are as for
+    :func:`boxcar_mask`.  No gradient flows."""
+    n = values.shape[-1]
+    if width.is_floating_point():
+        width = to_grid(width, n)
+    if location.is_floating_point():
+        location = to_grid(location, n)
+    start = torch.remainder(location, n)
+    end = start + width.clamp(0, n)
+    cum = values.detach().cumsum(-1)  # cum[..., j] = sum of values[..., :j + 1]
+
+    def prefix(i: Tensor) -> Tensor:  # sum of values[..., :i], i in [0, n]
+        return cum.gather(-1, (i - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1) * (i > 0)
+
+    return (prefix(end.clamp(max=n)) - prefix(start) + prefix((end - n).clamp(min=0))).clamp_min(0)

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..core.flops import bisect_threshold, grid_cost
 from ..core.layer import GBLRLinear, gblr_layers
-from ..core.masks import boxcar_mask
+from ..core.masks import boxcar_sums
 
 __all__ = ["BudgetPath", "BudgetLearner", "WidthStep", "CutWeighting", "Tracking", "WidthNorm"]
 
@@ -104,6 +104,14 @@ class _Flat:
     def write(self, widths: Tensor) -> None:
         for m, w in zip(self.layers, widths.split(self.sizes, dim=1)):
             m.widths.copy_(w.to(m.widths.dtype))
+
+
+def _column_energy(factors: list[Tensor]) -> Tensor:
+    """``sum_r f[k, r, j]^2`` of same-shape ``(K, r, n)`` factors, stacked: ``(G, K, n)`` in float32 or wider."""
+    f = torch.stack([t.detach() for t in factors])
+    f = f.to(torch.promote_types(f.dtype, torch.float32)) if f.dtype != torch.float32 else f
+    f = f.square_() if f.data_ptr() != factors[0].data_ptr() else f.square()
+    return f[:, :, 0] if f.shape[2] == 1 else f.sum(2)
 
 
 class BudgetLearner:
@@ -324,10 +332,8 @@ class BudgetLearner:
         for (n_in, n_out, *_), index in groups.items():
             w = torch.stack([widths[i] for i in index])  # (G, 2, K)
             loc = torch.stack([layers[i].locations.detach() for i in index])
-            e_in = (torch.stack([layers[i].weight_in.detach() for i in index]).float().pow(2).sum(2)
-                    * boxcar_mask(w[:, 0], loc[:, 0], n_in)).sum(-1).sqrt()
-            e_out = (torch.stack([layers[i].weight_out.detach() for i in index]).float().pow(2).sum(2)
-                     * boxcar_mask(w[:, 1], loc[:, 1], n_out)).sum(-1).sqrt()
+            e_in = boxcar_sums(_column_energy([layers[i].weight_in for i in index]), w[:, 0], loc[:, 0]).sqrt()
+            e_out = boxcar_sums(_column_energy([layers[i].weight_out for i in index]), w[:, 1], loc[:, 1]).sqrt()
             energy = e_in * e_out  # (G, K)
             grid_in, grid_out = (torch.round(w[:, j].clamp(0, 1) * n) for j, n in ((0, n_in), (1, n_out)))
             if cost_power:
