@@ -16,12 +16,14 @@ one rank; on MiniLM it keeps 0.841 / 0.725 against the 10-point curves' 0.842 / 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from .whitening import InputStats, whitened_low_rank
 
@@ -46,6 +48,82 @@ def output_tensor(output: Any) -> Tensor:
             return value
     raise TypeError(f"cannot find a tensor in the model's output of type {type(output).__name__}: give "
                     "layer_sensitivity an output= function that returns one")
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+class _BlockReplay:
+    """The outputs of a model's repeated blocks (the longest ``nn.ModuleList`` holding the measured layers), recorded
+    on the reference pass and replayed for the blocks before the one whose layer is truncated: those blocks and their
+    inputs are unchanged, so their outputs are too, and only the blocks from the truncated one on are recomputed
+    (on MiniLM-L6 about 40 % fewer block forwards).  Used only when every block runs exactly once per batch and a
+    replayed pass of the unchanged model reproduces the reference output bit for bit (:meth:`check`); otherwise the
+    full model runs, as before."""
+
+    def __init__(self, blocks: list[nn.Module], block_of: dict[str, int]) -> None:
+        self.blocks, self.block_of = blocks, block_of
+        self.outputs: list[list[Any]] = []
+
+    @staticmethod
+    def find(model: nn.Module, names: list[str]) -> _BlockReplay | None:
+        best: tuple[list[nn.Module], dict[str, int]] | None = None
+        for prefix, module in model.named_modules():
+            if not isinstance(module, nn.ModuleList) or len(module) < 2:
+                continue
+            block_of = {}
+            for name in names:
+                if prefix and not name.startswith(prefix + "."):
+                    continue
+                head, _, tail = (name[len(prefix) + 1:] if prefix else name).partition(".")
+                if tail and head.isdigit() and int(head) < len(module):
+                    block_of[name] = int(head)
+            if block_of and max(block_of.values()) > 0 and (best is None or len(block_of) > len(best[1])):
+                best = (list(module), block_of)
+        return None if best is None else _BlockReplay(*best)
+
+    @contextlib.contextmanager
+    def recording(self, n_batches: int) -> Iterator[None]:
+        self.outputs = [[] for _ in self.blocks]
+        order: list[int] = []
+
+        def hook(i: int):
+            def record(module: nn.Module, args: Any, out: Any) -> None:
+                order.append(i)
+                self.outputs[i].append(tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, out))
+            return record
+
+        handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(self.blocks)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        if order != list(range(len(self.blocks))) * n_batches:  # each block once per batch, in order; else no replay
+            self.outputs = []
+
+    @contextlib.contextmanager
+    def replaying(self, batch: int, first_block: int) -> Iterator[None]:
+        replaced = self.blocks[:first_block]
+        for i, block in enumerate(replaced):  # a copy each time: a later block may change its input in place
+            block.forward = lambda *a, _out=self.outputs[i][batch], **k: tree_map(
+                lambda t: t.clone() if isinstance(t, Tensor) else t, _out)
+        try:
+            yield
+        finally:
+            for block in replaced:
+                del block.forward
+
+    def check(self, run: Callable[[int], Tensor], reference: list[Tensor]) -> bool:
+        if not self.outputs:
+            return False
+        for i, ref in enumerate(reference):
+            with self.replaying(i, len(self.blocks) - 1):
+                if not torch.equal(run(i).detach(), ref):
+                    return False
+        return True
 
 
 def _rank_at(out_f: int, in_f: int, ratio: float) -> int:
@@ -103,14 +181,19 @@ def layer_sensitivity(
             raise ValueError(f"layer_sensitivity: {name!r} is a {type(layer).__name__}; measure the dense model "
                              "(nn.Linear layers) before converting it")
         layers[name] = layer
+    replay = _BlockReplay.find(model, list(layers))
     try:
-        reference = [output(forward(model, b)).detach() for b in batches]
+        with replay.recording(len(batches)) if replay is not None else _nothing():
+            reference = [output(forward(model, b)).detach() for b in batches]
+        if replay is not None and not replay.check(lambda i: output(forward(model, batches[i])), reference):
+            replay = None
 
-        def error() -> float:
+        def error(first_block: int = 0) -> float:
             num = torch.zeros((), dtype=torch.float64, device=reference[0].device)
             den = torch.zeros_like(num)
-            for batch, ref in zip(batches, reference):
-                y = output(forward(model, batch))
+            for i, (batch, ref) in enumerate(zip(batches, reference)):
+                with replay.replaying(i, first_block) if replay is not None else _nothing():
+                    y = output(forward(model, batch))
                 num += (y.double() - ref.double()).pow(2).sum()
                 den += ref.double().pow(2).sum()
             both = torch.stack([num, den])
@@ -130,7 +213,7 @@ def layer_sensitivity(
                         continue
                     u, v = whitened_low_rank(weight, calibration[name], rank)
                     layer.weight.copy_((u @ v.t()).to(weight.dtype))
-                    points[rank] = error()
+                    points[rank] = error(replay.block_of.get(name, 0) if replay is not None else 0)
             finally:
                 layer.weight.copy_(weight)
             curves[name] = sorted(points.items())
