@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["StructuredCost", "grid_cost", "grid_widths", "structure_flops", "bisect_threshold", "project_widths_to_budget",
+__all__ = ["StructuredCost", "grid_cost", "grid_widths", "structure_flops", "bisect_threshold", "bisect_threshold_batched", "project_widths_to_budget",
            "layers_flops", "flops_ratio"]
 
 
@@ -72,6 +72,35 @@ def bisect_threshold(fits: Callable[[float], bool], lo: float, hi: float, iters:
             hi = mid
         else:
             lo = mid
+    return hi
+
+
+def bisect_threshold_batched(fits: Callable[[list[float]], list[bool]], lo: float, hi: float, iters: int,
+                             levels: int = 4) -> float:
+    """:func:`bisect_threshold` with ``fits`` asked about ``2**levels - 1`` thresholds at once: every midpoint the
+    next ``levels`` halvings could visit (computed as the sequential bisection computes them), so the result is the
+    sequential one bit for bit, from ``ceil(iters / levels)`` calls instead of ``iters``."""
+    done = 0
+    while done < iters:
+        depth = min(levels, iters - done)
+        points: list[float] = []
+
+        def collect(a: float, b: float, d: int) -> None:
+            if d:
+                mid = 0.5 * (a + b)
+                points.append(mid)
+                collect(a, mid, d - 1)
+                collect(mid, b, d - 1)
+
+        collect(lo, hi, depth)
+        answer = dict(zip(points, fits(points)))
+        for _ in range(depth):
+            mid = 0.5 * (lo + hi)
+            if answer[mid]:
+                hi = mid
+            else:
+                lo = mid
+        done += depth
     return hi
 
 

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..core.flops import bisect_threshold, grid_cost
+from ..core.flops import bisect_threshold_batched, grid_cost
 from ..core.layer import GBLRLinear, gblr_layers
 from ..core.masks import boxcar_sums
 
@@ -350,7 +350,12 @@ class BudgetLearner:
         """Smallest ``tau`` (to bisection precision) with ``ratio(widths - tau * weights) <= target``."""
         positive = weights > 0
         hi = float((flat.widths[positive] / weights[positive]).max()) + 1e-6 if bool(positive.any()) else 0.0
-        return bisect_threshold(lambda tau: flat.ratio(flat.widths - tau * weights) <= target, 0.0, hi, iters)
+        def fits(taus: list[float]) -> list[bool]:  # the cost at several thresholds in one batch
+            t = torch.tensor(taus, dtype=flat.widths.dtype, device=flat.widths.device)[:, None, None]
+            costs = grid_cost(flat.widths - t * weights, flat.n[0], flat.n[1], flat.r).tolist()
+            return [c / flat.dense <= target for c in costs]
+
+        return bisect_threshold_batched(fits, 0.0, hi, iters)
 
     # ---------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
