@@ -277,3 +277,20 @@ def test_side_width_step_of_all_layers_at_once_matches_the_per_layer_formula():
             torch.testing.assert_close(net[i].widths.detach(), want[i], rtol=0, atol=1e-6)
     assert sorted(learner.mean_sq) == ["0", "1"]
     torch.testing.assert_close(learner.mean_sq["1"], ms[1])
+
+
+def test_batched_bisection_is_the_sequential_bisection_bit_for_bit():
+    from gsm_lightning.core.flops import bisect_threshold, bisect_threshold_batched
+
+    calls: list[int] = []
+    for threshold in (0.0, 1e-9, 0.1234567, 0.5, 0.999999, 1.0, 3.7):
+
+        def fits_many(taus, t=threshold):
+            calls.append(len(taus))
+            return [tau >= t for tau in taus]
+
+        for iters in (0, 1, 5, 40):
+            want = bisect_threshold(lambda tau, t=threshold: tau >= t, 0.0, 4.0, iters)
+            calls.clear()
+            assert bisect_threshold_batched(fits_many, 0.0, 4.0, iters) == want
+            assert len(calls) == -(-iters // 4)

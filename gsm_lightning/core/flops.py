@@ -75,6 +75,14 @@ def bisect_threshold(fits: Callable[[float], bool], lo: float, hi: float, iters:
     return hi
 
 
+def _midpoints(lo: float, hi: float, depth: int) -> list[float]:
+    """Every midpoint ``depth`` halvings of ``[lo, hi]`` can visit, computed as the bisection computes them."""
+    if depth == 0:
+        return []
+    mid = 0.5 * (lo + hi)
+    return [mid, *_midpoints(lo, mid, depth - 1), *_midpoints(mid, hi, depth - 1)]
+
+
 def bisect_threshold_batched(fits: Callable[[list[float]], list[bool]], lo: float, hi: float, iters: int,
                              levels: int = 4) -> float:
     """:func:`bisect_threshold` with ``fits`` asked about ``2**levels - 1`` thresholds at once: every midpoint the
@@ -83,16 +91,7 @@ def bisect_threshold_batched(fits: Callable[[list[float]], list[bool]], lo: floa
     done = 0
     while done < iters:
         depth = min(levels, iters - done)
-        points: list[float] = []
-
-        def collect(a: float, b: float, d: int) -> None:
-            if d:
-                mid = 0.5 * (a + b)
-                points.append(mid)
-                collect(a, mid, d - 1)
-                collect(mid, b, d - 1)
-
-        collect(lo, hi, depth)
+        points = _midpoints(lo, hi, depth)
         answer = dict(zip(points, fits(points)))
         for _ in range(depth):
             mid = 0.5 * (lo + hi)

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from .align import align_structure
 from .flops import StructuredCost, grid_widths, layers_flops, project_widths_to_budget, structure_flops
 from .masks import boxcar_mask, gaudi_mask, to_grid
+from .split_product import SideSplit, side_split, split_macs, split_product
 from .whitening import InputStats, right_multiply, whitened_low_rank
 from .whitening import input_factor as as_input_factor
-from .split_product import SideSplit, side_split, split_macs, split_product
 from .windows import WindowPlan, window_margin, window_plan, windowed_product
 
 __all__ = ["GBLRLinear", "gblr_layers", "set_frozen_route"]
