@@ -108,9 +108,8 @@ class _Flat:
 
 def _column_energy(factors: list[Tensor]) -> Tensor:
     """``sum_r f[k, r, j]^2`` of same-shape ``(K, r, n)`` factors, stacked: ``(G, K, n)`` in float32 or wider."""
-    f = torch.stack([t.detach() for t in factors])
-    f = f.to(torch.promote_types(f.dtype, torch.float32)) if f.dtype != torch.float32 else f
-    f = f.square_() if f.data_ptr() != factors[0].data_ptr() else f.square()
+    f = torch.stack([t.detach() for t in factors])  # a new tensor: squared in place
+    f = f.to(torch.promote_types(f.dtype, torch.float32)).square_()
     return f[:, :, 0] if f.shape[2] == 1 else f.sum(2)
 
 
@@ -350,6 +349,7 @@ class BudgetLearner:
         """Smallest ``tau`` (to bisection precision) with ``ratio(widths - tau * weights) <= target``."""
         positive = weights > 0
         hi = float((flat.widths[positive] / weights[positive]).max()) + 1e-6 if bool(positive.any()) else 0.0
+
         def fits(taus: list[float]) -> list[bool]:  # the cost at several thresholds in one batch
             t = torch.tensor(taus, dtype=flat.widths.dtype, device=flat.widths.device)[:, None, None]
             costs = grid_cost(flat.widths - t * weights, flat.n[0], flat.n[1], flat.r).tolist()
