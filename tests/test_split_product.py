@@ -96,6 +96,7 @@ def _step(layer, x, split: bool):
 def test_layer_takes_the_split_and_keeps_every_gradient(monkeypatch):
     layer = _one_sided_layer()
     layer.window_tol = None  # the full product, not the windowed one
+    layer.window_min_macs = 0  # a small product: split anyway (by default only products of 200M multiply-adds)
     calls = []
     real = sp.split_product
     monkeypatch.setattr("gsm_lightning.core.layer.split_product",
@@ -138,6 +139,14 @@ def test_cost_model_prefers_the_split_over_the_dense_product_where_it_is_cheaper
     kr = layer.live_components().numel() if layer.live_components() is not None else 384
     assert not layer._use_dense(1280, kr, None, split)
     assert layer._use_dense(1280, kr, None, None)  # without the split the dense product was cheaper
+
+
+def test_small_products_keep_the_full_product(monkeypatch):
+    layer = _one_sided_layer()
+    calls = []
+    monkeypatch.setattr("gsm_lightning.core.layer.split_product", lambda *a, **k: calls.append(1))
+    layer(torch.randn(3, 40, dtype=torch.float64))  # 3 tokens: far under window_min_macs
+    assert not calls
 
 
 def test_boxcar_sums_match_masked_sums():

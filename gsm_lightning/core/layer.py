@@ -456,7 +456,8 @@ class GBLRLinear(StructuredCost, nn.Module):
         v, u = self._live_masked_factors()
         tokens = x.numel() // self.in_features if self.in_features else 0
         plan = self._window_plan(tokens, v.shape[0])
-        split = self._side_split() if plan is None else None
+        small = tokens * v.shape[0] * (self.in_features + self.out_features) < self.window_min_macs
+        split = self._side_split() if plan is None and not small else None  # small products: index ops cost more
         if self._use_dense(tokens, v.shape[0], plan, split):
             return F.linear(x, u.t() @ v, self.bias)
         if plan is not None:
