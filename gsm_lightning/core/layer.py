@@ -456,8 +456,7 @@ class GBLRLinear(StructuredCost, nn.Module):
         v, u = self._live_masked_factors()
         tokens = x.numel() // self.in_features if self.in_features else 0
         plan = self._window_plan(tokens, v.shape[0])
-        small = tokens * v.shape[0] * (self.in_features + self.out_features) < self.window_min_macs
-        split = self._side_split() if plan is None and not small else None  # small products: index ops cost more
+        split = self._side_split() if plan is None and not self._small_product(tokens, v.shape[0]) else None
         if self._use_dense(tokens, v.shape[0], plan, split):
             return F.linear(x, u.t() @ v, self.bias)
         if plan is not None:
@@ -465,6 +464,11 @@ class GBLRLinear(StructuredCost, nn.Module):
         if split is not None:
             return split_product(x, v, u, split, self.bias)
         return F.linear(F.linear(x, v), u.t(), self.bias)
+
+    def _small_product(self, tokens: int, kr: int) -> bool:
+        """A full product under ``window_min_macs``: the windowed and split products' host reads, index ops and
+        per-tile calls cost more than they save there, so it runs as it is."""
+        return tokens * kr * (self.in_features + self.out_features) < self.window_min_macs
 
     def _side_split(self) -> SideSplit | None:
         """The live components' rows by which of their sides are non-empty
@@ -482,8 +486,7 @@ class GBLRLinear(StructuredCost, nn.Module):
             return cache[1]
         with torch.no_grad():
             widths = self.widths if index is None else self.widths.index_select(1, index)
-            grid = torch.stack([to_grid(widths[0], self.in_features), to_grid(widths[1], self.out_features)])
-            split = side_split(grid, self.rank_per_component)
+            split = side_split(grid_widths(widths, self.in_features, self.out_features), self.rank_per_component)
         self._split_cache = (key, split)
         return split
 
@@ -498,7 +501,7 @@ class GBLRLinear(StructuredCost, nn.Module):
         autocast (the tiles' products keep one dtype), a product under ``window_min_macs``, or a plan that saves too little (``window_max_fraction``).  Cached on
         the structure's versions and sigma (one host read of the structure per change)."""
         if (self.forward_mode != "auto" or self.window_tol is None or torch.compiler.is_compiling()
-                or torch.is_autocast_enabled(self.weight_in.device.type) or tokens * kr * (self.in_features + self.out_features) < self.window_min_macs
+                or torch.is_autocast_enabled(self.weight_in.device.type) or self._small_product(tokens, kr)
                 or max(self.in_features, self.out_features) < 2 * min(tiles := self._window_tiles())):
             return None
         frozen = self.is_frozen
