@@ -59,8 +59,9 @@ from gsm_lightning.data.sentences import (  # noqa: E402
     mean_pooled_embed_fn,
     reverse_dictionary_recall,
 )
-from gsm_lightning.learn.rules import BudgetRule  # noqa: E402
+from gsm_lightning.learn.rules import BudgetRule, StructureRule  # noqa: E402
 from gsm_lightning.learn.schedules import SigmaSchedule  # noqa: E402
+from gsm_lightning.learn.sensitivity import SensitivityRule  # noqa: E402
 from gsm_lightning.models import SentenceEncoder  # noqa: E402
 from gsm_lightning.training.distillation import Distillation  # noqa: E402
 from gsm_lightning.training.module import GSMModule  # noqa: E402
@@ -91,11 +92,19 @@ def build(method: str, budget: float, cfg: argparse.Namespace, backbone: Sentenc
                                          if spec["calibrated"] else None),
                             allocation=allocation)
     return GSMModule(backbone, task="embedding", budget=budget, conversion=conversion,
-                     rule=BudgetRule(structure_lr=cfg.structure_lr, width_norm=cfg.width_norm),
+                     rule=rule(cfg),
                      sigma=SigmaSchedule(None, None),
                      phase1_epochs=cfg.phase1_epochs,
                      distillation=Distillation(loss="cosine", label_free=True),
                      optimizer=lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=0.0))
+
+
+def rule(cfg: argparse.Namespace) -> StructureRule:
+    """GBLR's structure rule: the budget learner, or ``--rule sensitivity`` (start ``--headroom`` times above the
+    budget and remove whole components by Fisher sensitivity per FLOP during distillation)."""
+    if cfg.rule == "sensitivity":
+        return SensitivityRule(headroom=cfg.headroom)
+    return BudgetRule(structure_lr=cfg.structure_lr, width_norm=cfg.width_norm)
 
 
 def layer_ratios(module: GSMModule) -> dict[str, float]:
@@ -140,7 +149,9 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
     ratios = layer_ratios(module)
     gblr = method.startswith("gblr")
     name = method if not gblr or cfg.structure_lr == 2.5e-3 else f"{method}, structure lr {cfg.structure_lr:g}"
-    if gblr and cfg.phase1_epochs == 0:
+    if gblr and getattr(cfg, "rule", "budget") == "sensitivity":
+        name = f"{method}, sensitivity rule, headroom {cfg.headroom:g}"
+    elif gblr and cfg.phase1_epochs == 0:
         name = f"{method}, structure fixed at the start"
     elif gblr and cfg.width_norm != "side":
         name += f", width_norm {cfg.width_norm}"
@@ -267,6 +278,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the calibrated start, the ablation that separates the parametrisation from the learning)")
     p.add_argument("--width-norm", default="side", choices=["side", "model"],
                    help="GBLR: BudgetRule's width_norm ('model': width steps by gain per FLOP over one model-wide RMS)")
+    p.add_argument("--rule", default="budget", choices=["budget", "sensitivity"],
+                   help="GBLR's structure rule: BudgetRule (width steps and a cut) or SensitivityRule (start "
+                        "--headroom times above the budget, remove components by Fisher sensitivity per FLOP)")
+    p.add_argument("--headroom", type=float, default=1.5, help="--rule sensitivity: the conversion's budget over "
+                   "the budget")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--calib-batches", type=int, default=8)

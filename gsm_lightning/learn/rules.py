@@ -68,6 +68,11 @@ class StructureRule(ABC):
         """Called when the optimizer is configured, with the number of real optimizer steps of phase 1."""
         return None
 
+    def attach(self, model: nn.Module) -> None:
+        """Called right after :meth:`start` with the converted backbone, before the first training forward: a rule
+        that measures during the forward or backward passes registers its hooks here."""
+        return None
+
     @abstractmethod
     def step(self, model: nn.Module, lr: float, active: bool = True) -> dict[str, float]:
         """One update after a real optimizer step; ``lr`` is the structure group's current learning rate and
@@ -76,6 +81,11 @@ class StructureRule(ABC):
     def target(self) -> float | None:
         """The FLOPs ratio the rule steers to now (for logging), or None."""
         return None
+
+    def conversion_budget(self, budget: float) -> float:
+        """The FLOPs ratio a pretrained conversion fits at, for the module's ``budget`` (the budget itself; a rule
+        that starts above it and removes components says how far above)."""
+        return budget
 
     # ------------------------------------------------------------- defaults
     def layer_defaults(self, init: str) -> dict[str, Any]:

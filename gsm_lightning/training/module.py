@@ -233,8 +233,19 @@ class GSMModule(LightningModule):
 
     def _convert(self, calibration: Any = None, skeleton: bool = False, layer_budgets: Any = None) -> None:
         conversion = self.conversion
-        self._converted(conversion.apply(self.backbone, self.budget, self.rule.layer_defaults(conversion.init),
+        self._converted(conversion.apply(self.backbone, self._conversion_budget(), self.rule.layer_defaults(conversion.init),
                                          calibration=calibration, skeleton=skeleton, layer_budgets=layer_budgets))
+
+    def _conversion_budget(self) -> float:
+        """The FLOPs ratio the conversion fits at: the budget, or above it for a pretrained GBLR conversion whose rule
+        starts wider (:meth:`~gsm_lightning.learn.rules.StructureRule.conversion_budget`)."""
+        if self.method != "gblr" or self.conversion.init != "pretrained":
+            return self.budget
+        start = float(self.rule.conversion_budget(self.budget))
+        if not self.budget <= start <= 1:
+            raise ValueError(f"{type(self.rule).__name__}.conversion_budget({self.budget:g}) = {start:g}: a conversion "
+                             "starts between the budget and 1")
+        return start
 
     def _converted(self, report: Any) -> None:
         conversion = self.conversion
@@ -276,18 +287,19 @@ class GSMModule(LightningModule):
             stats = collect_input_stats(self.backbone, batches, layers=names, forward=forward, diagonal=cal.diagonal,
                                         token_mask=token_mask)
         if measured:
-            budgets = allocation.layer_budgets(self.backbone, self.budget, stats, batches, forward)
+            budgets = allocation.layer_budgets(self.backbone, self._conversion_budget(), stats, batches, forward)
         if not cal.sequential:
             self._convert(calibration=stats, layer_budgets=budgets)
             return
         if allocation == "global":  # the ranks are chosen on the dense model, then fitted group by group
-            budgets = self.conversion.global_layer_budgets(self.backbone, self.budget, stats)
+            budgets = self.conversion.global_layer_budgets(self.backbone, self._conversion_budget(), stats)
         stats = None  # freed: each group is fitted on its own statistics in the partly converted model
         defaults = self.rule.layer_defaults(self.conversion.init)
         reports = convert_sequentially(
             self.backbone, batches, names,
             lambda student, group, group_stats: self.conversion.apply(
-                student, self.budget, defaults, calibration=group_stats, layer_budgets=budgets, names=group),
+                student, self._conversion_budget(), defaults, calibration=group_stats, layer_budgets=budgets,
+                names=group),
             forward=forward, diagonal=cal.diagonal, damp=cal.damp, token_mask=token_mask)
         report = dataclasses.replace(reports[0], layers=[layer for r in reports for layer in r.layers])
         if allocation == "global":
@@ -557,6 +569,7 @@ class GSMModule(LightningModule):
         self._steps_per_epoch = self._phase1_steps() / self.phase1_epochs if self.phase1_epochs else 0.0
         groups = param_groups(self, self.rule.structure_lr, widths_apart=widths_apart)
         self.rule.start(self._phase1_steps())
+        self.rule.attach(self.backbone)
         optimizer = self.optimizer_factory(groups)
         names = {g.get("name") for g in optimizer.param_groups}
         if self.phase == 1 and "structure" not in names:
