@@ -178,11 +178,32 @@ def test_visualizer_histograms_and_images(tb_run):
                                               "footprint_grid")]
     for tag in layer_tags + model_tags:
         events = acc.Images(tag)
-        assert [e.step for e in events] == [4, final_step], tag
+        # the model figures show only the structure: the switch left it as phase 1 ended, so not drawn again
+        assert [e.step for e in events] == ([4] if tag in model_tags else [4, final_step]), tag
         assert events[-1].width >= 600 and events[-1].height >= 400, tag
         pixels = np.asarray(Image.open(io.BytesIO(events[-1].encoded_image_string)).convert("L"), dtype=np.float64)
         assert pixels.shape == (events[-1].height, events[-1].width)
         assert pixels.std() > 5 and (pixels < 128).mean() > 0.005, tag  # not blank: dark text, bars or cells
+
+
+def test_model_figures_are_redrawn_only_for_another_structure():
+    from gsm_lightning.training.callbacks.structure_visualizer import _structure_key
+
+    torch.manual_seed(0)
+    model = nn.Sequential(GBLRLinear(16, 8, num_components=4), GBLRLinear(8, 8, num_components=3))
+    key = _structure_key(gblr_layers(model))
+    with torch.no_grad():
+        model[0].weight_in.mul_(2.0)  # weights are not what the figures show
+    assert _structure_key(gblr_layers(model)) == key
+    with torch.no_grad():
+        model[1].widths[0, 1] = 0.5
+    assert _structure_key(gblr_layers(model)) != key
+    with torch.no_grad():
+        model[1].widths[0, 1] = 0.0  # an empty component drawn as nothing, like one dropped at the switch
+    empty = _structure_key(gblr_layers(model))
+    with torch.no_grad():
+        model[1].locations[0, 1] = 0.7
+    assert _structure_key(gblr_layers(model)) == empty
 
 
 def test_report_files_match_layers(tb_run):
@@ -268,10 +289,10 @@ def test_visualizer_layer_figure_schedule(tmp_path):
     for tag, step, (w, h) in logger.figures:
         steps.setdefault(tag, []).append(step)
         assert w >= 600 and h >= 400, tag
-    # 4 optimizer steps per epoch, phase 1 = epoch 0: model figures at the end of each phase only; per-layer
-    # figures (switched on by their interval) at the start, at the end of phase 1, after epoch 2 (every 2 epochs)
-    # and at the end of training
-    assert steps["structure/overview"] == steps["structure/footprint_grid"] == [4, 12]
+    # 4 optimizer steps per epoch, phase 1 = epoch 0: model figures at the end of phase 1 only (the end of training
+    # has the same structure); per-layer figures (switched on by their interval) at the start, at the end of
+    # phase 1, after epoch 2 (every 2 epochs) and at the end of training
+    assert steps["structure/overview"] == steps["structure/footprint_grid"] == [4]
     for name in ("backbone.0", "backbone.2"):
         assert steps[f"structure/{name}/weights"] == steps[f"structure/{name}/windows"] == [0, 4, 8, 12]
     assert len(steps) == 5 + 4
@@ -309,20 +330,21 @@ def fit_module(tmp_path, module, logger, callbacks, epochs: int):
 
 
 def test_visualizer_draws_figures_only_at_phase_ends_by_default(tmp_path):
-    """Default: cheap pictures every epoch, matplotlib figures only at the end of phase 1 and of training, no
-    per-layer figure; a figure interval adds the start and its epochs, never a second drawing at one step."""
+    """Default: cheap pictures every epoch, matplotlib figures only at the end of phase 1 and of training (there
+    only for a structure the switch changed), no per-layer figure; a figure interval adds the start and its epochs,
+    never a second drawing at one step nor of one structure."""
     logger = PictureRecorder()
     fit_module(tmp_path, make_module(), logger, [StructureVisualizer()], epochs=3)  # phase 1 = epoch 0
     figures = {tag for kind, tag in logger.pictures if kind == "figure"}
     assert figures == {f"structure/{t}" for t in ("overview", "flops_by_type", "flops_by_depth", "width_histograms",
                                                    "footprint_grid")}  # nothing per layer
-    assert logger.steps("figure", "") == {(4, 12)}
+    assert logger.steps("figure", "") == {(4,)}  # the switch kept phase 1's structure: not drawn again at 12
     assert logger.steps("histogram", "/widths_in") == logger.steps("image", "/footprint") == {(0, 4, 8, 12)}
 
     logger = PictureRecorder()
     module = make_module(phase1_epochs=2)  # phase 1 ends after epoch 1 (step 8), also on the figure interval
     fit_module(tmp_path, module, logger, [StructureVisualizer(every_n_epochs=3, figures_every_n_epochs=2)], epochs=4)
-    assert logger.steps("figure", "/overview") == {(0, 8, 16)}
+    assert logger.steps("figure", "/overview") == {(0, 8)}  # 16: on the interval, but phase 1's structure still
     assert logger.steps("histogram", "/widths_out") == {(0, 8, 12, 16)}  # start, phase end, every 3, end
     assert not any(tag.endswith(("/weights", "/windows")) for _, tag in logger.pictures)
 
@@ -354,7 +376,8 @@ def test_visualizer_finds_the_end_of_phase_1_of_any_module(tmp_path):
     fit_module(tmp_path, OwnFreeze(), logger, [StructureVisualizer(log_layer_figures=True, log_on_train_start=False)],
                epochs=3)
     # phase 1 ends when the layer is found frozen (first batch of epoch 1, after 4 steps), phase 2 with training
-    assert logger.steps("figure", "") == {(4, 12)}
+    assert logger.steps("figure", "/windows") == logger.steps("figure", "/weights") == {(4, 12)}  # weights change
+    assert logger.steps("figure", "/overview") == {(4,)}  # the structure does not
     assert ("figure", "structure/layer/windows") in logger.pictures
     assert logger.steps("histogram", "") == {(4, 8, 12)}  # every epoch; once at the step phase 1 ended
 

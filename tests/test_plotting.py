@@ -193,11 +193,14 @@ def test_width_histograms_count_every_active_component():
     active = sum(int(layer_stats(m)["active"]) for m in layers)
     total = sum(m.num_components for m in layers)
     for ax in (ax_in, ax_out):
-        assert sum(p.get_height() for p in ax.patches) == active  # stacked: every active component once
+        top = ax.patches[-1].get_data()  # stacked step artists, one per layer type: the last one is the stack's top
+        assert top.values.sum() == active  # stacked: every active component once
         assert ax.get_xlim() == (0, 1) and "width" in ax.get_xlabel()
     # the head's input widths 0.4 and 1.0 (inactive third component left out) land in their bins
-    head_bars = [p for p in ax_in.patches if p.get_height() > 0 and p.get_facecolor() == ax_in.patches[-1].get_facecolor()]
-    assert sorted(round(p.get_x(), 2) for p in head_bars) == [0.4, 0.95]
+    head = ax_in.patches[-1].get_data()
+    counts = head.values - head.baseline
+    assert sorted(round(float(head.edges[i]), 2) for i in np.flatnonzero(counts)) == [0.4, 0.95]
+    assert counts.sum() == 2
     assert f"{active} active components ({total - active} of {total}" in fig.get_suptitle()
     assert "active components" in ax_in.get_ylabel()
     assert_readable(fig)

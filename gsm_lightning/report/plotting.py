@@ -429,8 +429,15 @@ def width_histograms(model: nn.Module, bins: int = 20) -> Figure:
     edges = np.linspace(0.0, 1.0, int(bins) + 1)
     groups = list(by_type)
     for side, (ax, label) in enumerate(zip(axes, ("input", "output"))):
-        data = [np.concatenate([f[side] for f in by_type[g]]) for g in groups]
-        ax.hist(data, bins=edges, stacked=True, label=groups, edgecolor="white", linewidth=0.4)
+        # stacked as one filled step artist per layer type (ax.hist draws a patch per bin: 10x slower to build)
+        bottom = np.zeros(len(edges) - 1)
+        for i, g in enumerate(groups):
+            counts, _ = np.histogram(np.concatenate([f[side] for f in by_type[g]]), bins=edges)
+            top = bottom + counts
+            ax.stairs(top, edges, baseline=bottom, fill=True, label=g, color=f"C{i}", edgecolor="white",
+                      linewidth=0.4)
+            bottom = top
+        ax.set_ylim(0, max(1.0, float(bottom.max()) * 1.05))
         ax.set_xlim(0, 1)
         ax.set_xlabel(f"{label} window width (fraction of the {label} side)")
         _title(ax, f"{label} side", fontsize=10)

@@ -37,6 +37,17 @@ def _interval(value: Any, what: str) -> int | None:
     return int(value)
 
 
+def _structure_key(named: list[tuple[str, GBLRLinear]]) -> bytes:
+    """The integer structure of the active components of every layer (what the model figures show)."""
+    parts = []
+    for name, layer in named:
+        w, loc = layer.int_widths(), layer.int_locations()
+        active = (w[0] > 0) & (w[1] > 0)
+        both = torch.cat([w[:, active], loc[:, active]]).cpu()
+        parts.append(name.encode() + b":" + both.numpy().tobytes())
+    return b"|".join(parts)
+
+
 class StructureVisualizer(Callback):
     """Pictures of the learned structure for TensorBoard-like loggers, drawn off the hot path: the matplotlib
     figures at the end of each phase (and at an interval only when asked), the cheap pictures more often.
@@ -60,7 +71,10 @@ class StructureVisualizer(Callback):
     The end of phase 1 is the end of the last epoch before the structure freezes (for
     :class:`~gsm_lightning.module.GSMModule`, epoch ``phase1_epochs - 1``: the structure phase 1 learned, before
     the switch's projection and rounding; for another module, the first batch at which all its GBLR layers are
-    frozen); the end of phase 2 is the end of training.  Nothing is drawn twice at the same step.
+    frozen); the end of phase 2 is the end of training.  Nothing is drawn twice at the same step, and the model
+    figures (which show only the structure) are not drawn again while the active components' integer widths and
+    locations are those of the last drawing: at the end of training they come only when the phase switch changed
+    the structure (a projection onto the budget, a rounding).
 
     Args:
         every_n_epochs: epoch interval of the cheap pictures.
@@ -114,6 +128,7 @@ class StructureVisualizer(Callback):
         self.prefix = prefix
         self._warned: set[str] = set()
         self._drawn: dict[str, int] = {}  # kind -> the last step it was drawn at
+        self._model_key: bytes | None = None  # the structure the model figures last showed
         self._learning: list[GBLRLinear] = []  # layers not frozen yet, while waiting for the end of phase 1
 
     # ------------------------------------------------------------------ schedule
@@ -132,7 +147,7 @@ class StructureVisualizer(Callback):
                 and epoch + 1 >= last)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._drawn = {}
+        self._drawn, self._model_key = {}, None
         self._learning = [m for _, m in gblr_layers(pl_module) if not m.is_frozen]
         if self.log_on_train_start:
             self._visualize(trainer, pl_module, {k for k, every in self._every().items() if every is not None})
@@ -189,6 +204,11 @@ class StructureVisualizer(Callback):
                 for name, layer in named:
                     exp.add_image(f"{self.prefix}/{name}/footprint", footprint_image(layer, self.max_size).cpu(),
                                   step, dataformats="CHW")
+        if "model" in kinds:  # the model figures show the structure only: not again for the one drawn last
+            key = _structure_key(named)
+            if key == self._model_key:
+                kinds.discard("model")
+            self._model_key = key
         figures = (self._model_figures(pl_module) if "model" in kinds else []) + (
             self._layer_figures(named) if "layers" in kinds else [])
         if figures and (exp := self._experiment(trainer, "add_figure")) is not None:
