@@ -562,14 +562,29 @@ def code_state() -> str:
     return f"commit {commit}" + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else "")
 
 
+def _latest_per_recipe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of each recipe's last run, in the order the recipes first appear."""
+    by_recipe: dict[str, list[dict[str, Any]]] = {}
+    last: dict[str, int] = {}
+    for i, row in enumerate(rows):  # a run's rows are consecutive: a new run starts where a recipe's rows restart
+        recipe = row["recipe"]
+        if recipe in by_recipe and last[recipe] != i - 1:
+            by_recipe[recipe] = []
+        by_recipe.setdefault(recipe, []).append(row)
+        last[recipe] = i
+    return [row for rs in by_recipe.values() for row in rs]
+
+
 def merge(files: list[str]) -> dict[str, Any]:
     runs = [json.loads(Path(f).read_text()) for f in files]
     return {"command": "; ".join(r["command"] for r in runs), "date": runs[-1]["date"], "machine": runs[-1]["machine"],
             "load": [runs[0]["load"][0], runs[-1]["load"][1]], "took_s": sum(r["took_s"] for r in runs),
             "quick": any(r.get("quick") for r in runs),
-            # rows summarized again from every repeat where the file has them (today's summary of old runs)
-            "rows": [row for r in runs for row in ([row for recipe, fits in r["runs"].items()
-                                                    for row in summarize(recipe, fits)] if r.get("runs") else r["rows"])],
+            # rows summarized again from every repeat where the file has them (today's summary of old runs); a recipe
+            # measured again in a later file replaces its earlier rows
+            "rows": _latest_per_recipe([row for r in runs
+                                        for row in ([row for recipe, fits in r["runs"].items()
+                                                     for row in summarize(recipe, fits)] if r.get("runs") else r["rows"])]),
             "skipped": {k: v for r in runs for k, v in r.get("skipped", {}).items()},
             "code": "; ".join(dict.fromkeys(r["code"] for r in runs if r.get("code")))}
 
