@@ -22,7 +22,9 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gsm_lightning.core.conversion_spec import Conversion  # noqa: E402
 from gsm_lightning.data import EpochSeededSampler  # noqa: E402
+from gsm_lightning.learn.sensitivity import SensitivityRule  # noqa: E402
 from gsm_lightning.training.distillation import Distillation  # noqa: E402
 from gsm_lightning.training.module import GSMModule  # noqa: E402
 from tests.helpers import adamw, digits_loaders, mlp  # noqa: E402
@@ -47,7 +49,7 @@ class RankShard(EpochSeededSampler):
 def dump(pl_module: GSMModule, path: Path) -> None:
     state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
     state["_structure"] = {n: m.structure() for n, m in pl_module.gblr_layers}
-    state["_learner"] = pl_module.learner.state_dict()
+    state["_learner"] = pl_module.rule.state_dict()
     state["_phase1_end_ratio"] = pl_module.phase1_end_ratio
     state["_real_optimizer_steps"] = pl_module.real_optimizer_steps
     torch.save(state, path)
@@ -63,7 +65,7 @@ class Dumper(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:  # runs before the module's hook (the switch)
         if trainer.current_epoch != PHASE1:
             return
-        if trainer.global_rank == 1:  # disagree with rank 0: other active components, other locations
+        if trainer.global_rank == 1 and self.tag != "ddp_sensitivity":  # disagree with rank 0: other components
             with torch.no_grad():
                 for _, m in pl_module.gblr_layers:
                     active = m.active_components().nonzero().flatten()
@@ -90,8 +92,14 @@ def main(out: Path, mode: str) -> None:
         train = DataLoader(train.dataset, batch_size=32, sampler=RankShard(512, int(os.environ.get("LOCAL_RANK", 0)), 2))
     torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))  # rank 1 starts from other weights and structure
     distill = Distillation(loss="kl", temperature=2.0, task_weight=0.5) if mode.endswith("distill") else None
-    model = GSMModule(mlp(), num_classes=10, budget=0.35, include=["0", "2"], phase1_epochs=PHASE1, optimizer=adamw(),
-                      distillation=distill)
+    if mode.endswith("sensitivity"):  # a pretrained conversion above the budget, components removed by measured Fisher
+        model = GSMModule(mlp(), num_classes=10, budget=0.35, phase1_epochs=PHASE1, optimizer=adamw(),
+                          conversion=Conversion(include=["0", "2"], init="pretrained", fit_steps=0),
+                          rule=SensitivityRule(headroom=1.5, path_fraction=0.8, warmup=0.25),
+                          distillation=Distillation(loss="kl", temperature=2.0, task_weight=0.5))
+    else:
+        model = GSMModule(mlp(), num_classes=10, budget=0.35, include=["0", "2"], phase1_epochs=PHASE1,
+                          optimizer=adamw(), distillation=distill)
     strategy = DDPStrategy(find_unused_parameters=False, process_group_backend="gloo") if ddp else "auto"
     trainer = pl.Trainer(
         accelerator="cpu", devices=2 if ddp else 1, strategy=strategy, max_epochs=EPOCHS,

@@ -106,3 +106,18 @@ def test_ddp_with_a_teacher_keeps_the_ranks_identical(tmp_path):
     for key in r0:
         if not key.startswith("_"):
             assert torch.equal(r0[key], r1[key]), key
+
+
+def test_ddp_sensitivity_rule_removes_the_same_components_on_every_rank(tmp_path):
+    """Each rank measures the Fisher on its own half of the batch; the sums are all-reduced before each removal, so
+    the ranks remove the same components and stay bit-identical through phase 1 without the switch's broadcast."""
+    launch(tmp_path, "ddp_sensitivity")
+    r0, r1 = (load(tmp_path, f"ddp_sensitivity_pre_rank{r}") for r in (0, 1))
+    assert r0["_learner"]["removed"] > 0
+    assert r0["_structure"] == r1["_structure"]
+    assert r0["_learner"]["fisher"].keys() == r1["_learner"]["fisher"].keys()
+    for name, f in r0["_learner"]["fisher"].items():
+        assert torch.equal(f, r1["_learner"]["fisher"][name]), name
+    for key in r0:
+        if not key.startswith("_"):
+            assert torch.equal(r0[key], r1[key]), key
