@@ -100,7 +100,8 @@ class SensitivityRule(StructureRule):
     Only for a pretrained conversion (``Conversion(init="pretrained")``): the conversion fits at
     ``min(headroom * budget, max_start)``.  From a random init the layers start at their ``width_init`` cost and the
     rule only removes components.  Under DDP the ranks' sums are all-reduced before each removal, so every rank
-    removes the same components.
+    removes the same components.  Eager mode only (the hooks read the structure on the host); under float16 AMP the
+    sums carry the loss scale squared, which shifts when the scaler changes it.
 
     Args:
         headroom: the conversion's budget over the module's budget (>= 1; 1 starts at the budget and removes nothing
