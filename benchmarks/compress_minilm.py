@@ -103,7 +103,7 @@ def rule(cfg: argparse.Namespace) -> StructureRule:
     """GBLR's structure rule: the budget learner, or ``--rule sensitivity`` (start ``--headroom`` times above the
     budget and remove whole components by Fisher sensitivity per FLOP during distillation)."""
     if cfg.rule == "sensitivity":
-        return SensitivityRule(headroom=cfg.headroom)
+        return SensitivityRule(headroom=cfg.headroom, path_fraction=getattr(cfg, "path_fraction", 0.6))
     return BudgetRule(structure_lr=cfg.structure_lr, width_norm=cfg.width_norm)
 
 
@@ -151,6 +151,8 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
     name = method if not gblr or cfg.structure_lr == 2.5e-3 else f"{method}, structure lr {cfg.structure_lr:g}"
     if gblr and getattr(cfg, "rule", "budget") == "sensitivity":
         name = f"{method}, sensitivity rule, headroom {cfg.headroom:g}"
+        if getattr(cfg, "path_fraction", 0.6) != 0.6:
+            name += f", path {cfg.path_fraction:g}"
     elif gblr and cfg.phase1_epochs == 0:
         name = f"{method}, structure fixed at the start"
     elif gblr and cfg.width_norm != "side":
@@ -283,6 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--headroom times above the budget, remove components by Fisher sensitivity per FLOP)")
     p.add_argument("--headroom", type=float, default=1.5, help="--rule sensitivity: the conversion's budget over "
                    "the budget")
+    p.add_argument("--path-fraction", type=float, default=0.6, help="--rule sensitivity: part of phase 1 over "
+                   "which the ratio reaches the budget")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--calib-batches", type=int, default=8)
