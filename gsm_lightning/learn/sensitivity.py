@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..core.flops import grid_widths
+from ..core.flops import grid_widths, layers_flops
 from ..core.layer import GBLRLinear, gblr_layers
 from .budget_learner import BudgetPath
 from .rules import StructureRule, _fraction
@@ -184,9 +184,8 @@ class SensitivityRule(StructureRule):
     @torch.no_grad()
     def step(self, model: nn.Module, lr: float, active: bool = True) -> dict[str, float]:
         layers = gblr_layers(model, include_frozen=False)
-        flops = sum(m.flops() for _, m in layers)
-        dense = sum(m.in_features * m.out_features for _, m in layers)
-        ratio = flops / dense if dense else 1.0
+        cost = layers_flops(m for _, m in layers)
+        flops, dense, ratio = cost["flops"], cost["dense_flops"], cost["ratio"]
         if self.start_ratio is None:
             self.start_ratio = ratio
         self._fold(layers)
