@@ -121,6 +121,10 @@ def run_one(model: str, method: str, budget: float, seed: int, args: argparse.Na
                                         ("location_init", args.gblr_location_init)) if v is not None},
         optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.05),
     )
+    if isinstance(gblr.get("rule"), dict):  # a rule object replaces the flat rule arguments: --structure-lr goes in it
+        lr = kwargs.pop("structure_lr")
+        if lr is not None:
+            gblr["rule"].setdefault("init_args", {}).setdefault("structure_lr", lr)
     kwargs.update(gblr)  # --gblr KEY=VALUE overrides the recipe's own settings (sigma0, ...)
     net = backbone(model)
     if fixed and args.baseline_allocation:

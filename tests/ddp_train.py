@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gsm_lightning.core.conversion_spec import Conversion  # noqa: E402
 from gsm_lightning.data import EpochSeededSampler  # noqa: E402
+from gsm_lightning.learn.regrowth import Regrowth  # noqa: E402
+from gsm_lightning.learn.rules import BudgetRule  # noqa: E402
 from gsm_lightning.learn.sensitivity import SensitivityRule  # noqa: E402
 from gsm_lightning.training.distillation import Distillation  # noqa: E402
 from gsm_lightning.training.module import GSMModule  # noqa: E402
@@ -65,7 +67,7 @@ class Dumper(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:  # runs before the module's hook (the switch)
         if trainer.current_epoch != PHASE1:
             return
-        if trainer.global_rank == 1 and self.tag != "ddp_sensitivity":  # disagree with rank 0: other components
+        if trainer.global_rank == 1 and self.tag not in ("ddp_sensitivity", "ddp_regrowth"):  # other components
             with torch.no_grad():
                 for _, m in pl_module.gblr_layers:
                     active = m.active_components().nonzero().flatten()
@@ -97,6 +99,9 @@ def main(out: Path, mode: str) -> None:
                           conversion=Conversion(include=["0", "2"], init="pretrained", fit_steps=0),
                           rule=SensitivityRule(headroom=1.5, path_fraction=0.8, warmup=0.25),
                           distillation=Distillation(loss="kl", temperature=2.0, task_weight=0.5))
+    elif mode.endswith("regrowth"):  # windows grown by all-reduced gradients, above the budget, then cut back
+        model = GSMModule(mlp(), num_classes=10, budget=0.35, include=["0", "2"], phase1_epochs=PHASE1,
+                          optimizer=adamw(), rule=BudgetRule(regrowth=Regrowth(start=0.5, interval=0.1, overshoot=0.1)))
     else:
         model = GSMModule(mlp(), num_classes=10, budget=0.35, include=["0", "2"], phase1_epochs=PHASE1,
                           optimizer=adamw(), distillation=distill)

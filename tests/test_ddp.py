@@ -121,3 +121,19 @@ def test_ddp_sensitivity_rule_removes_the_same_components_on_every_rank(tmp_path
     for key in r0:
         if not key.startswith("_"):
             assert torch.equal(r0[key], r1[key]), key
+
+
+def test_ddp_regrowth_grows_the_same_windows_on_every_rank(tmp_path):
+    """Each rank measures the entries' gradients on its own half of the batch; the sums are all-reduced before each
+    growth, so the ranks grow the same windows and stay bit-identical through phase 1 without the switch's
+    broadcast."""
+    launch(tmp_path, "ddp_regrowth")
+    r0, r1 = (load(tmp_path, f"ddp_regrowth_pre_rank{r}") for r in (0, 1))
+    assert r0["_learner"]["regrowth"]["grown"] > 0
+    assert r0["_learner"]["regrowth"]["grown"] == r1["_learner"]["regrowth"]["grown"]
+    assert r0["_structure"] == r1["_structure"]
+    for key in r0:
+        if not key.startswith("_"):
+            assert torch.equal(r0[key], r1[key]), key
+    e0, e1 = (load(tmp_path, f"ddp_regrowth_end_rank{r}") for r in (0, 1))
+    assert e0["_structure"] == e1["_structure"] and all(s["frozen"] for s in e0["_structure"].values())

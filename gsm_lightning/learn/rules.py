@@ -23,8 +23,13 @@ from torch import nn
 
 from .budget_learner import BudgetLearner, CutWeighting, Tracking, WidthNorm, WidthStep
 from .proximal import proximal_step
+from .regrowth import Regrowth
 
 __all__ = ["StructureRule", "BudgetRule", "PaperRule", "build_rule"]
+
+
+#: BudgetRule's default regrowth (a config, not an instance: every rule builds its own, with its own state)
+DEFAULT_REGROWTH: Mapping[str, Any] = {"class_path": "gsm_lightning.learn.regrowth.Regrowth", "init_args": {}}
 
 
 def _fraction(name: str, value: Any) -> float:
@@ -72,6 +77,11 @@ class StructureRule(ABC):
         """Called right after :meth:`start` with the converted backbone, before the first training forward: a rule
         that measures during the forward or backward passes registers its hooks here."""
         return None
+
+    def finish(self, model: nn.Module) -> dict[str, float]:
+        """Called at the phase switch, before the structure is frozen (and before any projection onto the budget):
+        the rule's last change to the structure.  Returns scalars (empty by default)."""
+        return {}
 
     @abstractmethod
     def step(self, model: nn.Module, lr: float, active: bool = True) -> dict[str, float]:
@@ -139,6 +149,9 @@ class BudgetRule(StructureRule):
             gradient per FLOP over one RMS for the model, so FLOPs move between layers by measured gain).
         structure_lr: learning rate of the locations (and of the widths with ``width_step="adam"``).
         start_step: optimizer steps before any cut.
+        regrowth: windows grow back by the gradient over the last part of phase 1, and into what is left under the
+            budget at the switch (a :class:`~gsm_lightning.learn.regrowth.Regrowth`, or its ``{class_path,
+            init_args}``; it starts no earlier than ``path_fraction``).  Default: ``Regrowth()``.  None: off.
 
     Examples::
 
@@ -157,8 +170,10 @@ class BudgetRule(StructureRule):
         structure_lr: float = 2.5e-3,
         start_step: int = 0,
         width_norm: WidthNorm = "side",
+        regrowth: Regrowth | Mapping[str, Any] | None = DEFAULT_REGROWTH,
     ) -> None:
         super().__init__(structure_lr, start_step)
+        self.regrowth = _as_regrowth(regrowth)
         self.path_fraction = _fraction("path_fraction", path_fraction)
         self.energy_start = _fraction("energy_start", energy_start)
         # validates the learner's own arguments now, not at the first step
@@ -177,9 +192,23 @@ class BudgetRule(StructureRule):
     def start(self, phase1_steps: int) -> None:
         self.learner.path_steps = int(round(self.path_fraction * phase1_steps))
         self.learner.energy_start_step = int(round(self.energy_start * phase1_steps))
+        if self.regrowth is not None:
+            self.regrowth.begin(phase1_steps, earliest=self.path_fraction)
+
+    def attach(self, model: nn.Module) -> None:
+        if self.regrowth is not None:
+            self.regrowth.attach(model)
 
     def step(self, model: nn.Module, lr: float, active: bool = True) -> dict[str, float]:
-        return self.learner.step(model, lr, cut=active)
+        out = self.learner.step(model, lr, cut=active)
+        if self.regrowth is not None:
+            out["regrown"] = self.regrowth.step(model, self.budget, active=active)
+        return out
+
+    def finish(self, model: nn.Module) -> dict[str, float]:
+        if self.regrowth is None:
+            return {}
+        return {"regrown": self.regrowth.finish(model, self.budget)}
 
     def target(self) -> float | None:
         return float(self.learner.target())
@@ -197,17 +226,25 @@ class BudgetRule(StructureRule):
         return "lower path_fraction or raise phase1_epochs"
 
     def state_dict(self) -> dict[str, Any]:
-        return self.learner.state_dict()
+        state = self.learner.state_dict()
+        if self.regrowth is not None:
+            state["regrowth"] = self.regrowth.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        state = dict(state)
+        regrowth = state.pop("regrowth", None)
         self.learner.load_state_dict(state)
+        if self.regrowth is not None and regrowth is not None:
+            self.regrowth.load_state_dict(regrowth)
 
     def init_args(self) -> dict[str, Any]:
         lr = self.learner
         return {"path_fraction": self.path_fraction, "width_step": lr.width_step, "cut_weighting": lr.cut_weighting,
                 "energy_start": self.energy_start, "energy_power": lr.energy_power,
                 "width_lr_scale": lr.width_lr_scale, "tracking": lr.tracking, **super().init_args(),
-                **({"width_norm": lr.width_norm} if lr.width_norm != "side" else {})}
+                **({"width_norm": lr.width_norm} if lr.width_norm != "side" else {}),
+                "regrowth": self.regrowth.config() if self.regrowth is not None else None}
 
 
 class PaperRule(StructureRule):
@@ -238,6 +275,17 @@ class PaperRule(StructureRule):
 
     def init_args(self) -> dict[str, Any]:
         return {"prox_lambda": self.prox_lambda, **super().init_args()}
+
+
+def _as_regrowth(value: Regrowth | Mapping[str, Any] | None) -> Regrowth | None:
+    if value is None or isinstance(value, Regrowth):
+        return value
+    if isinstance(value, Mapping):
+        path = str(value.get("class_path", "Regrowth"))
+        if path.rpartition(".")[2] != "Regrowth":
+            raise ValueError(f"regrowth class_path {path!r} is not gsm_lightning.learn.regrowth.Regrowth")
+        return Regrowth(**dict(value.get("init_args") or {}))
+    raise ValueError(f"regrowth must be a Regrowth, a {{class_path, init_args}} mapping or None, got {value!r}")
 
 
 def build_rule(rule: StructureRule | Mapping[str, Any] | None) -> StructureRule:

@@ -672,6 +672,7 @@ class GSMModule(LightningModule):
             for m in layers:
                 for t in (m.widths, m.locations, m.sigma):
                     t.copy_(trainer.strategy.broadcast(t.detach().clone(), src=0))
+        self.rule.finish(self.backbone)
         before = flops_ratio(layers)
         self.phase1_end_ratio, self.projection_delta = before, 0.0
         if self.switch.enforce_budget and before > self.budget:

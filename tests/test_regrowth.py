@@ -1,0 +1,279 @@
+"""``Regrowth``: short windows grow back along their edges by the loss gradient.  Oracles: autograd on the masked
+factors as leaf tensors for the gradients, an exhaustive enumeration for the greedy growth, the layer's own output
+for function preservation, the teacher for what the growth is for, a full run for resume."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from gsm_lightning.core.flops import layers_flops
+from gsm_lightning.core.layer import GBLRLinear, gblr_layers
+from gsm_lightning.data.teacher import TeacherStudentDataModule, make_teacher
+from gsm_lightning.learn.regrowth import Regrowth, edge_gradients, grow_edges
+from gsm_lightning.learn.rules import BudgetRule, build_rule
+from gsm_lightning.training.module import GSMModule
+
+from .helpers import LossRecorder
+from .test_resume import Kill
+from .test_structure_recovery import fit as recovery_fit
+
+
+def partial_layer(dtype=torch.float64) -> GBLRLinear:
+    torch.manual_seed(0)
+    layer = GBLRLinear(12, 9, rank_per_component=2, num_components=4, bias=False, dtype=dtype)
+    with torch.no_grad():
+        layer.widths.copy_(torch.tensor([[6, 3, 0, 12], [4, 9, 5, 2]], dtype=torch.float32)
+                           / torch.tensor([[12.0], [9.0]]))
+        layer.locations.copy_(torch.tensor([[10, 2, 4, 0], [7, 0, 3, 5]], dtype=torch.float32)
+                              / torch.tensor([[12.0], [9.0]]))
+    layer.set_sigma(None)  # exact boxcars
+    return layer
+
+
+def test_edge_gradients_are_the_gradients_of_the_masked_factors_inside_and_outside_the_windows():
+    layer = partial_layer()
+    x, t = torch.randn(2, 5, 12, dtype=torch.float64), torch.randn(2, 5, 9, dtype=torch.float64)
+    v, u = (f.detach().clone().requires_grad_(True) for f in layer.masked_factors())  # (K r, in), (K r, out)
+    loss = ((x @ v.t() @ u - t) ** 2).sum()  # the layer's product, with every entry of the factors a leaf
+    loss.backward()
+    out = layer(x)
+    torch.testing.assert_close(out, x @ v.detach().t() @ u.detach())
+    dy = 2 * (out - t).detach()
+    index = torch.tensor([0, 1, 3])
+    g_in, g_out = edge_gradients(layer, x, dy, index)
+    assert g_in.shape == (3, 2, 12) and g_out.shape == (3, 2, 9)
+    rows = torch.tensor([0, 1, 2, 3, 6, 7])
+    torch.testing.assert_close(g_in.reshape(6, 12), v.grad[rows])
+    torch.testing.assert_close(g_out.reshape(6, 9), u.grad[rows])
+    # outside a window the masked factor is 0 and its gradient is not: that is what growth reads
+    assert float(v.detach()[0, 4:10].abs().max()) < 1e-7 and float(v.grad[0, 4:10].abs().sum()) > 0  # window 10..3
+
+
+def windows(layer: GBLRLinear) -> list[tuple[int, int, int, int]]:
+    w, loc = layer.int_widths(), layer.int_locations()
+    return [(int(loc[0, k]), int(w[0, k]), int(loc[1, k]), int(w[1, k])) for k in range(layer.num_components)]
+
+
+def test_growth_is_greedy_by_the_next_entrys_score_per_flop_and_keeps_the_function():
+    layer = partial_layer()
+    x = torch.randn(16, 12, dtype=torch.float64)
+    before_out, before = layer(x).detach(), windows(layer)
+    s_in, s_out = torch.rand(4, 12, dtype=torch.float64), torch.rand(4, 9, dtype=torch.float64)
+    cost = layers_flops([layer])["flops"]
+    added = grow_edges([layer], 2 * 5 + 1, [(s_in, s_out)])  # rank 2: 5 grid steps fit, the 6th does not
+    assert added == 10 and layers_flops([layer])["flops"] == cost + 10
+    after = windows(layer)
+    # component 2 is empty on its input side: it never grows; component 3 is full on its input side
+    assert after[2] == before[2] and after[3][1] == 12
+    # oracle: repeat "take the best next entry at any edge of any active component" by enumeration
+    state = {k: list(before[k]) for k in (0, 1, 3)}
+    for _ in range(5):
+        best = None
+        for k, (li, wi, lo, wo) in state.items():
+            for side, (loc, wid, n, s) in enumerate(((li, wi, 12, s_in), (lo, wo, 9, s_out))):
+                if wid >= n:
+                    continue
+                for d, pos in ((-1, (loc - 1) % n), (1, (loc + wid) % n)):
+                    cand = (float(s[k, pos]), k, side, d)
+                    best = cand if best is None or cand[0] > best[0] else best
+        _, k, side, d = best
+        li, wi, lo, wo = state[k]
+        if side == 0:
+            state[k] = [(li - 1) % 12 if d < 0 else li, wi + 1, lo, wo]
+        else:
+            state[k] = [li, wi, (lo - 1) % 9 if d < 0 else lo, wo + 1]
+    assert {k: tuple(v) for k, v in state.items()} == {k: after[k] for k in (0, 1, 3)}
+    layer.invalidate_cache()
+    torch.testing.assert_close(layer(x), before_out, rtol=0, atol=1e-6)  # added entries are zero (the FFT masks leak ~1e-8)
+
+
+def test_growth_stops_at_full_width_and_at_the_room_given():
+    layer = partial_layer()
+    ones = (torch.ones(4, 12), torch.ones(4, 9))
+    assert grow_edges([layer], 1.5, [ones]) == 0.0  # less than one grid step of rank 2
+    total = grow_edges([layer], 1e9, [ones])
+    w = layer.int_widths()
+    assert w[:, [0, 1, 3]].tolist() == [[12, 12, 12], [9, 9, 9]] and w[:, 2].tolist() == [0, 5]
+    assert total == 2 * ((12 - 6) + (12 - 3) + (9 - 4) + (9 - 9) + (9 - 2))
+    assert grow_edges([layer], 1e9, [None]) == 0.0
+
+
+class Ratios(pl.Callback):
+    def __init__(self) -> None:
+        self.ratios: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ratios.append(pl_module.flops_ratio())
+
+
+def teacher_fit(regrowth: Regrowth | None, seed: int = 0, callbacks=(), root: Path | None = None,
+                ckpt_path: str | None = None, epochs: int = 24, phase1: int = 18):
+    teacher = make_teacher("low_rank", seed=seed)
+    pl.seed_everything(seed)
+    data = TeacherStudentDataModule(teacher.weight, num_train=1024, num_val=64, num_test=512, noise_std=0.01,
+                                    batch_size=64, seed=seed)
+    module = GSMModule(nn.Sequential(nn.Linear(128, 128, bias=False)), task="regression", include=["0"],
+                       budget=teacher.flops_ratio, phase1_epochs=phase1, warmup_epochs=1.0,
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0),
+                       rule=BudgetRule(regrowth=regrowth))
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=root is not None,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, deterministic=True, callbacks=list(callbacks), default_root_dir=root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        rel = trainer.test(module, datamodule=data, verbose=False)[0]["test/rel_mse"] if ckpt_path is None else None
+    return module, rel
+
+
+def test_regrowth_grows_the_windows_the_cut_left_short_into_the_teachers_structure():
+    """The low-rank teacher (rank 8 on 128x128, budget 0.125: 8 full components), short recipe: the default learner
+    ends with 9 components, most of them short of full width, at 2.6x the error of a fixed low-rank student.  With
+    growth above the budget (annealed to 0) and the learner's cut taking it back, the same run ends with the
+    teacher's structure, 8 full components, and below that student's error."""
+    base, base_rel = teacher_fit(None)
+    ratios = Ratios()
+    grown, rel = teacher_fit(Regrowth(overshoot=0.05), callbacks=[ratios])
+    budget = make_teacher("low_rank").flops_ratio
+    assert (gblr_layers(base.backbone)[0][1].int_widths() < 128).any()
+    w = gblr_layers(grown.backbone)[0][1].int_widths()
+    assert w.shape == (2, 8) and (w == 128).all(), w
+    assert grown.flops_ratio() == pytest.approx(budget) and grown.projection_delta == 0.0
+    g = grown.rule.regrowth
+    assert g.start_step == round(0.65 * 18 * 16) and g.grown > 0
+    after = ratios.ratios[g.start_step - 1:18 * 16]
+    assert max(after) == pytest.approx(budget * 1.05, abs=2 / 128**2)  # the first growth: the whole overshoot
+    assert max(after[len(after) // 2:]) < budget * 1.025  # annealed: half-way, under half of it
+    assert after[-1] <= budget + 1e-9  # the learner's cuts took it back
+    lowrank = fixed_lowrank()
+    assert rel < base_rel / 2 and rel < 1.2 * lowrank, (rel, base_rel, lowrank)
+
+
+def test_with_no_overshoot_regrowth_only_fills_what_the_cuts_left():
+    ratios = Ratios()
+    module, _ = teacher_fit(Regrowth(start=0.5, interval=0.1), callbacks=[ratios], epochs=8, phase1=6, seed=1)
+    budget = make_teacher("low_rank").flops_ratio
+    g = module.rule.regrowth
+    assert g.overshoot == 0.0 and g.grown > 0
+    assert max(ratios.ratios[g.start_step - 1:96]) <= budget + 1e-9
+    assert module.phase1_end_ratio == pytest.approx(budget, abs=2 / 128**2)  # filled to the last grid step
+
+
+def fixed_lowrank() -> float:
+    """The fixed low-rank student of the same recipe (trained once per session by the recovery tests' cache)."""
+    return recovery_fit("low_rank", method="lowrank")[1]
+
+
+def test_overshoot_rises_above_the_budget_then_the_cut_takes_it_back():
+    ratios = Ratios()
+    module, _ = teacher_fit(Regrowth(start=0.6, interval=0.1, overshoot=0.1), callbacks=[ratios], epochs=8, phase1=6)
+    budget = make_teacher("low_rank").flops_ratio
+    rule = module.rule
+    assert rule.regrowth.start_step == round(0.6 * 96) and rule.regrowth.interval_steps == round(0.1 * 96)
+    phase1 = ratios.ratios[:96]
+    assert max(phase1) > budget * 1.05  # a growth went above it ...
+    assert phase1[-1] <= budget + 1e-9  # ... and the learner's cuts brought it back
+    assert module.phase == 2 and module.projection_delta == 0.0
+
+
+def test_a_run_killed_while_regrowing_resumes_bit_identically(tmp_path):
+    def run(root, ckpt_path=None, kill_at=None):
+        rec = LossRecorder()
+        callbacks = [rec]
+        if kill_at is not None:
+            callbacks += [ModelCheckpoint(dirpath=root, every_n_train_steps=10, save_top_k=-1, filename="{step}"),
+                          Kill(kill_at)]
+        kwargs = dict(callbacks=callbacks, root=root, ckpt_path=ckpt_path, epochs=6, phase1=4)
+        if kill_at is None:
+            module, _ = teacher_fit(Regrowth(start=0.5, interval=0.1), **kwargs)
+        else:
+            with pytest.raises(RuntimeError, match="killed"):
+                teacher_fit(Regrowth(start=0.5, interval=0.1), **kwargs)
+            module = None
+        return module, rec
+
+    full, full_rec = run(tmp_path / "full")
+    run(tmp_path / "killed", kill_at=42)
+    ckpt = torch.load(tmp_path / "killed" / "step=40.ckpt", weights_only=True)
+    sums = ckpt["gsm_learner"]["regrowth"]["sums"]
+    assert set(sums) == {"0"} and float(sums["0"][0].abs().sum()) > 0  # mid-measurement (growths at 32, 38, 44, ...)
+    resumed, rec = run(tmp_path / "resumed", ckpt_path=str(tmp_path / "killed" / "step=40.ckpt"))
+    losses = dict(full_rec.losses)
+    assert [s for s, _ in rec.losses] == list(range(41, 97))
+    for step, loss in rec.losses:
+        assert loss == losses[step], (step, loss, losses[step])
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert resumed.rule.regrowth.grown == full.rule.regrowth.grown
+
+
+def test_the_rule_with_regrowth_rebuilds_from_its_config():
+    rule = BudgetRule(path_fraction=0.3, regrowth=Regrowth(start=0.7, interval=0.05, overshoot=0.02))
+    back = build_rule(rule.config())
+    assert isinstance(back.regrowth, Regrowth) and back.init_args() == rule.init_args()
+    assert back.init_args()["regrowth"]["init_args"] == {"start": 0.7, "interval": 0.05, "overshoot": 0.02}
+    off = BudgetRule(regrowth=None)
+    assert off.init_args()["regrowth"] is None and build_rule(off.config()).regrowth is None
+    assert isinstance(BudgetRule().regrowth, Regrowth) and BudgetRule().regrowth is not BudgetRule().regrowth
+    plain = BudgetRule(regrowth={"class_path": "gsm_lightning.learn.regrowth.Regrowth", "init_args": {"start": 0.5}})
+    assert plain.regrowth.start == 0.5
+    # the schedule starts no earlier than the path's end
+    rule.start(1000)
+    assert rule.regrowth.start_step == 700
+    late = BudgetRule(path_fraction=0.8, regrowth=Regrowth(start=0.5))
+    late.start(1000)
+    assert late.regrowth.start_step == 800
+
+
+@pytest.mark.parametrize("bad, match", [({"start": 1.5}, "start"), ({"interval": 0}, "interval"),
+                                        ({"overshoot": -0.1}, "overshoot"), ({"overshoot": True}, "overshoot")])
+def test_bad_arguments_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Regrowth(**bad)
+
+
+def test_a_wrong_regrowth_class_is_named():
+    with pytest.raises(ValueError, match="regrowth class_path"):
+        BudgetRule(regrowth={"class_path": "gsm_lightning.learn.rules.PaperRule"})
+    with pytest.raises(ValueError, match="regrowth must be"):
+        BudgetRule(regrowth=0.05)
+
+
+def test_regrowth_is_pickled_without_its_hooks():
+    import pickle
+
+    g = Regrowth()
+    layer = nn.Sequential(GBLRLinear(8, 8))
+    g.begin(10)
+    g.attach(layer)
+    assert g._hooks
+    back = pickle.loads(pickle.dumps(g))
+    assert back._hooks == [] and back.start_step == g.start_step
+
+
+
+def test_regrowth_is_configured_from_yaml(tmp_path):
+    from gsm_lightning.cli import build_cli
+
+    root = Path(__file__).resolve().parents[1]
+    overlay = tmp_path / "regrowth.yaml"
+    overlay.write_text("model:\n  rule:\n    class_path: gsm_lightning.learn.rules.BudgetRule\n    init_args:\n"
+                       "      regrowth:\n        class_path: gsm_lightning.learn.regrowth.Regrowth\n"
+                       "        init_args: {start: 0.7, overshoot: 0.02}\n")
+    cli = build_cli(["--config", str(root / "configs" / "quickstart.yaml"), "--config", str(overlay)], run=False)
+    g = cli.model.rule.regrowth
+    assert isinstance(g, Regrowth) and (g.start, g.interval, g.overshoot) == (0.7, 0.03, 0.02)
+    off = tmp_path / "off.yaml"
+    off.write_text("model:\n  rule:\n    class_path: gsm_lightning.learn.rules.BudgetRule\n"
+                   "    init_args: {regrowth: null}\n")
+    cli = build_cli(["--config", str(root / "configs" / "quickstart.yaml"), "--config", str(off)], run=False)
+    assert cli.model.rule.regrowth is None
+    cli = build_cli(["--config", str(root / "configs" / "quickstart.yaml")], run=False)
+    assert isinstance(cli.model.rule.regrowth, Regrowth)  # the default
