@@ -209,7 +209,8 @@ def paired(results: list[dict], reference: str = "gblr") -> str:
     """``reference`` minus every other method of the same model and budget, seed by seed (the seed draws the same
     data order and init for every method), with the mean's 95 % bootstrap interval over seeds."""
     by = {(r["model"], r["method"], r["budget"], r["seed"]): r for r in results}
-    lines = ["| model | budget | gblr minus | seeds | per seed (points) | mean [95 % bootstrap] |", "|---|---|---|---|---|---|"]
+    lines = [f"| model | budget | {reference} minus | seeds | per seed (points) | mean [95 % bootstrap] |",
+             "|---|---|---|---|---|---|"]
     for model, budget in sorted({(r["model"], r["budget"]) for r in results if r["method"] == reference}):
         for method in dict.fromkeys(r["method"] for r in results if r["model"] == model and r["method"] != reference):
             dense = method.split("[")[0] == "dense"
@@ -297,6 +298,11 @@ def main() -> None:
     p.add_argument("--no-report", action="store_true", help="only write --json (merge later with --report)")
     p.add_argument("--report", nargs="+", default=None, help="merge result JSON files into the table and plot")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--reference", default="gblr", metavar="METHOD",
+                   help="with --report: the row the paired differences are taken from (a method name as in the table, "
+                        "e.g. 'gblr[regrowth]')")
+    p.add_argument("--paired-only", action="store_true",
+                   help="with --report: print the paired differences and medians only (BENCHMARKS.md untouched)")
     p.add_argument("--json", default=str(ROOT / "docs" / "accuracy_fmnist.json"))
     p.add_argument("--plot", default=str(ROOT / "docs" / "accuracy_vs_flops.png"))
     args = p.parse_args()
@@ -329,6 +335,10 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"command": cmd.strip(), "meta": meta, "results": results}, indent=1))
         if args.no_report:
             return
+    if args.report and args.paired_only:
+        print(f"Command: `{cmd.strip()}`\n\n" + pivot(results) + f"\n\n{args.reference} minus each other row:\n\n"
+              + paired(results, reference=args.reference))
+        return
     meta.setdefault("gblr", [])
     meta.setdefault("seeds", "0")
     m = argparse.Namespace(**meta)
