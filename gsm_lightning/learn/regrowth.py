@@ -260,11 +260,11 @@ class Regrowth:
         # every rank sums the same tensors in the same order (zeros where a rank measured nothing)
         flat = []
         for name, m in named:
-            sums = self.sums.get(name)
+            sums, dev = self.sums.get(name), m.widths.device
             if sums is None or sums[0].shape[0] != m.num_components:
-                k, r, dev = m.num_components, m.rank_per_component, m.widths.device
+                k, r = m.num_components, m.rank_per_component
                 sums = (torch.zeros(k, r, m.in_features, device=dev), torch.zeros(k, r, m.out_features, device=dev))
-            flat.append(sums)
+            flat.append((sums[0].to(dev), sums[1].to(dev)))  # a checkpoint's sums come back on the CPU
         tensor = torch.cat([t.flatten() for pair in flat for t in pair])
         dist.all_reduce(tensor)
         out, offset = {}, 0
