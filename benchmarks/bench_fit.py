@@ -290,12 +290,13 @@ def _cli_extra(recipe: str, args: argparse.Namespace) -> tuple[str, list[str]]:
         quick = ["--trainer.max_epochs", "2", "--model.phase1_epochs", "1", "--trainer.limit_train_batches", "8",
                  "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
                  "--model.conversion.fit_steps", "5"]
+    cli = list(args.cli or [])
     if args.quick:
-        return config, quick
+        return config, quick + cli
     if args.epochs:
         return config, ["--trainer.max_epochs", str(args.epochs), "--model.phase1_epochs",
-                        str(_scaled_phase1(epochs, phase1, args.epochs))]
-    return config, []
+                        str(_scaled_phase1(epochs, phase1, args.epochs))] + cli
+    return config, cli
 
 
 def fmnist_recipe_args(flags: list[str]) -> argparse.Namespace:
@@ -597,6 +598,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="tiny fits (2 epochs of a few batches): a smoke run")
     p.add_argument("--repeats", type=int, default=1, help="fits per method and recipe; medians when > 1")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each fit")
+    p.add_argument("--cli", action="append", default=[], metavar="ARG",
+                   help="an extra CLI argument for the config recipes (quickstart, minilm), for both fits (repeat it "
+                        "for more), e.g. --cli=--model.rule.init_args.regrowth=null")
     p.add_argument("--json", default=None, help="write the results (every repeat) to this file")
     p.add_argument("--write-md", action="store_true", help="write the section of BENCHMARKS.md (or --output)")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))

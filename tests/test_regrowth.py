@@ -192,10 +192,10 @@ def test_a_run_killed_while_regrowing_resumes_bit_identically(tmp_path):
                           Kill(kill_at)]
         kwargs = dict(callbacks=callbacks, root=root, ckpt_path=ckpt_path, epochs=6, phase1=4)
         if kill_at is None:
-            module, _ = teacher_fit(Regrowth(start=0.5, interval=0.1), **kwargs)
+            module, _ = teacher_fit(Regrowth(start=0.5, interval=0.1, measure=1.0), **kwargs)
         else:
             with pytest.raises(RuntimeError, match="killed"):
-                teacher_fit(Regrowth(start=0.5, interval=0.1), **kwargs)
+                teacher_fit(Regrowth(start=0.5, interval=0.1, measure=1.0), **kwargs)
             module = None
         return module, rec
 
@@ -218,7 +218,8 @@ def test_the_rule_with_regrowth_rebuilds_from_its_config():
     rule = BudgetRule(path_fraction=0.3, regrowth=Regrowth(start=0.7, interval=0.05, overshoot=0.02))
     back = build_rule(rule.config())
     assert isinstance(back.regrowth, Regrowth) and back.init_args() == rule.init_args()
-    assert back.init_args()["regrowth"]["init_args"] == {"start": 0.7, "interval": 0.05, "overshoot": 0.02}
+    assert back.init_args()["regrowth"]["init_args"] == {"start": 0.7, "interval": 0.05, "overshoot": 0.02,
+                                                          "measure": 0.25}
     off = BudgetRule(regrowth=None)
     assert off.init_args()["regrowth"] is None and build_rule(off.config()).regrowth is None
     assert isinstance(BudgetRule().regrowth, Regrowth) and BudgetRule().regrowth is not BudgetRule().regrowth
@@ -232,7 +233,26 @@ def test_the_rule_with_regrowth_rebuilds_from_its_config():
     assert late.regrowth.start_step == 800
 
 
-@pytest.mark.parametrize("bad, match", [({"start": 1.5}, "start"), ({"interval": 0}, "interval"),
+def test_the_gradients_are_summed_over_the_last_part_of_each_interval_and_of_phase_one():
+    def measured(g: Regrowth) -> list[int]:
+        steps = []
+        for n in range(1, 101):  # the forward of optimizer step n runs after n - 1 steps
+            g.steps = n - 1
+            if g.measuring:
+                steps.append(n)
+        return steps
+
+    g = Regrowth(start=0.5, interval=0.1, measure=0.3)
+    g.begin(100)
+    assert (g.start_step, g.interval_steps, g.measure_steps) == (50, 10, 3)
+    # growths after steps 50, 60, 70, 80, 90; the sums of steps 98-100 feed the switch's growth
+    assert measured(g) == [n for n in range(48, 101) if n % 10 in (8, 9, 0)]
+    full = Regrowth(start=0.5, interval=0.1, measure=1.0)
+    full.begin(100)
+    assert measured(full) == list(range(41, 101))
+
+
+@pytest.mark.parametrize("bad, match", [({"measure": 0}, "measure"), ({"start": 1.5}, "start"), ({"interval": 0}, "interval"),
                                         ({"overshoot": -0.1}, "overshoot"), ({"overshoot": True}, "overshoot")])
 def test_bad_arguments_are_named(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -162,9 +162,11 @@ class Regrowth:
             to 0 at the end of phase 1 by a half cosine); the rule's next cut brings it back, weak components first.
             0 (default) only fills what the cuts left unused (BENCHMARKS.md, structure recovery, compares 0 and
             0.05).
+        measure: the part of each interval, at its end, whose gradients are summed (1: all of it).  The
+            measurement costs about two extra products of the active components per layer on each measured step
+            (BENCHMARKS.md, whole-fit wall-clock, has what it costs the quickstart).
 
-    The measurement costs about two extra products of the active components per layer and training step, from one
-    interval before ``start`` to the end of phase 1.  Under DDP the sums are all-reduced before each growth, so
+    Under DDP the sums are all-reduced before each growth, so
     every rank grows the same windows.  Eager mode only (the hooks read the structure on the host).
 
     Examples::
@@ -172,17 +174,22 @@ class Regrowth:
         GSMModule(backbone, budget=0.3, rule=BudgetRule(regrowth=Regrowth(start=0.7, overshoot=0.1)))
     """
 
-    def __init__(self, start: float = 0.65, interval: float = 0.03, overshoot: float = 0.0) -> None:
+    def __init__(self, start: float = 0.65, interval: float = 0.03, overshoot: float = 0.0,
+                 measure: float = 0.25) -> None:
         for name, value in (("start", start), ("interval", interval)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"{name} must be a fraction of phase 1 in [0, 1], got {value!r}")
         if interval <= 0:
             raise ValueError(f"interval must be > 0 (a fraction of phase 1 between two growths), got {interval!r}")
+        if isinstance(measure, bool) or not isinstance(measure, (int, float)) or not 0 < measure <= 1:
+            raise ValueError(f"measure must be in (0, 1] (the part of each interval, before its growth, whose "
+                             f"gradients are summed), got {measure!r}")
+        self.measure = float(measure)
         if isinstance(overshoot, bool) or not isinstance(overshoot, (int, float)) or not 0 <= overshoot <= 1:
             raise ValueError(f"overshoot must be in [0, 1] (the growth's excess over the budget, as a fraction of "
                              f"it), got {overshoot!r}")
         self.start, self.interval, self.overshoot = float(start), float(interval), float(overshoot)
-        self.start_step = self.interval_steps = self.end_step = 0
+        self.start_step = self.interval_steps = self.end_step = self.measure_steps = 0
         self.steps = 0
         self.grown = 0.0
         self.sums: dict[str, tuple[Tensor, Tensor]] = {}
@@ -194,11 +201,17 @@ class Regrowth:
         self.end_step = int(phase1_steps)
         self.interval_steps = max(1, int(round(self.interval * phase1_steps)))
         self.start_step = int(round(max(self.start, earliest) * phase1_steps))
+        self.measure_steps = max(1, int(round(self.measure * self.interval_steps)))
 
     @property
     def measuring(self) -> bool:
-        """True from one interval before the first growth to the end of phase 1."""
-        return self.end_step > 0 and self.start_step - self.interval_steps <= self.steps < self.end_step
+        """True on the last ``measure`` of each interval before a growth (the next optimizer step is
+        ``steps + 1``), from one interval before the first growth to the end of phase 1 (whose remainder feeds the
+        switch's growth)."""
+        if self.end_step <= 0 or not self.start_step - self.interval_steps <= self.steps < self.end_step:
+            return False
+        until_growth = (self.start_step - self.steps - 1) % self.interval_steps  # steps after the next one
+        return until_growth < self.measure_steps or self.end_step - self.steps <= self.measure_steps
 
     def attach(self, model: nn.Module) -> None:
         self.detach()
@@ -293,10 +306,11 @@ class Regrowth:
         return state
 
     def init_args(self) -> dict[str, Any]:
-        return {"start": self.start, "interval": self.interval, "overshoot": self.overshoot}
+        return {"start": self.start, "interval": self.interval, "overshoot": self.overshoot, "measure": self.measure}
 
     def config(self) -> dict[str, Any]:
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": self.init_args()}
 
     def __repr__(self) -> str:
-        return f"Regrowth(start={self.start:g}, interval={self.interval:g}, overshoot={self.overshoot:g})"
+        return (f"Regrowth(start={self.start:g}, interval={self.interval:g}, overshoot={self.overshoot:g}, "
+                f"measure={self.measure:g})")
