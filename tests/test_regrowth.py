@@ -266,6 +266,12 @@ def test_a_wrong_regrowth_class_is_named():
         BudgetRule(regrowth=0.05)
 
 
+def test_a_checkpoint_without_regrowth_state_keeps_the_schedule():
+    rule = BudgetRule()
+    rule.load_state_dict({"steps": 40, "start_ratio": 0.9, "dual_tau": 0.0, "mean_sq": {}})  # written before regrowth
+    assert rule.learner.steps == 40 and rule.regrowth.steps == 40 and rule.regrowth.sums == {}
+
+
 def test_regrowth_is_pickled_without_its_hooks():
     import pickle
 

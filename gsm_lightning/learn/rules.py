@@ -235,8 +235,9 @@ class BudgetRule(StructureRule):
         state = dict(state)
         regrowth = state.pop("regrowth", None)
         self.learner.load_state_dict(state)
-        if self.regrowth is not None and regrowth is not None:
-            self.regrowth.load_state_dict(regrowth)
+        if self.regrowth is not None:
+            # a checkpoint from before regrowth existed: its schedule counts from the learner's steps
+            self.regrowth.load_state_dict(regrowth if regrowth is not None else {"steps": self.learner.steps})
 
     def init_args(self) -> dict[str, Any]:
         lr = self.learner
