@@ -131,6 +131,8 @@ class _Probe:
                 or not output.requires_grad):
             return
         x = inputs[0]
+        if not bool(torch.isfinite(layer.widths).all() and torch.isfinite(layer.locations).all()):
+            return  # the module's own check names the cause (a learning rate, the data) after the step
         w = grid_widths(layer.widths, layer.in_features, layer.out_features)
         index = ((w[0] > 0) & (w[1] > 0)).nonzero().flatten()
         if index.numel() == 0:
@@ -253,6 +255,9 @@ class Regrowth:
     def _grow(self, model: nn.Module, target: float) -> float:
         named = gblr_layers(model, include_frozen=False)
         self._all_reduce(named)
+        if not all(bool(torch.isfinite(m.widths).all() and torch.isfinite(m.locations).all()) for _, m in named):
+            self.sums = {}
+            return 0.0  # a non-finite structure is the module's to report (with the learning rates), not grown
         layers = [m for _, m in named]
         cost = layers_flops(layers)
         room = target * cost["dense_flops"] - cost["flops"]

@@ -655,7 +655,10 @@ class GSMModule(LightningModule):
             return
         epoch = self.current_epoch
         if self.phase == 1 and epoch >= self.phase1_epochs:
-            self.freeze_structure()
+            try:
+                self.freeze_structure()
+            except FloatingPointError as e:  # a non-finite structure at the switch: the rates and the likely cause
+                raise FloatingPointError(f"{e} ({self._non_finite_hint()})") from None
         self._anneal_sigma()
         self.log("gsm/epoch_start_flops_ratio", self.flops_ratio(), on_step=False, on_epoch=True, prog_bar=True, sync_dist=False)
 
