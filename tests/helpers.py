@@ -43,6 +43,17 @@ class LossRecorder(Callback):
         self.losses.append((trainer.global_step, float(outputs["loss"])))
 
 
+def assert_resumed_exactly(full, full_rec: LossRecorder, resumed, rec: LossRecorder, steps: range) -> None:
+    """The resumed run trained ``steps`` (global steps after the checkpoint) with the full run's losses, bit for bit,
+    and ended with its state."""
+    losses = dict(full_rec.losses)
+    assert [s for s, _ in rec.losses] == list(steps)
+    for step, loss in rec.losses:
+        assert loss == losses[step], (step, loss, losses[step])
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def hand_layer():
     """10 -> 12, three components: #0 wraps on both sides, #1 spans every input, #2 is inactive (output width 0)."""
     from gsm_lightning import GBLRLinear

@@ -18,7 +18,7 @@ from gsm_lightning.data import DigitsDataModule
 from gsm_lightning.training.distillation import Distillation
 from gsm_lightning.training.module import GSMModule
 
-from .helpers import LossRecorder, adamw
+from .helpers import LossRecorder, adamw, assert_resumed_exactly
 from .test_resume import Kill
 
 
@@ -141,12 +141,7 @@ def test_a_distilled_run_resumes_bit_identically(tmp_path):
     full, full_rec = fit(tmp_path / "full")
     fit(tmp_path / "killed", kill_at=13)
     resumed, rec = fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "killed" / "step=10.ckpt"))
-    losses = dict(full_rec.losses)
-    assert [s for s, _ in rec.losses] == list(range(11, 19))
-    for step, loss in rec.losses:
-        assert loss == losses[step], (step, loss, losses[step])
-    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_resumed_exactly(full, full_rec, resumed, rec, range(11, 19))
 
 
 # ------------------------------------------------------------------------------------------- calibration in the module

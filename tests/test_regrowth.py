@@ -20,7 +20,7 @@ from gsm_lightning.learn.regrowth import Regrowth, edge_gradients, grow_edges
 from gsm_lightning.learn.rules import BudgetRule, build_rule
 from gsm_lightning.training.module import GSMModule
 
-from .helpers import LossRecorder
+from .helpers import LossRecorder, assert_resumed_exactly
 from .test_resume import Kill
 from .test_structure_recovery import fit as recovery_fit
 
@@ -205,12 +205,7 @@ def test_a_run_killed_while_regrowing_resumes_bit_identically(tmp_path):
     sums = ckpt["gsm_learner"]["regrowth"]["sums"]
     assert set(sums) == {"0"} and float(sums["0"][0].abs().sum()) > 0  # mid-measurement (growths at 32, 38, 44, ...)
     resumed, rec = run(tmp_path / "resumed", ckpt_path=str(tmp_path / "killed" / "step=40.ckpt"))
-    losses = dict(full_rec.losses)
-    assert [s for s, _ in rec.losses] == list(range(41, 97))
-    for step, loss in rec.losses:
-        assert loss == losses[step], (step, loss, losses[step])
-    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_resumed_exactly(full, full_rec, resumed, rec, range(41, 97))
     assert resumed.rule.regrowth.grown == full.rule.regrowth.grown
 
 

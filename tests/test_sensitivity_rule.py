@@ -22,7 +22,7 @@ from gsm_lightning.learn.sensitivity import SensitivityRule, component_sensitivi
 from gsm_lightning.training.distillation import Distillation
 from gsm_lightning.training.module import GSMModule
 
-from .helpers import LossRecorder, adamw
+from .helpers import LossRecorder, adamw, assert_resumed_exactly
 from .test_resume import Kill
 
 
@@ -170,12 +170,7 @@ def test_a_run_killed_while_removing_resumes_bit_identically(tmp_path):
     assert set(ckpt["gsm_learner"]["fisher"]) == {n for n, _ in full.gblr_layers}
     # step 4 is mid-path (warmup 2 steps, path to step 7): the resumed run must remove exactly what the full one did
     resumed, rec = fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "killed" / "step=4.ckpt"))
-    losses = dict(full_rec.losses)
-    assert [s for s, _ in rec.losses] == list(range(5, 19))
-    for step, loss in rec.losses:
-        assert loss == losses[step], (step, loss, losses[step])
-    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_resumed_exactly(full, full_rec, resumed, rec, range(5, 19))
     assert resumed.rule.removed == full.rule.removed
 
 

@@ -34,6 +34,8 @@ from torch import Tensor, nn
 
 from ..core.flops import grid_widths, layers_flops
 from ..core.layer import GBLRLinear, gblr_layers
+from ..core.masks import boxcar_mask
+from .probe import GradientProbe, attach_probes
 
 __all__ = ["Regrowth", "edge_gradients", "grow_edges"]
 
@@ -53,12 +55,6 @@ def edge_gradients(layer: GBLRLinear, x: Tensor, dy: Tensor, index: Tensor) -> t
     g_out = (x @ v.t()).t() @ dy  # (K'r, out): d/d(masked U_k) = sum_t (V_k x_t) dy_t
     g_in = (dy @ u.t()).t() @ x  # (K'r, in): d/d(masked V_k) = sum_t (U_k dy_t) x_t
     return g_in.view(-1, r, layer.in_features), g_out.view(-1, r, layer.out_features)
-
-
-def _boxcar(width: Tensor, location: Tensor, n: int) -> Tensor:
-    """``(K, n)`` boolean cyclic windows ``[location, location + width)``."""
-    idx = torch.arange(n, device=width.device)
-    return torch.remainder(idx[None, :] - location[:, None], n) < width[:, None]
 
 
 @torch.no_grad()
@@ -108,8 +104,8 @@ def grow_edges(layers: list[GBLRLinear], grow_flops: float, scores: list[tuple[T
             continue
         dev = m.widths.device
         for s, (factor, n) in enumerate(((m.weight_in, m.in_features), (m.weight_out, m.out_features))):
-            new = (_boxcar(st["w"][s].to(dev), st["loc"][s].to(dev), n)
-                   & ~_boxcar(st["w0"][s].to(dev), st["loc0"][s].to(dev), n))
+            new = (boxcar_mask(st["w"][s].to(dev), st["loc"][s].to(dev), n, torch.bool)
+                   & ~boxcar_mask(st["w0"][s].to(dev), st["loc0"][s].to(dev), n, torch.bool))
             factor.masked_fill_(new.unsqueeze(1), 0.0)
         grid = torch.tensor([[m.in_features], [m.out_features]], dtype=torch.float32)
         m.widths.copy_((st["w"].float() / grid).to(dev))
@@ -118,39 +114,21 @@ def grow_edges(layers: list[GBLRLinear], grow_flops: float, scores: list[tuple[T
     return float(added)
 
 
-class _Probe:
-    """Forward hook of one layer: hooks the gradient of its output and adds the entries' gradients to the regrowth's
-    sums (a class, not a closure, so that a module with the hook still pickles)."""
+class _Probe(GradientProbe):
+    """Adds the entries' gradients of the active components to the regrowth's sums."""
 
-    def __init__(self, regrowth: Regrowth, name: str) -> None:
-        self.regrowth, self.name = regrowth, name
-
-    def __call__(self, layer: GBLRLinear, inputs: tuple[Any, ...], output: Any) -> None:
-        g = self.regrowth
-        if (not g.measuring or layer.is_frozen or not torch.is_grad_enabled() or not isinstance(output, Tensor)
-                or not output.requires_grad):
-            return
-        x = inputs[0]
-        if not bool(torch.isfinite(layer.widths).all() and torch.isfinite(layer.locations).all()):
-            return  # the module's own check names the cause (a learning rate, the data) after the step
-        w = grid_widths(layer.widths, layer.in_features, layer.out_features)
-        index = ((w[0] > 0) & (w[1] > 0)).nonzero().flatten()
-        if index.numel() == 0:
-            return
-
-        def on_grad(dy: Tensor) -> None:
-            g_in, g_out = edge_gradients(layer, x, dy, index)
-            sums = g.sums.get(self.name)
-            k, r = layer.num_components, layer.rank_per_component
-            if sums is not None and sums[0].device != g_in.device:  # restored from a checkpoint onto another device
-                sums = g.sums[self.name] = (sums[0].to(g_in.device), sums[1].to(g_in.device))
-            if sums is None or sums[0].shape[0] != k:
-                sums = g.sums[self.name] = (torch.zeros(k, r, layer.in_features, device=g_in.device, dtype=torch.float32),
-                                            torch.zeros(k, r, layer.out_features, device=g_in.device, dtype=torch.float32))
-            sums[0].index_add_(0, index, g_in.float())
-            sums[1].index_add_(0, index, g_out.float())
-
-        output.register_hook(on_grad)
+    def add(self, layer: GBLRLinear, x: Tensor, index: Tensor, dy: Tensor) -> None:
+        g_in, g_out = edge_gradients(layer, x, dy, index)
+        sums = self.owner.sums.get(self.name)
+        k, r = layer.num_components, layer.rank_per_component
+        if sums is not None and sums[0].device != g_in.device:  # restored from a checkpoint onto another device
+            sums = self.owner.sums[self.name] = (sums[0].to(g_in.device), sums[1].to(g_in.device))
+        if sums is None or sums[0].shape[0] != k:
+            sums = self.owner.sums[self.name] = (
+                torch.zeros(k, r, layer.in_features, device=g_in.device, dtype=torch.float32),
+                torch.zeros(k, r, layer.out_features, device=g_in.device, dtype=torch.float32))
+        sums[0].index_add_(0, index, g_in.float())
+        sums[1].index_add_(0, index, g_out.float())
 
 
 class Regrowth:
@@ -218,8 +196,7 @@ class Regrowth:
     def attach(self, model: nn.Module) -> None:
         self.detach()
         if self.end_step > 0 and self.steps < self.end_step:
-            self._hooks = [m.register_forward_hook(_Probe(self, name))
-                           for name, m in gblr_layers(model, include_frozen=False)]
+            self._hooks = attach_probes(model, _Probe, self)
 
     def detach(self) -> None:
         for h in self._hooks:

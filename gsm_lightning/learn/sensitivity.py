@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..core.flops import grid_widths, layers_flops
 from ..core.layer import GBLRLinear, gblr_layers
 from .budget_learner import BudgetPath
+from .probe import GradientProbe, attach_probes
 from .rules import StructureRule, _fraction
 
 __all__ = ["SensitivityRule", "component_sensitivity", "per_sample_sensitivity"]
@@ -58,30 +59,15 @@ def per_sample_sensitivity(layer: GBLRLinear, x: Tensor, dy: Tensor, index: Tens
     return per_token.sum(1).view(x.shape[0], -1, r).sum(-1).float()
 
 
-class _Probe:
-    """Forward hook of one layer: hooks the gradient of its output and adds ``sum_b g_{k,b}^2`` to the rule's
-    pending sums (a class, not a closure, so that a module with the hook still pickles)."""
+class _Probe(GradientProbe):
+    """Adds ``sum_b g_{k,b}^2`` of the active components to the rule's pending sums."""
 
-    def __init__(self, rule: SensitivityRule, name: str) -> None:
-        self.rule, self.name = rule, name
-
-    def __call__(self, layer: GBLRLinear, inputs: tuple[Any, ...], output: Any) -> None:
-        rule = self.rule
-        if (not rule.measuring or layer.is_frozen or not torch.is_grad_enabled() or not isinstance(output, Tensor)
-                or not output.requires_grad):
-            return
-        x = inputs[0]
-        w = grid_widths(layer.widths, layer.in_features, layer.out_features)
-        index = ((w[0] > 0) & (w[1] > 0)).nonzero().flatten()
-
-        def on_grad(dy: Tensor) -> None:
-            g = per_sample_sensitivity(layer, x, dy, index)
-            pending = rule.pending.get(self.name)
-            if pending is None or pending.shape[0] != layer.num_components:
-                pending = rule.pending[self.name] = torch.zeros(layer.num_components, device=g.device)
-            pending.index_add_(0, index, g.square().sum(0))
-
-        output.register_hook(on_grad)
+    def add(self, layer: GBLRLinear, x: Tensor, index: Tensor, dy: Tensor) -> None:
+        g = per_sample_sensitivity(layer, x, dy, index)
+        pending = self.owner.pending.get(self.name)
+        if pending is None or pending.shape[0] != layer.num_components:
+            pending = self.owner.pending[self.name] = torch.zeros(layer.num_components, device=g.device)
+        pending.index_add_(0, index, g.square().sum(0))
 
 
 class SensitivityRule(StructureRule):
@@ -159,8 +145,7 @@ class SensitivityRule(StructureRule):
     def attach(self, model: nn.Module) -> None:
         self.detach()
         if self.measuring:
-            self._hooks = [m.register_forward_hook(_Probe(self, name))
-                           for name, m in gblr_layers(model, include_frozen=False)]
+            self._hooks = attach_probes(model, _Probe, self)
 
     def detach(self) -> None:
         for h in self._hooks:
