@@ -95,7 +95,8 @@ def build(method: str, budget: float, cfg: argparse.Namespace, backbone: Sentenc
                      rule=rule(cfg),
                      sigma=SigmaSchedule(None, None),
                      phase1_epochs=cfg.phase1_epochs,
-                     distillation=Distillation(loss="cosine", label_free=True),
+                     distillation=Distillation(loss="cosine", label_free=True, hidden=list(cfg.hidden or []),
+                                               hidden_loss=cfg.hidden_loss, hidden_weight=cfg.hidden_weight),
                      optimizer=lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=0.0))
 
 
@@ -157,9 +158,24 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
         name = f"{method}, structure fixed at the start"
     elif gblr and cfg.width_norm != "side":
         name += f", width_norm {cfg.width_norm}"
+    name += variant_suffix(cfg)
     return {"method": name, "budget": budget, "seed": seed, "flops_ratio": round(module.flops_ratio(), 4),
             "cos_converted": before, "cos_distilled": after, "r1": rec["recall@1"], "r10": rec["recall@10"],
             "convert_s": convert_s, "tune_s": tune_s, "by_type": by_type(ratios), "ratios": ratios}
+
+
+DEFAULT_LR = 1e-4
+
+
+def variant_suffix(cfg: argparse.Namespace) -> str:
+    """The row-name suffix of a run whose distillation differs from the table's default, the same for every method:
+    another learning rate (``--lr``), hidden states distilled too (``--hidden``)."""
+    out = ""
+    if getattr(cfg, "lr", DEFAULT_LR) != DEFAULT_LR:
+        out += f", lr {cfg.lr:g}"
+    if getattr(cfg, "hidden", None):
+        out += f", hidden states {cfg.hidden_loss} x{cfg.hidden_weight:g}"
+    return out
 
 
 def training_data(cfg: argparse.Namespace, seed: int) -> SentenceDataModule:
@@ -238,7 +254,9 @@ def paired(rows: list[dict[str, Any]]) -> list[str]:
     for budget in sorted({r["budget"] for r in rows}, reverse=True):
         methods = sorted({r["method"] for r in rows if r["budget"] == budget})
         for method in methods:
-            plain = method.removesuffix(pad)
+            cut = min((method.index(k) for k in (", lr ", ", hidden states") if k in method), default=len(method))
+            hidden = method[cut:].removesuffix(pad)  # the distillation variant: compared with its own kind
+            plain = method.removesuffix(pad).replace(hidden, "")
             refs = []
             if plain.startswith("gblr"):
                 refs.append("wsvd-measured" if plain.startswith("gblr-measured") else
@@ -247,9 +265,11 @@ def paired(rows: list[dict[str, Any]]) -> list[str]:
                 refs.append("wsvd")
             elif plain == "wsvd-seq-measured":
                 refs.append("wsvd-measured")
-            refs = [ref + (pad if method.endswith(pad) else "") for ref in refs]
+            refs = [ref + hidden + (pad if method.endswith(pad) else "") for ref in refs]
             if not method.endswith(pad):
                 refs.append(method + pad)
+            if hidden:  # what the distillation variant adds to the same method
+                refs.append(method.replace(hidden, ""))
             for ref in refs:
                 base = {r["seed"]: r for r in rows if r["budget"] == budget and r["method"] == ref}
                 pairs = [(r, base[r["seed"]]) for r in rows
@@ -272,7 +292,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--steps", type=int, default=200, help="distillation steps (half of them phase 1 for GBLR)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="the distillation's AdamW learning rate (every "
+                   "method; rows at another lr than 1e-4 say so in their name)")
     p.add_argument("--structure-lr", type=float, default=2.5e-3,
                    help="GBLR: the BudgetRule's structure_lr (locations; widths step at 4x it)")
     p.add_argument("--phase1-epochs", type=int, default=1, choices=[0, 1],
@@ -287,6 +308,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the budget")
     p.add_argument("--path-fraction", type=float, default=0.6, help="--rule sensitivity: part of phase 1 over "
                    "which the ratio reaches the budget")
+    p.add_argument("--hidden", nargs="+", default=None, metavar="PATTERN",
+                   help="every method also distils these hidden states (Distillation(hidden=...)), e.g. "
+                        "'model.encoder.layer.?' for the outputs of the six blocks")
+    p.add_argument("--hidden-loss", default="rel_mse", choices=["rel_mse", "cosine"])
+    p.add_argument("--hidden-weight", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--calib-batches", type=int, default=8)
@@ -322,6 +348,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 for r in part["rows"]:
                     if r["method"] != "svd" and ", padding in calibration" not in r["method"]:
                         r["method"] += ", padding in calibration"
+            suffix = variant_suffix(argparse.Namespace(**part["cfg"]))  # runs named before the lr was in the name
+            for r in part["rows"]:
+                if suffix and suffix not in r["method"]:
+                    r["method"] += suffix
         rows = [r for part in parts for r in part["rows"]]
         text = markdown(rows, parts[0]["dense"], argparse.Namespace(**parts[0]["cfg"]), parts[0]["argv"],
                         sum(part["total_s"] for part in parts), commands=[part["argv"] for part in parts],

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..core.align import side_alignment
+from ..core.calibration import padding_mask
 from ..core.conversion_spec import Conversion
 from ..core.flops import flops_ratio
 from ..core.layer import gblr_layers
@@ -34,7 +35,7 @@ from ..learn.proximal import project_model_to_budget
 from ..learn.rules import StructureRule, build_rule
 from ..learn.schedules import SigmaSchedule, cosine_warmup_lambda, set_sigma
 from ..learn.switch import PhaseSwitch
-from .distillation import Distillation, make_teacher, teacher_outputs
+from .distillation import Distillation, HiddenStates, make_teacher, teacher_outputs
 from .legacy import split_legacy_kwargs
 
 __all__ = ["GSMModule"]
@@ -224,6 +225,11 @@ class GSMModule(LightningModule):
         # the dense teacher: a frozen copy made before conversion, held outside the module tree (not in state_dict,
         # not wrapped by DDP, not switched to train mode); _apply moves it with the module
         object.__setattr__(self, "teacher", make_teacher(backbone) if distillation is not None else None)
+        self._hidden = (HiddenStates(distillation.hidden, distillation.hidden_loss)
+                        if distillation is not None and distillation.hidden else None)
+        self._hidden_value: Tensor | None = None
+        if self._hidden is not None:
+            self._hidden.match(backbone)  # a pattern that matches nothing is named now, not at the first step
         self.report = None
         # A calibrated conversion needs data: it runs in setup() (or convert(batches)), before the optimizer exists.
         self.converted = conversion.calibration is None
@@ -265,7 +271,7 @@ class GSMModule(LightningModule):
         """Run the pending calibrated conversion on ``batches`` (training batches as the data module yields them;
         their inputs go through the dense backbone).  ``setup`` calls it with the first ``conversion.calibration.
         batches`` batches of the data module's training loader; call it yourself to convert without a Trainer."""
-        from ..core.calibration import collect_input_stats, convert_sequentially, padding_mask
+        from ..core.calibration import collect_input_stats, convert_sequentially
 
         if self.converted:
             raise RuntimeError("this module's backbone is already converted")
@@ -426,6 +432,10 @@ class GSMModule(LightningModule):
             return self._loss(out, y, smoothing), None
         target = teacher_outputs(self.teacher, x)
         loss = d.weight * d(out, target)
+        if self._hidden is not None and self._hidden.names and d.hidden_weight > 0:
+            hidden = self._hidden.loss(padding_mask(x))
+            self._hidden_value = hidden.detach()
+            loss = loss + d.hidden_weight * hidden
         if d.uses_labels and y is not None:
             loss = loss + d.task_weight * self._loss(out, y, smoothing)
         return loss, target
@@ -489,19 +499,25 @@ class GSMModule(LightningModule):
             # phase 1: every layer's masks in one call per mask length (core.mask_batch), used by this forward
             if self.batch_masks and self.method == "gblr" and not self.structure_frozen:
                 prepared = prepare_masks(self.backbone)
+            if self._hidden is not None:
+                self._hidden.begin(self.backbone, self.teacher)
             logits = self(x)
+            loss, _ = self._objective(x, logits, y, self.label_smoothing)
         except FloatingPointError as e:  # a GBLR layer's non-finite structure: add the rates and the likely cause
             raise FloatingPointError(f"{e} ({self._non_finite_hint(x)})") from None
         finally:
             if prepared:
                 release_masks(self.backbone)
-        loss, _ = self._objective(x, logits, y, self.label_smoothing)
+            if self._hidden is not None:
+                self._hidden.end()
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, batch {batch_idx}, "
                 f"global step {self.global_step}: {self._non_finite_hint(x)}"
             )
         self.log("train/loss", loss, prog_bar=True)
+        if self._hidden is not None and self._hidden_value is not None:
+            self.log("train/hidden_loss", self._hidden_value)
         if self.task == "classification" and y is not None:
             self.train_acc(logits.detach(), y)
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -510,9 +526,17 @@ class GSMModule(LightningModule):
     def _eval_step(self, batch: Any, stage: str) -> Tensor:
         x, y = self._unpack(batch)
         self._check_labels(y)
-        logits = self(x)
-        loss, target = self._objective(x, logits, y, 0.0)
+        if self._hidden is not None:
+            self._hidden.begin(self.backbone, self.teacher)
+        try:
+            logits = self(x)
+            loss, target = self._objective(x, logits, y, 0.0)
+        finally:
+            if self._hidden is not None:
+                self._hidden.end()
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        if self._hidden is not None and self._hidden_value is not None:
+            self.log(f"{stage}/hidden_loss", self._hidden_value, sync_dist=True)
         if self.task == "embedding":
             ref = target if target is not None else y
             cos = F.cosine_similarity(logits.float(), ref.float(), dim=-1).mean()
