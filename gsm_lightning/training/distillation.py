@@ -140,8 +140,9 @@ class HiddenStates:
     """Records the outputs of same-named modules of a student and its teacher for one step, and compares them.
 
     Hooks are registered by :meth:`begin` and removed by :meth:`end`, around each step: nothing stays attached to
-    the models (so they pickle, deepcopy and compile as without it) and a module replaced between steps (a freeze,
-    a checkpoint load) is found again by name.
+    the models (so they pickle and deepcopy as without it) and a module replaced between steps (a freeze, a
+    checkpoint load) is found again by name.  For eager training: a ``torch.compile``-d backbone would see new hooks
+    at every step.
 
     Args:
         patterns: ``fnmatch`` patterns of module names (whole names).
