@@ -124,6 +124,30 @@ def test_compress_minilm_quick_run_and_its_table(tmp_path):
     assert again == json.loads(out.read_text())["rows"]
 
 
+def test_compress_minilm_names_and_pairs_distillation_variants():
+    """Rows distilled at another lr or with hidden states carry it in their name (also for files written before the
+    lr was in the name), and each is paired with the reference of its own variant and with its plain twin."""
+    import argparse
+
+    bench = _load("compress_minilm")
+    cfg = bench.parse_args(["--lr", "3e-4", "--hidden", "model.encoder.layer.?"])
+    assert bench.variant_suffix(cfg) == ", lr 0.0003, hidden states rel_mse x1"
+    assert bench.variant_suffix(bench.parse_args([])) == ""
+    assert bench.variant_suffix(argparse.Namespace(lr=1e-3)) == ", lr 0.001"
+
+    def row(method, seed, cos):
+        return {"method": method, "budget": 0.3, "seed": seed, "cos_converted": 0.7, "cos_distilled": cos,
+                "r10": 0.5}
+
+    v = ", lr 0.0003, hidden states rel_mse x1"
+    rows = [row("wsvd-measured" + v, s, 0.87) for s in (0, 1)] + [row("wsvd-measured", s, 0.85) for s in (0, 1)]
+    rows += [row("gblr-measured, sensitivity rule, headroom 1.5" + v, s, 0.86) for s in (0, 1)]
+    text = "\n".join(bench.paired(rows))
+    assert f"gblr-measured, sensitivity rule, headroom 1.5{v} minus wsvd-measured{v}, per seed (0, 1): cosine -0.0100" \
+        in text
+    assert f"wsvd-measured{v} minus wsvd-measured, per seed (0, 1): cosine +0.0200" in text
+
+
 def test_bench_fit_quick(tmp_path):
     """The whole-fit benchmark times a quick quickstart fit (the config's callbacks, through the CLI), dense and GBLR,
     with a breakdown whose parts fit in the total; the section it writes starts with its command."""
