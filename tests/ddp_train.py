@@ -94,6 +94,8 @@ def main(out: Path, mode: str) -> None:
         train = DataLoader(train.dataset, batch_size=32, sampler=RankShard(512, int(os.environ.get("LOCAL_RANK", 0)), 2))
     torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))  # rank 1 starts from other weights and structure
     distill = Distillation(loss="kl", temperature=2.0, task_weight=0.5) if mode.endswith("distill") else None
+    if mode.endswith("distill_hidden"):  # also the two GELU outputs, matched to the teacher's
+        distill = Distillation(loss="kl", temperature=2.0, task_weight=0.5, hidden=["1", "3"])
     if mode.endswith("sensitivity"):  # a pretrained conversion above the budget, components removed by measured Fisher
         model = GSMModule(mlp(), num_classes=10, budget=0.35, phase1_epochs=PHASE1, optimizer=adamw(),
                           conversion=Conversion(include=["0", "2"], init="pretrained", fit_steps=0),

@@ -108,6 +108,20 @@ def test_ddp_with_a_teacher_keeps_the_ranks_identical(tmp_path):
             assert torch.equal(r0[key], r1[key]), key
 
 
+def test_ddp_with_hidden_state_distillation_keeps_the_ranks_identical(tmp_path):
+    """Hidden states distilled under DDP: the ranks stay bit-identical, and the run differs from the same run without
+    the hidden term (so the term reached the gradients that DDP averages)."""
+    launch(tmp_path, "ddp_distill_hidden")
+    launch(tmp_path, "ddp_distill")
+    r0, r1 = load(tmp_path, "ddp_distill_hidden_end_rank0"), load(tmp_path, "ddp_distill_hidden_end_rank1")
+    assert r0["_structure"] == r1["_structure"]
+    for key in r0:
+        if not key.startswith("_"):
+            assert torch.equal(r0[key], r1[key]), key
+    plain = load(tmp_path, "ddp_distill_end_rank0")
+    assert any(not torch.equal(r0[k], plain[k]) for k in r0 if not k.startswith("_"))
+
+
 def test_ddp_sensitivity_rule_removes_the_same_components_on_every_rank(tmp_path):
     """Each rank measures the Fisher on its own half of the batch; the sums are all-reduced before each removal, so
     the ranks remove the same components and stay bit-identical through phase 1 without the switch's broadcast."""
