@@ -118,9 +118,9 @@ def test_embedding_without_teacher_or_targets_is_an_error():
         m.training_step(torch.randn(4, 8), 0)
 
 
-def fit(root: Path, ckpt_path: str | None = None, kill_at: int | None = None):
+def fit(root: Path, ckpt_path: str | None = None, kill_at: int | None = None, **distill):
     pl.seed_everything(0)
-    m, rec = module(loss="kl", temperature=2.0, task_weight=0.5), LossRecorder()
+    m, rec = module(loss="kl", temperature=2.0, task_weight=0.5, **distill), LossRecorder()
     callbacks = [rec]
     if kill_at is not None:
         callbacks += [ModelCheckpoint(dirpath=root, every_n_train_steps=5, save_top_k=-1, filename="{step}"),
@@ -295,28 +295,9 @@ def test_hidden_state_distillation_trains_the_hidden_states_toward_the_teacher(t
     pickle.dumps((with_hidden.backbone, with_hidden.teacher, with_hidden._hidden))
 
 
-def fit_hidden(root: Path, ckpt_path: str | None = None, kill_at: int | None = None):
-    pl.seed_everything(0)
-    m, rec = module(loss="kl", temperature=2.0, task_weight=0.5, hidden=["2"]), LossRecorder()
-    callbacks = [rec]
-    if kill_at is not None:
-        callbacks += [ModelCheckpoint(dirpath=root, every_n_train_steps=5, save_top_k=-1, filename="{step}"),
-                      Kill(kill_at)]
-    trainer = pl.Trainer(max_epochs=3, limit_train_batches=6, limit_val_batches=0, logger=False,
-                         enable_checkpointing=kill_at is not None, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=root, deterministic=True, callbacks=callbacks)
-    data = DigitsDataModule(batch_size=128)
-    if kill_at is None:
-        trainer.fit(m, datamodule=data, ckpt_path=ckpt_path)
-    else:
-        with pytest.raises(RuntimeError, match="killed"):
-            trainer.fit(m, datamodule=data)
-    return m, rec
-
-
 def test_a_run_distilling_hidden_states_resumes_bit_identically(tmp_path):
-    full, full_rec = fit_hidden(tmp_path / "full")
-    fit_hidden(tmp_path / "killed", kill_at=13)
-    resumed, rec = fit_hidden(tmp_path / "resumed", ckpt_path=str(tmp_path / "killed" / "step=10.ckpt"))
+    full, full_rec = fit(tmp_path / "full", hidden=["2"])
+    fit(tmp_path / "killed", kill_at=13, hidden=["2"])
+    resumed, rec = fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "killed" / "step=10.ckpt"), hidden=["2"])
     assert resumed.distillation.hidden == ["2"]
     assert_resumed_exactly(full, full_rec, resumed, rec, range(11, 19))

@@ -167,11 +167,12 @@ class HiddenStates:
         self._handles: list[Any] = []
         self.names: list[str] = []
 
-    def match(self, model: nn.Module) -> list[str]:
-        names = [n for n, _ in model.named_modules()
-                 if n and any(fnmatch.fnmatchcase(n, p) for p in self.patterns)]
+    def match(self, model: nn.Module | dict[str, nn.Module]) -> list[str]:
+        """Names of the modules of ``model`` (or of a ``{name: module}`` map of it) the patterns match."""
+        modules = model if isinstance(model, dict) else dict(model.named_modules())
+        names = [n for n in modules if n and any(fnmatch.fnmatchcase(n, p) for p in self.patterns)]
         if not names:
-            some = [n for n, _ in model.named_modules() if n][:8]
+            some = [n for n in modules if n][:8]
             raise ValueError(f"distillation hidden patterns {self.patterns!r} match no module of the backbone; module "
                              f"names look like {some}: give whole names or patterns of them (fnmatch, e.g. "
                              "'encoder.layer.?')")
@@ -179,16 +180,16 @@ class HiddenStates:
 
     def begin(self, student: nn.Module, teacher: nn.Module) -> None:
         self.end()
-        self.names = self.match(student)
-        modules = dict(teacher.named_modules())
-        missing = [n for n in self.names if n not in modules]
+        smods, tmods = dict(student.named_modules()), dict(teacher.named_modules())
+        names = self.match(smods)
+        missing = [n for n in names if n not in tmods]
         if missing:
             raise ValueError(f"distillation hidden: the teacher has no module {missing[0]!r}; the teacher must be the "
                              "backbone before conversion (same module names)")
-        smods = dict(student.named_modules())
-        for n in self.names:
+        self.names = names
+        for n in names:
             self._handles.append(smods[n].register_forward_hook(self._recorder(self.student, n)))
-            self._handles.append(modules[n].register_forward_hook(self._recorder(self.teacher, n)))
+            self._handles.append(tmods[n].register_forward_hook(self._recorder(self.teacher, n)))
 
     @staticmethod
     def _recorder(store: dict[str, Tensor], name: str) -> Any:
@@ -200,7 +201,7 @@ class HiddenStates:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self.student, self.teacher = {}, {}
+        self.student, self.teacher, self.names = {}, {}, []
 
     def loss(self, token_mask: Tensor | None = None) -> Tensor:
         """Mean over the matched modules of the per-token loss between what student and teacher recorded this step.
