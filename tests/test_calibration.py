@@ -27,6 +27,7 @@ from gsm_lightning.core.calibration import (
     optimal_low_rank_error,
     relative_output_error,
     whitened_low_rank,
+    whitened_svd,
 )
 from gsm_lightning.core.conversion import gsmify
 from gsm_lightning.core.layer import GBLRLinear
@@ -212,6 +213,30 @@ def test_whitened_low_rank_no_better_solution_found_by_alternating_least_squares
         best_found = min(best_found, relative_output_error(w, a @ b, st))
     assert ours <= best_found + 1e-9
     assert best_found < ours + 1e-6  # the search does reach the optimum: the oracle is meaningful
+
+
+def test_one_whitened_svd_gives_every_rank_of_whitened_low_rank():
+    """``whitened_svd`` once, truncated at each rank, is ``whitened_low_rank`` at that rank (bit for bit when kept to
+    exactly that rank; to rounding when kept to more), for full and diagonal statistics and a given factor; bad ranks are named."""
+    torch.manual_seed(5)
+    w = torch.randn(12, 9)
+    x = inputs_with_covariance(80, 9, seed=4)
+    full = stats_of(x)
+    for source in (full, full.whitening(), InputStats(full.h.diagonal().clone(), full.count)):
+        svd = whitened_svd(w, source)
+        assert svd.max_rank == 9
+        for rank in (0, 1, 4, 9):
+            u, v = whitened_low_rank(w, source, rank)
+            u2, v2 = svd.factors(rank)
+            assert u2.dtype == u.dtype == torch.float32 and u2.shape == u.shape and v2.shape == v.shape
+            torch.testing.assert_close(u2, u, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(v2, v, rtol=1e-6, atol=1e-7)
+            exact = whitened_svd(w, source, rank).factors(rank)
+            assert torch.equal(exact[0], u) and torch.equal(exact[1], v)
+    with pytest.raises(ValueError, match=r"rank must be an int in \[0, 4\] \(the ranks this SVD was kept to\)"):
+        whitened_svd(w, stats_of(x), 4).factors(5)
+    with pytest.raises(ValueError, match=r"rank must be an int in \[0, min\(out, in\)\] = \[0, 9\]"):
+        whitened_svd(w, stats_of(x), 10)
 
 
 def _linear(w: torch.Tensor, bias: bool = True) -> nn.Linear:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from .whitening import InputStats, whitened_low_rank
+from .whitening import InputStats, whitened_svd
 
 __all__ = ["DEFAULT_GRID", "allocate_from_curves", "layer_gains", "layer_sensitivity", "output_tensor",
            "ranks_to_ratios"]
@@ -206,12 +206,11 @@ def layer_sensitivity(
             weight = layer.weight.detach().clone()
             out_f, in_f = weight.shape
             points: dict[int, float] = {}
+            ranks = list(dict.fromkeys(_rank_at(out_f, in_f, float(ratio)) for ratio in grid))
+            svd = whitened_svd(weight, calibration[name], max(ranks))  # one SVD for every rank of the grid
             try:
-                for ratio in grid:
-                    rank = _rank_at(out_f, in_f, float(ratio))
-                    if rank in points:
-                        continue
-                    u, v = whitened_low_rank(weight, calibration[name], rank)
+                for rank in ranks:
+                    u, v = svd.factors(rank)
                     layer.weight.copy_((u @ v.t()).to(weight.dtype))
                     points[rank] = error(replay.block_of.get(name, 0) if replay is not None else 0)
             finally:

@@ -8,6 +8,7 @@ constant ``sqrt(N)``).
 * :class:`InputStats` holds ``H`` (or its diagonal) and the token count; :meth:`InputStats.whitening` gives ``S``.
 * :func:`whitened_low_rank` is the SVD-LLM rule: truncate the SVD of ``W S`` and multiply by ``S^-1`` on the
   right; the optimal rank-r solution of the whitened objective, returned as balanced factors.
+  :func:`whitened_svd` keeps the SVD for truncations at several ranks (one SVD instead of one per rank).
 * :func:`relative_output_error`, :func:`optimal_low_rank_error` and :func:`whitened_singular_values` measure it.
 
 The statistics are collected by :func:`gsm_lightning.core.calibration.collect_input_stats` (which re-exports all of
@@ -27,8 +28,10 @@ from torch import Tensor
 __all__ = [
     "InputStats",
     "check_calibration",
+    "WhitenedSVD",
     "input_factor",
     "whitened_low_rank",
+    "whitened_svd",
     "whitened_singular_values",
     "optimal_low_rank_error",
     "relative_output_error",
@@ -155,24 +158,61 @@ def whitened_singular_values(weight: Tensor, source: InputStats | Tensor) -> Ten
     return torch.linalg.svdvals(right_multiply(w, s))
 
 
+@dataclass(frozen=True)
+class WhitenedSVD:
+    """The SVD of ``W S`` kept up to ``max_rank`` components, so that truncations at several ranks cost one SVD.
+
+    ``u`` ``(out, R)``, ``sv`` ``(R,)`` and ``right`` ``(R, in)`` (``Vh_R S^-1``), all float64; ``dtype`` the
+    factors' output dtype.  Build it with :func:`whitened_svd`; :meth:`factors` gives what :func:`whitened_low_rank`
+    gives at a rank ``<= R`` (equal up to float rounding of the triangular solve's row blocking).
+    """
+
+    u: Tensor
+    sv: Tensor
+    right: Tensor
+    dtype: torch.dtype
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.sv.shape[0])
+
+    def factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        """Balanced rank-``rank`` factors ``u`` ``(out, r)`` and ``v`` ``(in, r)`` (``||u_i|| = ||v_i||``)."""
+        if isinstance(rank, bool) or int(rank) != rank or not 0 <= rank <= self.max_rank:
+            raise ValueError(f"rank must be an int in [0, {self.max_rank}] (the ranks this SVD was kept to), "
+                             f"got {rank!r}")
+        rank = int(rank)
+        u, sv, right = self.u[:, :rank], self.sv[:rank], self.right[:rank]
+        beta = right.norm(dim=1).clamp_min(1e-300)
+        g = (sv * beta).sqrt()  # each side's norm
+        return (u * g).to(self.dtype), (right * (g / beta)[:, None]).t().to(self.dtype)
+
+
+def whitened_svd(weight: Tensor, source: InputStats | Tensor, max_rank: int | None = None) -> WhitenedSVD:
+    """The whitened SVD of ``weight`` (out x in) kept to ``max_rank`` components (default all,
+    ``min(out, in)``), for :meth:`WhitenedSVD.factors` at any rank up to it.  ``source``: :class:`InputStats` or a
+    factor ``S`` (see :func:`input_factor`)."""
+    w, s = _weighted(weight, source)
+    top = min(w.shape)
+    if max_rank is None:
+        max_rank = top
+    if isinstance(max_rank, bool) or int(max_rank) != max_rank or not 0 <= max_rank <= top:
+        raise ValueError(f"rank must be an int in [0, min(out, in)] = [0, {top}], got {max_rank!r}")
+    max_rank = int(max_rank)
+    u, sv, vh = torch.linalg.svd(right_multiply(w, s), full_matrices=False)
+    out_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    return WhitenedSVD(u[:, :max_rank], sv[:max_rank], right_solve(vh[:max_rank], s), out_dtype)
+
+
 def whitened_low_rank(weight: Tensor, source: InputStats | Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Rank-``rank`` ``W' = u @ v.T`` minimising ``||(W - W') S||_F`` (SVD-LLM): truncated SVD
     ``W S ~ U_r diag(s_r) Vh_r``, then ``v.T = Vh_r S^-1`` (triangular solve).
 
     Returns ``u`` ``(out, r)`` and ``v`` ``(in, r)`` in ``weight``'s dtype (float32 for 16-bit weights), balanced:
     each rank-1 component ``u_i v_i^T`` has ``||u_i|| = ||v_i||`` (the whitened factors are otherwise badly
-    scaled for gradient steps).  ``source``: :class:`InputStats` or a factor ``S`` (see :func:`input_factor`)."""
-    w, s = _weighted(weight, source)
-    if isinstance(rank, bool) or int(rank) != rank or not 0 <= rank <= min(w.shape):
-        raise ValueError(f"rank must be an int in [0, min(out, in)] = [0, {min(w.shape)}], got {rank!r}")
-    rank = int(rank)
-    u, sv, vh = torch.linalg.svd(right_multiply(w, s), full_matrices=False)
-    u, sv, vh = u[:, :rank], sv[:rank], vh[:rank]
-    right = right_solve(vh, s)  # (r, in): Vh_r S^-1
-    beta = right.norm(dim=1).clamp_min(1e-300)
-    g = (sv * beta).sqrt()  # each side's norm
-    out_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return (u * g).to(out_dtype), (right * (g / beta)[:, None]).t().to(out_dtype)
+    scaled for gradient steps).  ``source``: :class:`InputStats` or a factor ``S`` (see :func:`input_factor`).
+    For several ranks of one layer, :func:`whitened_svd` once and :meth:`WhitenedSVD.factors` per rank."""
+    return whitened_svd(weight, source, rank).factors(rank)
 
 
 def optimal_low_rank_error(weight: Tensor, source: InputStats | Tensor, rank: int) -> float:
