@@ -22,7 +22,10 @@ Methods (the q/k/v and FFN linears of every layer; ``budget`` = FLOPs of those l
   calibration batches); GBLR's rule may move FLOPs from there in phase 1;
 * ``wsvd-seq`` / ``wsvd-seq-measured`` / ``gblr-seq-measured``: the same with a sequential calibration
   (``Calibration(sequential=True)``): the layers are converted in forward order, each fitted to the dense model's
-  output from the inputs the already converted layers give it.
+  output from the inputs the already converted layers give it;
+* ``wsvd-learned``: whitened SVD at the per-layer ratios a GBLR run of the same budget and seed ended with
+  (``--allocation-from`` its ``--json``), distilled like the others: the learned allocation with the whitened start
+  and every step at the final structure, paired with ``wsvd-measured``.
 
     python -m benchmarks.compress_minilm --write-md                   # the BENCHMARKS.md table
     python -m benchmarks.compress_minilm --quick                      # seconds-scale smoke run
@@ -79,18 +82,55 @@ METHODS = {
     "wsvd-seq": {"method": "lowrank", "calibrated": True, "allocation": "uniform", "sequential": True},
     "wsvd-seq-measured": {"method": "lowrank", "calibrated": True, "allocation": "measured", "sequential": True},
     "gblr-seq-measured": {"method": "gblr", "calibrated": True, "allocation": "measured", "sequential": True},
+    # the whitened SVD at the per-layer ratios a GBLR run of the same budget and seed ended with (--allocation-from):
+    # what the learned allocation is worth with the whitened start and every step at the final structure
+    "wsvd-learned": {"method": "lowrank", "calibrated": True, "allocation": "learned"},
 }
 
+PREFIX = "model.encoder.layer."  # the converted layers' names in the tables drop it
 
-def build(method: str, budget: float, cfg: argparse.Namespace, backbone: SentenceEncoder) -> GSMModule:
+
+def learned_allocations(files: list[Path]) -> dict[tuple[float, int], dict[str, Any]]:
+    """``{(budget, seed): row}`` of the GBLR rows in these ``--json`` outputs; two GBLR rows of one budget and seed
+    are an error (give the file of the one run whose allocation is meant)."""
+    found: dict[tuple[float, int], dict[str, Any]] = {}
+    for f in files:
+        for r in json.loads(Path(f).read_text())["rows"]:
+            if not r["method"].startswith("gblr"):
+                continue
+            key = (r["budget"], r["seed"])
+            if key in found:
+                raise ValueError(f"--allocation-from: two GBLR rows at budget {key[0]:g}, seed {key[1]} "
+                                 f"({found[key]['method']!r} and {r['method']!r}); give only the files of one GBLR "
+                                 "variant")
+            found[key] = r
+    return found
+
+
+def learned_budgets(cfg: argparse.Namespace, budget: float, seed: int) -> dict[str, float]:
+    """The per-layer FLOPs ratios (full layer names) the ``--allocation-from`` GBLR run of this budget and seed
+    ended with."""
+    rows = learned_allocations(cfg.allocation_from or [])
+    if (budget, seed) not in rows:
+        have = ", ".join(f"budget {b:g} seed {s}" for b, s in sorted(rows)) or "none"
+        raise ValueError(f"wsvd-learned needs a GBLR run at budget {budget:g}, seed {seed} in --allocation-from "
+                         f"(found: {have})")
+    return {PREFIX + name: ratio for name, ratio in rows[(budget, seed)]["ratios"].items()}
+
+
+def build(method: str, budget: float, cfg: argparse.Namespace, backbone: SentenceEncoder,
+          seed: int = 0) -> GSMModule:
     spec = METHODS[method]
     allocation = (MeasuredAllocation(batches=min(cfg.alloc_batches, cfg.calib_batches))
                   if spec["allocation"] == "measured" else spec["allocation"])
+    layer_budgets = None
+    if allocation == "learned":
+        allocation, layer_budgets = "uniform", learned_budgets(cfg, budget, seed)
     conversion = Conversion(method=spec["method"], init="pretrained", fit_steps=cfg.fit_steps,
                             calibration=(Calibration(batches=cfg.calib_batches, sequential=spec.get("sequential", False),
                                                      mask_padding=not cfg.keep_padding)
                                          if spec["calibrated"] else None),
-                            allocation=allocation)
+                            allocation=allocation, layer_budgets=layer_budgets)
     return GSMModule(backbone, task="embedding", budget=budget, conversion=conversion,
                      rule=rule(cfg),
                      sigma=SigmaSchedule(None, None),
@@ -111,8 +151,8 @@ def rule(cfg: argparse.Namespace) -> StructureRule:
 def layer_ratios(module: GSMModule) -> dict[str, float]:
     """FLOPs ratio each converted layer ended with (GBLR: learned; baselines: from the conversion report)."""
     if module.method == "gblr":
-        return {name.replace("model.encoder.layer.", ""): round(m.flops_ratio(), 3) for name, m in gblr_layers(module.backbone)}
-    return {r.name.replace("model.encoder.layer.", ""): round(r.flops / r.dense_flops, 3) for r in module.report.layers}
+        return {name.replace(PREFIX, ""): round(m.flops_ratio(), 3) for name, m in gblr_layers(module.backbone)}
+    return {r.name.replace(PREFIX, ""): round(r.flops / r.dense_flops, 3) for r in module.report.layers}
 
 
 def by_type(ratios: dict[str, float]) -> dict[str, float]:
@@ -128,7 +168,7 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
     pl.seed_everything(seed, verbose=False)
     backbone = SentenceEncoder()
     t0 = time.perf_counter()  # conversion time: the module's build (svd converts there) plus the calibrated convert
-    module = build(method, budget, cfg, backbone)
+    module = build(method, budget, cfg, backbone, seed)
     if not module.converted:
         module.convert(data.calibration_batches)
     convert_s = time.perf_counter() - t0
@@ -159,7 +199,10 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
     elif gblr and cfg.width_norm != "side":
         name += f", width_norm {cfg.width_norm}"
     name += variant_suffix(cfg)
-    return {"method": name, "budget": budget, "seed": seed, "flops_ratio": round(module.flops_ratio(), 4),
+    extra = {}
+    if method == "wsvd-learned":
+        extra["allocation_from"] = learned_allocations(cfg.allocation_from)[(budget, seed)]["method"]
+    return {**extra, "method": name, "budget": budget, "seed": seed, "flops_ratio": round(module.flops_ratio(), 4),
             "cos_converted": before, "cos_distilled": after, "r1": rec["recall@1"], "r10": rec["recall@10"],
             "convert_s": convert_s, "tune_s": tune_s, "by_type": by_type(ratios), "ratios": ratios}
 
@@ -263,6 +306,8 @@ def paired(rows: list[dict[str, Any]]) -> list[str]:
                             "wsvd-seq-measured" if plain.startswith("gblr-seq-measured") else "wsvd")
             elif plain in ("wsvd-measured", "wsvd-seq"):
                 refs.append("wsvd")
+            elif plain == "wsvd-learned":  # the learned allocation against the measured one, both whitened
+                refs.append("wsvd-measured")
             elif plain == "wsvd-seq-measured":
                 refs.append("wsvd-measured")
             refs = [ref + hidden + (pad if method.endswith(pad) else "") for ref in refs]
@@ -288,7 +333,8 @@ def paired(rows: list[dict[str, Any]]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "wsvd-learned"], choices=list(METHODS),
+                   help="default: all but wsvd-learned (which needs --allocation-from)")
     p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--steps", type=int, default=200, help="distillation steps (half of them phase 1 for GBLR)")
@@ -313,6 +359,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "'model.encoder.layer.?' for the outputs of the six blocks")
     p.add_argument("--hidden-loss", default="rel_mse", choices=["rel_mse", "cosine"])
     p.add_argument("--hidden-weight", type=float, default=1.0)
+    p.add_argument("--allocation-from", type=Path, nargs="+", default=None, metavar="FILE",
+                   help="wsvd-learned: --json outputs of GBLR runs; each budget and seed takes the per-layer ratios "
+                        "of the GBLR run of that budget and seed")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--calib-batches", type=int, default=8)
@@ -333,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-md", action="store_true")
     p.add_argument("--quick", action="store_true", help="4 steps, 2 calibration batches, small evaluation")
     cfg = p.parse_args(argv)
+    if "wsvd-learned" in cfg.methods and not cfg.allocation_from:
+        p.error("--methods wsvd-learned needs --allocation-from (the --json of GBLR runs at the same budgets and seeds)")
     if cfg.quick:
         cfg.steps, cfg.calib_batches, cfg.eval_sentences, cfg.retrieval_entries = 4, 2, 32, 64
     return cfg

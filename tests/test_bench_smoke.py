@@ -148,6 +148,37 @@ def test_compress_minilm_names_and_pairs_distillation_variants():
     assert f"wsvd-measured{v} minus wsvd-measured, per seed (0, 1): cosine +0.0200" in text
 
 
+def test_compress_minilm_learned_allocation_comes_from_the_gblr_run_of_the_same_budget_and_seed(tmp_path):
+    """wsvd-learned takes the per-layer ratios of the GBLR row of its budget and seed (full layer names), names a
+    missing run or two GBLR variants, needs --allocation-from, and is paired with wsvd-measured."""
+    import json
+
+    bench = _load("compress_minilm")
+
+    def row(method, seed, cos=0.8, ratios=None):
+        return {"method": method, "budget": 0.3, "seed": seed, "cos_converted": 0.7, "cos_distilled": cos,
+                "r10": 0.5, "ratios": ratios or {}}
+
+    learned = {"0.attention.self.query": 0.45, "0.output.dense": 0.2}
+    runs = tmp_path / "gblr.json"
+    runs.write_text(json.dumps({"rows": [row("wsvd-measured", 0, ratios={"0.output.dense": 0.3}),
+                                         row("gblr-measured, sensitivity rule, headroom 1.5", 0, ratios=learned)]}))
+    cfg = bench.parse_args(["--methods", "wsvd-learned", "--allocation-from", str(runs)])
+    assert bench.learned_budgets(cfg, 0.3, 0) == {"model.encoder.layer.0.attention.self.query": 0.45,
+                                                  "model.encoder.layer.0.output.dense": 0.2}
+    with pytest.raises(ValueError, match=r"GBLR run at budget 0.3, seed 1 .*found: budget 0.3 seed 0"):
+        bench.learned_budgets(cfg, 0.3, 1)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"rows": [row("gblr-measured, structure lr 0.00025", 0, ratios=learned)]}))
+    with pytest.raises(ValueError, match="two GBLR rows at budget 0.3, seed 0"):
+        bench.learned_budgets(bench.parse_args(["--allocation-from", str(runs), str(other)]), 0.3, 0)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "wsvd-learned"])
+    assert "wsvd-learned" not in bench.parse_args([]).methods
+    rows = [row("wsvd-learned", s, 0.86) for s in (0, 1)] + [row("wsvd-measured", s, 0.85) for s in (0, 1)]
+    assert "wsvd-learned minus wsvd-measured, per seed (0, 1): cosine +0.0100" in "\n".join(bench.paired(rows))
+
+
 def test_bench_fit_quick(tmp_path):
     """The whole-fit benchmark times a quick quickstart fit (the config's callbacks, through the CLI), dense and GBLR,
     with a breakdown whose parts fit in the total; the section it writes starts with its command."""
