@@ -286,7 +286,7 @@ def _cli_extra(recipe: str, args: argparse.Namespace) -> tuple[str, list[str]]:
         quick = ["--trainer.max_epochs", "2", "--model.phase1_epochs", "1", "--trainer.limit_train_batches", "3",
                  "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
     else:
-        config, epochs, phase1 = "configs/minilm_compress.yaml", 3, 2
+        config, epochs, phase1 = "configs/minilm_compress.yaml", 3, 1
         quick = ["--trainer.max_epochs", "2", "--model.phase1_epochs", "1", "--trainer.limit_train_batches", "8",
                  "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
                  "--model.conversion.fit_steps", "5"]
