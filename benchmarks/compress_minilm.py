@@ -331,6 +331,15 @@ def paired(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _plain(value: Any) -> Any:
+    """``value`` for JSON: paths as strings, also inside lists (``--allocation-from``)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "wsvd-learned"], choices=list(METHODS),
@@ -429,7 +438,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if cfg.json:
         cfg.json.write_text(json.dumps({"dense": dense, "rows": rows, "total_s": total, "argv": argv,
                                         "machine": machine_info(),
-                                        "cfg": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}},
+                                        "cfg": {k: _plain(v) for k, v in vars(cfg).items()}},
                                        indent=1))
     text = markdown(rows, dense, cfg, argv, total)
     print(text)

@@ -175,6 +175,8 @@ def test_compress_minilm_learned_allocation_comes_from_the_gblr_run_of_the_same_
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "wsvd-learned"])
     assert "wsvd-learned" not in bench.parse_args([]).methods
+    saved = {k: bench._plain(v) for k, v in vars(cfg).items()}  # what --json writes: the paths as strings
+    assert json.loads(json.dumps(saved))["allocation_from"] == [str(runs)]
     rows = [row("wsvd-learned", s, 0.86) for s in (0, 1)] + [row("wsvd-measured", s, 0.85) for s in (0, 1)]
     assert "wsvd-learned minus wsvd-measured, per seed (0, 1): cosine +0.0100" in "\n".join(bench.paired(rows))
 
