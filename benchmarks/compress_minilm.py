@@ -107,25 +107,30 @@ def learned_allocations(files: list[Path]) -> dict[tuple[float, int], dict[str, 
     return found
 
 
-def learned_budgets(cfg: argparse.Namespace, budget: float, seed: int) -> dict[str, float]:
-    """The per-layer FLOPs ratios (full layer names) the ``--allocation-from`` GBLR run of this budget and seed
-    ended with."""
+def learned_run(cfg: argparse.Namespace, budget: float, seed: int) -> dict[str, Any]:
+    """The ``--allocation-from`` GBLR row of this budget and seed."""
     rows = learned_allocations(cfg.allocation_from or [])
     if (budget, seed) not in rows:
         have = ", ".join(f"budget {b:g} seed {s}" for b, s in sorted(rows)) or "none"
         raise ValueError(f"wsvd-learned needs a GBLR run at budget {budget:g}, seed {seed} in --allocation-from "
                          f"(found: {have})")
-    return {PREFIX + name: ratio for name, ratio in rows[(budget, seed)]["ratios"].items()}
+    return rows[(budget, seed)]
+
+
+def learned_budgets(run: dict[str, Any]) -> dict[str, float]:
+    """The per-layer FLOPs ratios (full layer names) a GBLR row ended with."""
+    return {PREFIX + name: ratio for name, ratio in run["ratios"].items()}
 
 
 def build(method: str, budget: float, cfg: argparse.Namespace, backbone: SentenceEncoder,
-          seed: int = 0) -> GSMModule:
+          learned: dict[str, Any] | None = None) -> GSMModule:
+    """The module of one run; ``learned``: the GBLR row whose allocation ``wsvd-learned`` takes."""
     spec = METHODS[method]
     allocation = (MeasuredAllocation(batches=min(cfg.alloc_batches, cfg.calib_batches))
                   if spec["allocation"] == "measured" else spec["allocation"])
     layer_budgets = None
     if allocation == "learned":
-        allocation, layer_budgets = "uniform", learned_budgets(cfg, budget, seed)
+        allocation, layer_budgets = "uniform", learned_budgets(learned)
     conversion = Conversion(method=spec["method"], init="pretrained", fit_steps=cfg.fit_steps,
                             calibration=(Calibration(batches=cfg.calib_batches, sequential=spec.get("sequential", False),
                                                      mask_padding=not cfg.keep_padding)
@@ -168,7 +173,8 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
     pl.seed_everything(seed, verbose=False)
     backbone = SentenceEncoder()
     t0 = time.perf_counter()  # conversion time: the module's build (svd converts there) plus the calibrated convert
-    module = build(method, budget, cfg, backbone, seed)
+    learned = learned_run(cfg, budget, seed) if method == "wsvd-learned" else None
+    module = build(method, budget, cfg, backbone, learned)
     if not module.converted:
         module.convert(data.calibration_batches)
     convert_s = time.perf_counter() - t0
@@ -199,9 +205,7 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
     elif gblr and cfg.width_norm != "side":
         name += f", width_norm {cfg.width_norm}"
     name += variant_suffix(cfg)
-    extra = {}
-    if method == "wsvd-learned":
-        extra["allocation_from"] = learned_allocations(cfg.allocation_from)[(budget, seed)]["method"]
+    extra = {"allocation_from": learned["method"]} if learned is not None else {}
     return {**extra, "method": name, "budget": budget, "seed": seed, "flops_ratio": round(module.flops_ratio(), 4),
             "cos_converted": before, "cos_distilled": after, "r1": rec["recall@1"], "r10": rec["recall@10"],
             "convert_s": convert_s, "tune_s": tune_s, "by_type": by_type(ratios), "ratios": ratios}

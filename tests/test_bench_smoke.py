@@ -164,14 +164,14 @@ def test_compress_minilm_learned_allocation_comes_from_the_gblr_run_of_the_same_
     runs.write_text(json.dumps({"rows": [row("wsvd-measured", 0, ratios={"0.output.dense": 0.3}),
                                          row("gblr-measured, sensitivity rule, headroom 1.5", 0, ratios=learned)]}))
     cfg = bench.parse_args(["--methods", "wsvd-learned", "--allocation-from", str(runs)])
-    assert bench.learned_budgets(cfg, 0.3, 0) == {"model.encoder.layer.0.attention.self.query": 0.45,
-                                                  "model.encoder.layer.0.output.dense": 0.2}
+    assert bench.learned_budgets(bench.learned_run(cfg, 0.3, 0)) == {
+        "model.encoder.layer.0.attention.self.query": 0.45, "model.encoder.layer.0.output.dense": 0.2}
     with pytest.raises(ValueError, match=r"GBLR run at budget 0.3, seed 1 .*found: budget 0.3 seed 0"):
-        bench.learned_budgets(cfg, 0.3, 1)
+        bench.learned_run(cfg, 0.3, 1)
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"rows": [row("gblr-measured, structure lr 0.00025", 0, ratios=learned)]}))
     with pytest.raises(ValueError, match="two GBLR rows at budget 0.3, seed 0"):
-        bench.learned_budgets(bench.parse_args(["--allocation-from", str(runs), str(other)]), 0.3, 0)
+        bench.learned_run(bench.parse_args(["--allocation-from", str(runs), str(other)]), 0.3, 0)
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "wsvd-learned"])
     assert "wsvd-learned" not in bench.parse_args([]).methods
