@@ -165,6 +165,9 @@ def test_path_reaches_budget_by_its_end():
     (dict(budget=0.3, path_steps=1, cut_weighting="norm"), "cut_weighting"),
     (dict(budget=0.3, path_steps=1, energy_clip=(2.0, 3.0)), "energy_clip"),
     (dict(budget=0.3, path_steps=1, energy_power=0.0), "energy_power"),
+    (dict(budget=0.3, path_steps=1, cost_power=1.5), "cost_power"),
+    (dict(budget=0.3, path_steps=1, cost_power=-0.1), "cost_power"),
+    (dict(budget=0.3, path_steps=1, cost_power=True), "cost_power"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -186,6 +189,39 @@ def test_energy_power_sharpens_the_cut_toward_the_weaker_component():
         return float(drop[:, 1].mean() / drop[:, 0].mean())
     assert drops(1.0) == pytest.approx(2.0, rel=0.1)
     assert drops(2.0) == pytest.approx(4.0, rel=0.1)
+
+
+@pytest.mark.parametrize("cost_power", [0.0, 0.4, 1.0])
+def test_cost_power_cuts_a_narrow_block_of_the_same_entries_slower(cost_power):
+    """A full-width component and a quarter-width block with the same entries (1 everywhere in their windows): the
+    block holds 1/4 of the energy (``||v|| ||u||``: 64 against 16) for 1/4 of the FLOPs (128 against 32 grid units).
+    Its energy weight over the wide one's is ``(4 / 4 ** cost_power) ** energy_power``: 16x faster at 0 (the old
+    cut), 4x at 0.5, the same speed at 1 (``"density"``)."""
+    layer = GBLRLinear(64, 64, num_components=2, width_init=1.0)
+    with torch.no_grad():
+        layer.widths.copy_(torch.tensor([[1.0, 0.25], [1.0, 0.25]]))
+        layer.locations.zero_()
+        layer.weight_in.fill_(1.0)
+        layer.weight_out.fill_(1.0)
+    before = layer.widths.detach().clone()
+    BudgetLearner(budget=0.035, path_steps=0, width_step="adam", cut_weighting="energy",  # from 160/4096 = 0.039
+                  cost_power=cost_power).step(nn.Sequential(layer), 1e-3)
+    drop = before - layer.widths.detach()
+    assert float(drop.min()) > 0  # both cut, neither to zero: the ratio below is the weights'
+    assert float(layer.widths.min()) > 0
+    assert float(drop[:, 1].mean() / drop[:, 0].mean()) == pytest.approx((4 / 4 ** cost_power) ** 2, rel=0.05)
+
+
+def test_cost_power_matches_the_written_out_weight():
+    torch.manual_seed(0)
+    layer = GBLRLinear(48, 80, num_components=6, rank_per_component=2)
+    with torch.no_grad():
+        layer.widths.uniform_(0.1, 1.0)
+        layer.locations.uniform_(0.0, 1.0)
+    for cost_power in (0.0, 0.3, 1.0):
+        got = BudgetLearner._energy_weights([layer], _Flat([layer]), 0.1, 100.0, cost_power=cost_power)
+        want = _energy_weight_reference(layer, 0.1, 100.0, cost_power)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
 
 
 def test_dual_tracking_raises_its_threshold_while_above_the_path_and_relaxes_below():

@@ -108,6 +108,8 @@ def test_bad_arguments_are_named():
         PhaseSwitch(align=0)
     with pytest.raises(ValueError, match="path_fraction must be a fraction"):
         BudgetRule(path_fraction=1.5)
+    with pytest.raises(ValueError, match=r"cost_power must be a number in \[0, 1\]"):
+        BudgetRule(cost_power=2.0)
     with pytest.raises(ValueError, match="prox_lambda must be >= 0"):
         PaperRule(prox_lambda=-1)
     with pytest.raises(ValueError, match="structure_lr must be > 0"):
@@ -255,6 +257,13 @@ def test_cli_resumes_a_flat_checkpoint_with_the_new_config(tmp_path):
     assert isinstance(cli.model.rule, PaperRule) and cli.model.rule.prox_lambda == 0.3
     assert cli.model.switch.align == 2 and cli.model.conversion.include == ["0"] and cli.model.phase == 2
     assert cli.trainer.current_epoch == 2  # resumed at the checkpoint's end
+
+
+def test_cost_power_reaches_the_learner_and_round_trips_through_the_config():
+    rule = BudgetRule(cost_power=0.4)
+    assert rule.learner.cost_power == 0.4 and rule.init_args()["cost_power"] == 0.4
+    back = build_rule(rule.config())
+    assert back.learner.cost_power == 0.4 and back.init_args() == rule.init_args()
 
 
 def test_rules_are_plain_objects_with_state():

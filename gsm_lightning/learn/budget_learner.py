@@ -18,7 +18,9 @@ ablations:
    with ``e_k = ||m_in V_k|| ||m_out U_k||`` over the layer's active components: weak components are
    cut faster, which pulls toward a few strong wide components (what a low-rank target needs).  It
    starts at ``energy_start_step`` since energies at initialisation mean nothing.  ``"density"`` uses
-   ``e_k`` over the component's FLOPs instead, so a wide component must earn its cost.
+   ``e_k`` over the component's FLOPs instead, so a wide component must earn its cost; ``cost_power`` between
+   the two (``e_k`` over the FLOPs to that power) keeps the energy's pull toward a few strong components and
+   stops it from cutting a narrow component only for being narrow.
 3. **The width step** (``width_step``): ``"side_rms"`` moves the widths itself by
    ``lr * clip(g / rms_side, +-step_clip)`` with one running RMS of the gradient per layer side (beta2
    0.999), so a strong gradient moves its component further than a weak one; ``"adam"`` leaves them
@@ -49,7 +51,6 @@ __all__ = ["BudgetPath", "BudgetLearner", "WidthStep", "CutWeighting", "Tracking
 
 WidthStep = Literal["side_rms", "adam"]
 CutWeighting = Literal["energy", "density", "density_energy", "flops", "uniform"]
-_COST_POWER = {"energy": 0.0, "density": 1.0}
 Tracking = Literal["project", "dual"]
 WidthNorm = Literal["side", "model"]
 
@@ -131,6 +132,11 @@ class BudgetLearner:
         energy_clip: bounds of the energy weight.
         energy_power: the energy weight is ``clip(mean_e / e_k, *energy_clip) ** energy_power``, clipped again
             (default 2: weak components are pulled toward zero harder than linearly; 1 was the default before).
+        cost_power: with ``cut_weighting="energy"`` (and the energy part of ``"density_energy"``), ``e_k`` is the
+            component's energy over its FLOPs (``w_in + w_out`` grid units) to this power: 0 (the default) the plain
+            energy, 1 the ``"density"`` weighting.  Between them a narrow component (a block) is not cut first for
+            holding less energy than a wide one; the cut still concentrates on the weak (BENCHMARKS.md, structure
+            recovery).
         step_clip: bound of the normalised width step, in units of ``lr``.
         width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * lr`` (locations keep ``lr``).
         beta2: decay of the per-side mean-square gradient.
@@ -158,6 +164,7 @@ class BudgetLearner:
         tracking: Tracking = "project",
         dual_gain: float = 0.01,
         width_norm: WidthNorm = "side",
+        cost_power: float = 0.0,
     ) -> None:
         if not 0 < budget <= 1:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
@@ -178,6 +185,8 @@ class BudgetLearner:
             raise ValueError(f"energy_clip must be (low <= 1, high >= 1) with low > 0, got {energy_clip}")
         if isinstance(energy_power, bool) or not isinstance(energy_power, (int, float)) or not energy_power > 0:
             raise ValueError(f"energy_power must be a number > 0, got {energy_power!r}")
+        if isinstance(cost_power, bool) or not isinstance(cost_power, (int, float)) or not 0 <= cost_power <= 1:
+            raise ValueError(f"cost_power must be a number in [0, 1] (0: energy, 1: energy per FLOP), got {cost_power!r}")
         if not step_clip > 0 or not 0 <= beta2 < 1 or not width_lr_scale > 0:
             raise ValueError(f"step_clip and width_lr_scale must be > 0 and beta2 in [0, 1), got {step_clip}, "
                              f"{width_lr_scale}, {beta2}")
@@ -190,6 +199,7 @@ class BudgetLearner:
         self.energy_start_step = int(energy_start_step)
         self.energy_clip = (float(energy_clip[0]), float(energy_clip[1]))
         self.energy_power = float(energy_power)
+        self.cost_power = float(cost_power)
         self.step_clip = float(step_clip)
         self.beta2 = float(beta2)
         self.eps = float(eps)
@@ -311,7 +321,7 @@ class BudgetLearner:
         mode = self.cut_weighting
         if mode == "density_energy":  # energy per FLOP along the path, energy once the budget is held
             mode = "density" if self.steps < self.path_steps else "energy"
-        comp = self._energy_weights(layers, flat, lo, hi, _COST_POWER[mode])
+        comp = self._energy_weights(layers, flat, lo, hi, self.cost_power if mode == "energy" else 1.0)
         if self.energy_power != 1.0:
             comp = comp.pow(self.energy_power).clamp(lo, hi)
         return side * comp

@@ -142,6 +142,8 @@ class BudgetRule(StructureRule):
             ``"density_energy"``, ``"flops"`` or ``"uniform"``.
         energy_start: part of phase 1 after which the energy weighting applies.
         energy_power: exponent of the energy weight ``clip(mean_e / e_k, 0.1, 100) ** p``, clipped again.
+        cost_power: ``e_k`` is the component's energy over its FLOPs to this power (0: the plain energy, 1: energy
+            per FLOP, as ``"density"``); in between, a narrow component is not cut first only for being narrow.
         width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * structure_lr`` (scheduled like every
             group); locations keep ``structure_lr``.
         tracking: ``"project"`` (the exact cut onto the path) or ``"dual"`` (a feedback-adapted soft threshold).
@@ -171,6 +173,7 @@ class BudgetRule(StructureRule):
         start_step: int = 0,
         width_norm: WidthNorm = "side",
         regrowth: Regrowth | Mapping[str, Any] | None = DEFAULT_REGROWTH,
+        cost_power: float = 0.0,
     ) -> None:
         super().__init__(structure_lr, start_step)
         self.regrowth = _as_regrowth(regrowth)
@@ -179,7 +182,7 @@ class BudgetRule(StructureRule):
         # validates the learner's own arguments now, not at the first step
         self.learner = BudgetLearner(1.0, path_steps=0, width_step=width_step, cut_weighting=cut_weighting,
                                      width_lr_scale=width_lr_scale, tracking=tracking, energy_power=energy_power,
-                                     width_norm=width_norm)
+                                     width_norm=width_norm, cost_power=cost_power)
 
     @property
     def moves_widths(self) -> bool:  # type: ignore[override]
@@ -242,7 +245,7 @@ class BudgetRule(StructureRule):
     def init_args(self) -> dict[str, Any]:
         lr = self.learner
         return {"path_fraction": self.path_fraction, "width_step": lr.width_step, "cut_weighting": lr.cut_weighting,
-                "energy_start": self.energy_start, "energy_power": lr.energy_power,
+                "energy_start": self.energy_start, "energy_power": lr.energy_power, "cost_power": lr.cost_power,
                 "width_lr_scale": lr.width_lr_scale, "tracking": lr.tracking, **super().init_args(),
                 **({"width_norm": lr.width_norm} if lr.width_norm != "side" else {}),
                 "regrowth": self.regrowth.config() if self.regrowth is not None else None}
