@@ -120,7 +120,7 @@ def build(method: str, budget: float, cfg: argparse.Namespace, backbone: CausalL
                                          if spec["calibrated"] else None),
                             allocation=allocation)
     return GSMModule(backbone, task="lm", budget=budget, conversion=conversion,
-                     rule=BudgetRule(structure_lr=cfg.structure_lr), sigma=SigmaSchedule(None, None),
+                     rule=BudgetRule(structure_lr=cfg.structure_lr, cost_power=0.0), sigma=SigmaSchedule(None, None),
                      phase1_epochs=1, distillation=Distillation(loss="kl", label_free=True),
                      optimizer=lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=0.0))
 

@@ -65,6 +65,8 @@ VARIANTS = {
     "no_sigma_anneal": {"sigma0": None, "sigma1": None},
     "init_0.02": {"layer_kwargs": {"init_std": 0.02}},  # the paper's factor scale (the default before 72a684b)
     "energy_power1": {"energy_power": 1.0},  # the default before energy_power 2
+    # the plain energy cut, the default before cost_power 0.3 (2026-12-07)
+    "cost_power0": {"rule": {"class_path": "gsm_lightning.learn.rules.BudgetRule", "init_args": {"cost_power": 0.0}}},
 }
 
 

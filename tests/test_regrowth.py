@@ -122,7 +122,9 @@ def teacher_fit(regrowth: Regrowth | None, seed: int = 0, callbacks=(), root: Pa
     module = GSMModule(nn.Sequential(nn.Linear(128, 128, bias=False)), task="regression", include=["0"],
                        budget=teacher.flops_ratio, phase1_epochs=phase1, warmup_epochs=1.0,
                        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0),
-                       rule=BudgetRule(regrowth=regrowth))
+                       # the plain energy cut (cost_power 0, the default before 2026-12-07): what the overshoot's
+                       # take-back relies on; with 0.3 a partial window keeps its share and 9 components remain
+                       rule=BudgetRule(regrowth=regrowth, cost_power=0.0))
     trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=root is not None,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0, deterministic=True, callbacks=list(callbacks), default_root_dir=root)

@@ -142,8 +142,10 @@ class BudgetRule(StructureRule):
             ``"density_energy"``, ``"flops"`` or ``"uniform"``.
         energy_start: part of phase 1 after which the energy weighting applies.
         energy_power: exponent of the energy weight ``clip(mean_e / e_k, 0.1, 100) ** p``, clipped again.
-        cost_power: ``e_k`` is the component's energy over its FLOPs to this power (0: the plain energy, 1: energy
-            per FLOP, as ``"density"``); in between, a narrow component is not cut first only for being narrow.
+        cost_power: ``e_k`` is the component's energy over its FLOPs to this power (0: the plain energy, the default
+            before 2026-12-07; 1: energy per FLOP, as ``"density"``); in between (default 0.3), a narrow component is
+            not cut first only for being narrow.  A checkpoint written before the option rebuilds its rule with the new
+            default; pass ``cost_power=0`` to continue it with the cut it was trained with.
         width_lr_scale: the ``side_rms`` width step uses ``width_lr_scale * structure_lr`` (scheduled like every
             group); locations keep ``structure_lr``.
         tracking: ``"project"`` (the exact cut onto the path) or ``"dual"`` (a feedback-adapted soft threshold).
@@ -173,7 +175,7 @@ class BudgetRule(StructureRule):
         start_step: int = 0,
         width_norm: WidthNorm = "side",
         regrowth: Regrowth | Mapping[str, Any] | None = DEFAULT_REGROWTH,
-        cost_power: float = 0.0,
+        cost_power: float = 0.3,
     ) -> None:
         super().__init__(structure_lr, start_step)
         self.regrowth = _as_regrowth(regrowth)
