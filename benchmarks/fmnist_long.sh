@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Fashion-MNIST on a longer schedule (issue 25): 20,000 training images, 8 epochs (2,500 steps of 64, six times the
+# short table's 400), GBLR's phase 1 the first 5; the Mixer cells the short schedule left open. GBLR, the equal-init
+# low-rank and Monarch, and dense at GBLR's init, one file per run (so that a stopped sweep keeps what finished):
+#
+#   bash benchmarks/fmnist_long.sh mixer 0.5 "0 1 2 3 4"      # 5-9 min per run on one thread (two side by side)
+#   bash benchmarks/fmnist_long.sh mixer 0.3 "0 1 2" nodense  # the dense runs of the first call serve both budgets
+#   bash benchmarks/fmnist_long.sh mixer 0.5 "5 6 7" vsmonarch  # more seeds of GBLR and the best baseline only
+#   python benchmarks/accuracy_fmnist.py --paired-only --reference 'gblr[long20k]' \
+#       --report docs/fmnist/long20k_*_mixer50_s*.json
+#
+# Run two calls side by side on 2 cores (one thread each), or split the seeds between them. A dense run twice as
+# long (16 epochs) says how far the 8-epoch schedule is from converged:
+#
+#   bash benchmarks/fmnist_long.sh mixer 0.5 "0" dense16
+#
+# Low-rank at the per-layer FLOPs the GBLR run of the same seed learned (1.1x, so that rounding its rank down does
+# not leave it below GBLR): the learned allocation without the learned structure.
+#
+#   bash benchmarks/fmnist_long.sh mixer 0.5 "0 1 2 3 4" lralloc
+set -euo pipefail
+cd "$(dirname "$0")/.."
+m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc]}
+b=${2:?budget, e.g. 0.5}
+seeds=${3:?seeds, e.g. "0 1 2"}
+mode=${4:-}
+tag="${m}$(python -c "print(round(100 * $b))")"
+common=(--models "$m" --train-subset 20000 --epochs 8 --phase1-epochs 5 --batch-size 64 --threads 1 --no-report)
+run() { OMP_NUM_THREADS=1 python benchmarks/accuracy_fmnist.py "${common[@]}" "$@"; }
+for s in $seeds; do
+  if [ "$mode" = dense16 ]; then
+    run --methods dense --budgets "$b" --seeds "$s" --epochs 16 --dense-init fan_in --label "long20k,16 epochs,init=fan_in" \
+      --json "docs/fmnist/long20k_dense_${m}_ep16_s$s.json"
+    continue
+  fi
+  if [ "$mode" = lralloc ]; then
+    run --methods lowrank --budgets "$b" --seeds "$s" --baseline-allocation docs/fmnist/structures_long20k \
+      --baseline-budget-scale 1.1 --label "long20k,equal-init,gblr-allocation" --json "docs/fmnist/long20k_lralloc_${tag}_s$s.json"
+    continue
+  fi
+  run --methods gblr --budgets "$b" --seeds "$s" --label long20k --structures docs/fmnist/structures_long20k \
+    --json "docs/fmnist/long20k_gblr_${tag}_s$s.json"
+  fixed="monarch lowrank"; [ "$mode" = vsmonarch ] && fixed=monarch
+  for f in $fixed; do
+    run --methods "$f" --budgets "$b" --seeds "$s" --label "long20k,equal-init" --json "docs/fmnist/long20k_${f}_${tag}_s$s.json"
+  done
+  if [ -z "$mode" ]; then
+    run --methods dense --budgets "$b" --seeds "$s" --dense-init fan_in --label "long20k,init=fan_in" \
+      --json "docs/fmnist/long20k_dense_${tag}_s$s.json"
+  fi
+done
