@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fashion-MNIST on a longer schedule (issue 25): 20,000 training images, 8 epochs (2,500 steps of 64, six times the
-# short table's 400), GBLR's phase 1 the first 5; the Mixer cells the short schedule left open. GBLR, the equal-init
+# Fashion-MNIST on a longer schedule (issue 25): 20,000 training images, 8 epochs (2,504 steps of 64, 6.3x the short
+# table's 395), GBLR's phase 1 the first 5; the Mixer cells the short schedule left open. GBLR, the equal-init
 # low-rank and Monarch, and dense at GBLR's init, one file per run (so that a stopped sweep keeps what finished):
 #
 #   bash benchmarks/fmnist_long.sh mixer 0.5 "0 1 2 3 4"      # 5-9 min per run on one thread (two side by side)
