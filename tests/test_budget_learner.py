@@ -330,3 +330,61 @@ def test_batched_bisection_is_the_sequential_bisection_bit_for_bit():
             calls.clear()
             assert bisect_threshold_batched(fits_many, 0.0, 4.0, iters) == want
             assert len(calls) == -(-iters // 4)
+
+
+def _energetic_pair(seed: int = 0) -> nn.Sequential:
+    """Two layers of full widths whose factors differ a lot in scale across components: the global energy cut takes
+    far more from one layer than from the other."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(GBLRLinear(24, 40, num_components=8, width_init="full"),
+                          GBLRLinear(40, 24, num_components=8, width_init="full"))
+    with torch.no_grad():
+        model[0].weight_out.mul_(torch.logspace(-2, 0, 8)[:, None, None])  # mostly weak components
+        model[1].weight_out.mul_(3.0)
+    return model
+
+
+def _layer_ratio(layer: GBLRLinear) -> float:
+    return flops_ratio([layer])
+
+
+def test_layer_allocation_cuts_every_layer_onto_the_path_on_its_own():
+    """``allocation="layer"``: each layer ends at the target (within one grid step of one component), where the global
+    cut of the same model leaves the two layers far apart; each layer's widths are those the global cut gives when the
+    layer is alone (the independent oracle: one layer, one cut)."""
+    glob = _energetic_pair()
+    BudgetLearner(budget=0.3, path_steps=0, width_step="adam").step(glob, lr=1e-3)
+    shares = [_layer_ratio(m) for m in glob]
+    assert abs(shares[0] - shares[1]) > 0.1, shares  # the global cut moves FLOPs between the layers here
+
+    per_layer = _energetic_pair()
+    out = BudgetLearner(budget=0.3, path_steps=0, width_step="adam", allocation="layer").step(per_layer, lr=1e-3)
+    assert out["shrink"] == 1.0 and out["target"] == 0.3
+    for m in per_layer:
+        step = m.rank_per_component * (m.in_features + m.out_features) / m.dense_flops()
+        assert 0.3 - step < _layer_ratio(m) <= 0.3
+    alone = _energetic_pair()
+    for m in alone:
+        BudgetLearner(budget=0.3, path_steps=0, width_step="adam").step(nn.Sequential(m), lr=1e-3)
+    for a, b in zip(per_layer, alone):
+        torch.testing.assert_close(a.int_widths(), b.int_widths(), rtol=0, atol=0)
+
+
+def test_layer_allocation_leaves_a_layer_already_under_the_path_alone():
+    model = _energetic_pair()
+    with torch.no_grad():
+        model[1].widths.fill_(0.1)
+    w1 = model[1].widths.detach().clone()
+    learner = BudgetLearner(budget=0.3, path_steps=0, width_step="adam", allocation="layer")
+    learner.step(model, lr=1e-3)
+    torch.testing.assert_close(model[1].widths.detach(), w1, rtol=0, atol=0)
+    assert _layer_ratio(model[0]) <= 0.3 and "allocation='layer'" in repr(learner)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(allocation="type"), "allocation"),
+    (dict(allocation="layer", tracking="dual"), "tracking='project'"),
+])
+def test_bad_allocation_is_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BudgetLearner(budget=0.3, path_steps=1, **kwargs)

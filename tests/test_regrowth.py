@@ -300,3 +300,58 @@ def test_regrowth_is_configured_from_yaml(tmp_path):
     assert cli.model.rule.regrowth is None
     cli = build_cli(["--config", str(root / "configs" / "quickstart.yaml")], run=False)
     assert isinstance(cli.model.rule.regrowth, Regrowth)  # the default
+
+
+def test_per_layer_growth_fills_each_layer_to_its_own_room():
+    """Two layers at half the budget, the first with far larger gradient scores: grown for the model, the first takes
+    the room of both (ending above the budget on its own); grown per layer (``BudgetRule(allocation="layer")``), each
+    ends at the budget to the last grid step and no layer goes above it."""
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(GBLRLinear(20, 30, num_components=6, bias=False), GBLRLinear(30, 20, num_components=6,
+                                                                                        bias=False))
+        for layer in m:
+            with torch.no_grad():
+                layer.widths.fill_(0.15)
+                layer.locations.zero_()
+        return m
+
+    def grow(per_layer: bool) -> nn.Sequential:
+        m = model()
+        g = Regrowth()
+        for (name, layer), scale in zip(gblr_layers(m), (100.0, 1.0)):
+            k, r = layer.num_components, layer.rank_per_component
+            gen = torch.Generator().manual_seed(1)
+            g.sums[name] = (scale * torch.rand(k, r, layer.in_features, generator=gen),
+                            scale * torch.rand(k, r, layer.out_features, generator=gen))
+        with torch.no_grad():
+            g._grow(m, 0.4, per_layer=per_layer)
+        return m
+
+    ratios = [layers_flops([layer])["flops"] / layers_flops([layer])["dense_flops"] for layer in grow(False)]
+    assert ratios[0] > 0.45 and ratios[1] < 0.35, ratios
+    for layer in grow(True):
+        cost = layers_flops([layer])
+        step = layer.rank_per_component / cost["dense_flops"]
+        assert 0.4 - step < cost["flops"] / cost["dense_flops"] <= 0.4
+
+
+def test_the_layer_allocation_rule_rebuilds_from_its_config_and_holds_every_layer_to_the_budget():
+    rule = BudgetRule(allocation="layer")
+    again = build_rule(rule.config())
+    assert again.learner.allocation == "layer" and again.init_args() == rule.init_args()
+    assert "allocation" not in BudgetRule().init_args()  # the default's config is unchanged
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :4].argmax(1)), batch_size=32)
+    backbone = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 48), nn.GELU(), nn.Linear(48, 4))
+    module = GSMModule(backbone, num_classes=4, budget=0.4, phase1_epochs=3, include=["0", "2"],
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), rule=BudgetRule(allocation="layer"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=0).fit(module, data)
+    assert module.phase == 2 and module.projection_delta == 0.0
+    for _, layer in gblr_layers(module.backbone):
+        cost = layers_flops([layer])
+        assert 0.4 - 2 * layer.rank_per_component * 48 / cost["dense_flops"] < cost["flops"] / cost["dense_flops"] <= 0.4

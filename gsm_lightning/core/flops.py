@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["StructuredCost", "grid_cost", "grid_widths", "structure_flops", "bisect_threshold", "bisect_threshold_batched", "project_widths_to_budget",
+__all__ = ["StructuredCost", "grid_cost", "component_grid_cost", "grid_widths", "structure_flops", "bisect_threshold", "bisect_threshold_batched", "project_widths_to_budget",
            "layers_flops", "flops_ratio"]
 
 
@@ -55,10 +55,16 @@ def structure_flops(int_widths: Tensor, in_features: int, out_features: int, ran
 def grid_cost(widths: Tensor, in_features: int | Tensor, out_features: int | Tensor, rank: int | Tensor) -> Tensor:
     """Cost of (..., 2, K) width fractions, batched over leading dims.  ``in_features``, ``out_features`` and
     ``rank`` may also be ``(K,)`` tensors (components of several layers side by side)."""
+    return component_grid_cost(widths, in_features, out_features, rank).sum(-1)
+
+
+def component_grid_cost(widths: Tensor, in_features: int | Tensor, out_features: int | Tensor,
+                        rank: int | Tensor) -> Tensor:
+    """:func:`grid_cost` per component, ``(..., K)``: ``r * (w_in + w_out)`` on the grid, 0 for an inactive one."""
     wi = torch.round(widths[..., 0, :].clamp(0, 1) * in_features)
     wo = torch.round(widths[..., 1, :].clamp(0, 1) * out_features)
     active = (wi > 0) & (wo > 0)
-    return ((wi + wo) * active * rank).sum(-1)
+    return (wi + wo) * active * rank
 
 
 def bisect_threshold(fits: Callable[[float], bool], lo: float, hi: float, iters: int) -> float:

@@ -28,6 +28,10 @@ ablations:
 
 Locations are always wrapped into ``[0, 1)`` and stay with the optimizer.
 
+``allocation="layer"`` holds every layer to the path on its own (one cut per layer) instead of the model as a
+whole (one cut for all, the default ``"global"``): the structure within each layer is still learned, the share of
+FLOPs each layer gets is not (every layer ends at the budget, as a uniform hand-picked allocation would).
+
 ``tracking="dual"`` replaces the exact cut by a soft threshold ``tau * c`` applied every step, with ``tau``
 a dual variable (Lagrange multiplier) adapted by feedback, ``tau <- max(0, tau + dual_gain * (ratio -
 target))``.  It is there for the ablation: it lags, overshoots and kills components (BENCHMARKS.md).
@@ -35,6 +39,7 @@ target))``.  It is there for the ablation: it lags, overshoots and kills compone
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -43,16 +48,17 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..core.flops import bisect_threshold_batched, grid_cost
+from ..core.flops import bisect_threshold_batched, component_grid_cost, grid_cost
 from ..core.layer import GBLRLinear, gblr_layers
 from ..core.masks import boxcar_sums
 
-__all__ = ["BudgetPath", "BudgetLearner", "WidthStep", "CutWeighting", "Tracking", "WidthNorm"]
+__all__ = ["BudgetPath", "BudgetLearner", "WidthStep", "CutWeighting", "Tracking", "WidthNorm", "Allocation"]
 
 WidthStep = Literal["side_rms", "adam"]
 CutWeighting = Literal["energy", "density", "density_energy", "flops", "uniform"]
 Tracking = Literal["project", "dual"]
 WidthNorm = Literal["side", "model"]
+Allocation = Literal["global", "layer"]
 
 
 @dataclass
@@ -98,6 +104,17 @@ class _Flat:
     def key(layers: list[GBLRLinear]) -> tuple:
         return tuple((id(m), m.num_components, m.in_features, m.out_features, m.rank_per_component, m.widths.device)
                      for m in layers)
+
+    @functools.cached_property
+    def segment(self) -> Tensor:
+        """The index of every component's layer, ``(K_total,)``."""
+        dev = self.widths.device
+        return torch.repeat_interleave(torch.arange(len(self.sizes), device=dev), torch.tensor(self.sizes, device=dev))
+
+    @functools.cached_property
+    def layer_dense(self) -> Tensor:
+        """Every layer's dense multiply-adds per token, ``(L,)``."""
+        return torch.tensor([float(m.dense_flops()) for m in self.layers], device=self.widths.device)
 
     def ratio(self, widths: Tensor) -> float:
         return float(grid_cost(widths, self.n[0], self.n[1], self.r)) / self.dense
@@ -147,6 +164,10 @@ class BudgetLearner:
             every side moves at the same rate whatever its gradient's scale, the default) or ``"model"`` (the
             gradient per FLOP, ``g / (r n_side)``, over one running RMS for the whole model: a side whose widths buy
             more loss per FLOP moves faster than another, so FLOPs can move between layers by measured gain).
+        allocation: ``"global"`` (the default: one cut for the model, so the learner also chooses how the FLOPs are
+            shared between layers) or ``"layer"`` (every layer is cut onto the path on its own and ends at the
+            budget: the within-layer structure is learned, the allocation is uniform).  ``"layer"`` needs
+            ``tracking="project"``.
     """
 
     def __init__(
@@ -166,6 +187,7 @@ class BudgetLearner:
         dual_gain: float = 0.01,
         width_norm: WidthNorm = "side",
         cost_power: float = 0.3,
+        allocation: Allocation = "global",
     ) -> None:
         if not 0 < budget <= 1:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
@@ -178,6 +200,11 @@ class BudgetLearner:
             raise ValueError(f"unknown width_norm {width_norm!r}; expected 'side' or 'model'")
         if tracking not in ("project", "dual"):
             raise ValueError(f"unknown tracking {tracking!r}; expected 'project' or 'dual'")
+        if allocation not in ("global", "layer"):
+            raise ValueError(f"unknown allocation {allocation!r}; expected 'global' or 'layer'")
+        if allocation == "layer" and tracking != "project":
+            raise ValueError("allocation='layer' cuts each layer exactly onto the path; it needs tracking='project' "
+                             f"(got tracking={tracking!r})")
         if not dual_gain > 0:
             raise ValueError(f"dual_gain must be > 0, got {dual_gain}")
         if path_steps < 0 or energy_start_step < 0:
@@ -194,6 +221,7 @@ class BudgetLearner:
         self.width_lr_scale = float(width_lr_scale)
         self.width_norm = width_norm
         self.budget = float(budget)
+        self.allocation = allocation
         self.path_steps = int(path_steps)
         self.width_step = width_step
         self.cut_weighting = cut_weighting
@@ -251,7 +279,14 @@ class BudgetLearner:
         if cut and self.tracking == "dual":
             self.dual_tau = max(0.0, self.dual_tau + self.dual_gain * (ratio - target))
             tau = self.dual_tau
-        if cut and (tau > 0 or (self.tracking == "project" and ratio > target)):
+        if cut and self.allocation == "layer":
+            layer_ratio = self._layer_ratios(flat, flat.widths)
+            if bool((layer_ratio > target).any()):
+                weights = self._cut_weights(layers, flat)
+                taus = self._solve_layer_taus(flat, weights, target, layer_ratio)
+                flat.widths = (flat.widths - taus.index_select(0, flat.segment) * weights).clamp(0, 1)
+                tau = float(taus.max())
+        elif cut and (tau > 0 or (self.tracking == "project" and ratio > target)):
             weights = self._cut_weights(layers, flat)
             if self.tracking == "project":
                 tau = self._solve_tau(flat, weights, target)
@@ -368,6 +403,29 @@ class BudgetLearner:
 
         return bisect_threshold_batched(fits, 0.0, hi, iters)
 
+    @staticmethod
+    def _layer_ratios(flat: _Flat, widths: Tensor) -> Tensor:
+        """Every layer's FLOPs ratio at ``widths`` (``flat``'s layout, batched over leading dims): ``(..., L)``."""
+        cost = component_grid_cost(widths, flat.n[0], flat.n[1], flat.r)
+        per_layer = torch.zeros(*cost.shape[:-1], len(flat.sizes), device=cost.device, dtype=cost.dtype)
+        return per_layer.index_add_(-1, flat.segment, cost) / flat.layer_dense.to(cost.dtype)
+
+    @staticmethod
+    def _solve_layer_taus(flat: _Flat, weights: Tensor, target: float, layer_ratio: Tensor,
+                          iters: int = 40) -> Tensor:
+        """``allocation="layer"``: for every layer above ``target``, the smallest ``tau`` (to bisection precision)
+        with the layer's ratio at ``widths - tau * weights`` at most ``target``; 0 for the others.  All layers are
+        bisected together, ``(L,)``."""
+        big = torch.where(weights > 0, flat.widths / weights.clamp_min(1e-30), torch.zeros_like(weights)).amax(0)
+        hi = torch.zeros(len(flat.sizes), device=big.device, dtype=big.dtype).scatter_reduce_(
+            0, flat.segment, big, "amax") + 1e-6
+        lo = torch.zeros_like(hi)
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            fits = BudgetLearner._layer_ratios(flat, flat.widths - mid.index_select(0, flat.segment) * weights) <= target
+            hi, lo = torch.where(fits, mid, hi), torch.where(fits, lo, mid)
+        return torch.where(layer_ratio > target, hi, torch.zeros_like(hi))
+
     # ---------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "start_ratio": self.start_ratio, "dual_tau": self.dual_tau,
@@ -381,4 +439,5 @@ class BudgetLearner:
 
     def __repr__(self) -> str:
         return (f"BudgetLearner(budget={self.budget:g}, path_steps={self.path_steps}, width_step={self.width_step!r}, "
-                f"cut_weighting={self.cut_weighting!r}, energy_start_step={self.energy_start_step})")
+                f"cut_weighting={self.cut_weighting!r}, energy_start_step={self.energy_start_step}"
+                + (f", allocation={self.allocation!r})" if self.allocation != "global" else ")"))

@@ -204,14 +204,15 @@ class Regrowth:
         self._hooks = []
 
     @torch.no_grad()
-    def step(self, model: nn.Module, budget: float, active: bool = True) -> float:
+    def step(self, model: nn.Module, budget: float, active: bool = True, per_layer: bool = False) -> float:
         """After the rule's own step: count it, and grow when one is due (and ``active``).  Returns the FLOPs ratio
-        added."""
+        added.  ``per_layer``: every layer grows into its own room under ``budget`` (a rule that holds each layer to
+        the budget), not the model into the model's."""
         self.steps += 1
         s = self.steps - self.start_step
         if not active or s < 0 or s % self.interval_steps or self.steps >= self.end_step:
             return 0.0
-        return self._grow(model, budget * (1.0 + self.current_overshoot()))
+        return self._grow(model, budget * (1.0 + self.current_overshoot()), per_layer)
 
     def current_overshoot(self) -> float:
         """``overshoot``, annealed to 0 by a half cosine from the first growth to the end of phase 1 (as RigL anneals
@@ -221,15 +222,15 @@ class Regrowth:
         return self.overshoot * 0.5 * (1.0 + math.cos(math.pi * t))
 
     @torch.no_grad()
-    def finish(self, model: nn.Module, budget: float) -> float:
+    def finish(self, model: nn.Module, budget: float, per_layer: bool = False) -> float:
         """At the phase switch: grow into what is left under ``budget``, by the gradients summed since the last
-        growth.  Returns the FLOPs ratio added."""
+        growth (``per_layer`` as in :meth:`step`).  Returns the FLOPs ratio added."""
         self.detach()
         if not self.sums:
             return 0.0
-        return self._grow(model, budget)
+        return self._grow(model, budget, per_layer)
 
-    def _grow(self, model: nn.Module, target: float) -> float:
+    def _grow(self, model: nn.Module, target: float, per_layer: bool = False) -> float:
         named = gblr_layers(model, include_frozen=False)
         self._all_reduce(named)
         if not all(bool(torch.isfinite(m.widths).all() and torch.isfinite(m.locations).all()) for _, m in named):
@@ -243,7 +244,14 @@ class Regrowth:
             sums = self.sums.get(name)
             ok = sums is not None and sums[0].shape[0] == m.num_components
             scores.append((sums[0].square().sum(1), sums[1].square().sum(1)) if ok else None)
-        added = grow_edges(layers, room, scores) if room >= 1 else 0.0
+        if per_layer:
+            added = 0.0
+            for m, score in zip(layers, scores):
+                own = layers_flops([m])
+                room_m = target * own["dense_flops"] - own["flops"]
+                added += grow_edges([m], room_m, [score]) if room_m >= 1 else 0.0
+        else:
+            added = grow_edges(layers, room, scores) if room >= 1 else 0.0
         self.sums = {}
         ratio = added / cost["dense_flops"] if cost["dense_flops"] else 0.0
         self.grown += ratio

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from .budget_learner import BudgetLearner, CutWeighting, Tracking, WidthNorm, WidthStep
+from .budget_learner import Allocation, BudgetLearner, CutWeighting, Tracking, WidthNorm, WidthStep
 from .proximal import proximal_step
 from .regrowth import Regrowth
 
@@ -156,6 +156,9 @@ class BudgetRule(StructureRule):
         regrowth: windows grow back by the gradient over the last part of phase 1, and into what is left under the
             budget at the switch (a :class:`~gsm_lightning.learn.regrowth.Regrowth`, or its ``{class_path,
             init_args}``; it starts no earlier than ``path_fraction``).  Default: ``Regrowth()``.  None: off.
+        allocation: ``"global"`` (one cut for the model: the rule also learns how the FLOPs are shared between
+            layers) or ``"layer"`` (each layer is held to the budget on its own, and regrowth grows each layer into
+            its own room: the structure within a layer is learned, the allocation is uniform).
 
     Examples::
 
@@ -176,6 +179,7 @@ class BudgetRule(StructureRule):
         width_norm: WidthNorm = "side",
         regrowth: Regrowth | Mapping[str, Any] | None = DEFAULT_REGROWTH,
         cost_power: float = 0.3,
+        allocation: Allocation = "global",
     ) -> None:
         super().__init__(structure_lr, start_step)
         self.regrowth = _as_regrowth(regrowth)
@@ -184,7 +188,7 @@ class BudgetRule(StructureRule):
         # validates the learner's own arguments now, not at the first step
         self.learner = BudgetLearner(1.0, path_steps=0, width_step=width_step, cut_weighting=cut_weighting,
                                      width_lr_scale=width_lr_scale, tracking=tracking, energy_power=energy_power,
-                                     width_norm=width_norm, cost_power=cost_power)
+                                     width_norm=width_norm, cost_power=cost_power, allocation=allocation)
 
     @property
     def moves_widths(self) -> bool:  # type: ignore[override]
@@ -207,13 +211,17 @@ class BudgetRule(StructureRule):
     def step(self, model: nn.Module, lr: float, active: bool = True) -> dict[str, float]:
         out = self.learner.step(model, lr, cut=active)
         if self.regrowth is not None:
-            out["regrown"] = self.regrowth.step(model, self.budget, active=active)
+            out["regrown"] = self.regrowth.step(model, self.budget, active=active, per_layer=self._per_layer)
         return out
 
     def finish(self, model: nn.Module) -> dict[str, float]:
         if self.regrowth is None:
             return {}
-        return {"regrown": self.regrowth.finish(model, self.budget)}
+        return {"regrown": self.regrowth.finish(model, self.budget, per_layer=self._per_layer)}
+
+    @property
+    def _per_layer(self) -> bool:
+        return self.learner.allocation == "layer"
 
     def target(self) -> float | None:
         return float(self.learner.target())
@@ -250,6 +258,7 @@ class BudgetRule(StructureRule):
                 "energy_start": self.energy_start, "energy_power": lr.energy_power, "cost_power": lr.cost_power,
                 "width_lr_scale": lr.width_lr_scale, "tracking": lr.tracking, **super().init_args(),
                 **({"width_norm": lr.width_norm} if lr.width_norm != "side" else {}),
+                **({"allocation": lr.allocation} if lr.allocation != "global" else {}),
                 "regrowth": self.regrowth.config() if self.regrowth is not None else None}
 
 
