@@ -18,9 +18,15 @@
 # not leave it below GBLR): the learned allocation without the learned structure.
 #
 #   bash benchmarks/fmnist_long.sh mixer 0.5 "0 1 2 3 4" lralloc
+#
+# GBLR with every layer held to the budget on its own (BudgetRule(allocation="layer")): the learned structure
+# without the learned allocation (files long20k_gblrlayer_*, structures in docs/fmnist/structures_long20k_layer).
+#
+#   bash benchmarks/fmnist_long.sh mixer 0.3 "0 1 2 3 4" layeralloc
+#   bash benchmarks/fmnist_long.sh mixer 0.3 "5 6 7 8 9" layeralloc; bash benchmarks/fmnist_long.sh mixer 0.3 "5 6 7 8 9" monarch
 set -euo pipefail
 cd "$(dirname "$0")/.."
-m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc]}
+m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc|layeralloc|monarch]}
 b=${2:?budget, e.g. 0.5}
 seeds=${3:?seeds, e.g. "0 1 2"}
 mode=${4:-}
@@ -36,6 +42,16 @@ for s in $seeds; do
   if [ "$mode" = lralloc ]; then
     run --methods lowrank --budgets "$b" --seeds "$s" --baseline-allocation docs/fmnist/structures_long20k \
       --baseline-budget-scale 1.1 --label "long20k,equal-init,gblr-allocation" --json "docs/fmnist/long20k_lralloc_${tag}_s$s.json"
+    continue
+  fi
+  if [ "$mode" = layeralloc ]; then
+    run --methods gblr --budgets "$b" --seeds "$s" --label "long20k,layer-alloc" \
+      --gblr 'rule={"class_path":"gsm_lightning.learn.rules.BudgetRule","init_args":{"allocation":"layer"}}' \
+      --structures docs/fmnist/structures_long20k_layer --json "docs/fmnist/long20k_gblrlayer_${tag}_s$s.json"
+    continue
+  fi
+  if [ "$mode" = monarch ]; then
+    run --methods monarch --budgets "$b" --seeds "$s" --label "long20k,equal-init" --json "docs/fmnist/long20k_monarch_${tag}_s$s.json"
     continue
   fi
   run --methods gblr --budgets "$b" --seeds "$s" --label long20k --structures docs/fmnist/structures_long20k \
