@@ -29,9 +29,13 @@
 # 1.1x the budget (at or above GBLR's FLOPs, as the short table's 10 % rows do) beside GBLR (files long20k_*up_*):
 #
 #   bash benchmarks/fmnist_long.sh mixer 0.1 "0 1 2 3 4" up; bash benchmarks/fmnist_long.sh mixer 0.1 "0 1 2 3 4" layeralloc
+#
+# GBLR with a structure phase of 2 epochs instead of 5 (the same 8 epochs in all; files long20k_gblrp1e2_*):
+#
+#   bash benchmarks/fmnist_long.sh vit 0.5 "0 1 2 3 4" p1e2
 set -euo pipefail
 cd "$(dirname "$0")/.."
-m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc|layeralloc|monarch|up]}
+m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc|layeralloc|monarch|up|p1e2]}
 b=${2:?budget, e.g. 0.5}
 seeds=${3:?seeds, e.g. "0 1 2"}
 mode=${4:-}
@@ -53,6 +57,11 @@ for s in $seeds; do
     run --methods gblr --budgets "$b" --seeds "$s" --label "long20k,layer-alloc" \
       --gblr 'rule={"class_path":"gsm_lightning.learn.rules.BudgetRule","init_args":{"allocation":"layer"}}' \
       --structures docs/fmnist/structures_long20k_layer --json "docs/fmnist/long20k_gblrlayer_${tag}_s$s.json"
+    continue
+  fi
+  if [ "$mode" = p1e2 ]; then
+    run --methods gblr --budgets "$b" --seeds "$s" --phase1-epochs 2 --label "long20k,phase1=2" \
+      --structures docs/fmnist/structures_long20k_p1e2 --json "docs/fmnist/long20k_gblrp1e2_${tag}_s$s.json"
     continue
   fi
   if [ "$mode" = monarch ]; then
