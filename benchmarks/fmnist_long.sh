@@ -71,13 +71,10 @@ for s in $seeds; do
   run --methods gblr --budgets "$b" --seeds "$s" --label long20k --structures docs/fmnist/structures_long20k \
     --json "docs/fmnist/long20k_gblr_${tag}_s$s.json"
   fixed="monarch lowrank"; [ "$mode" = vsmonarch ] && fixed=monarch
+  scale=(); label="long20k,equal-init"; up=""
+  [ "$mode" = up ] && { scale=(--baseline-budget-scale 1.1); label="long20k,equal-init,flops>=gblr"; up=up; }
   for f in $fixed; do
-    if [ "$mode" = up ]; then
-      run --methods "$f" --budgets "$b" --seeds "$s" --baseline-budget-scale 1.1 --label "long20k,equal-init,flops>=gblr" \
-        --json "docs/fmnist/long20k_${f}up_${tag}_s$s.json"
-    else
-      run --methods "$f" --budgets "$b" --seeds "$s" --label "long20k,equal-init" --json "docs/fmnist/long20k_${f}_${tag}_s$s.json"
-    fi
+    run --methods "$f" --budgets "$b" --seeds "$s" "${scale[@]}" --label "$label" --json "docs/fmnist/long20k_${f}${up}_${tag}_s$s.json"
   done
   if [ -z "$mode" ]; then
     run --methods dense --budgets "$b" --seeds "$s" --dense-init fan_in --label "long20k,init=fan_in" \
