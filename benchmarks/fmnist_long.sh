@@ -33,12 +33,19 @@
 # GBLR with a structure phase of 2 epochs instead of 5 (the same 8 epochs in all; files long20k_gblrp1e2_*):
 #
 #   bash benchmarks/fmnist_long.sh vit 0.5 "0 1 2 3 4" p1e2
+#
+# GBLR started from a block-low-rank layout (location_init="tiled": a b x b grid of windows of width 1/b, Monarch's
+# block structure up to a row permutation) instead of evenly spaced full windows; WIDTH is 1/b (files
+# long20k_gblrtiled_*, structures in docs/fmnist/structures_long20k_tiled):
+#
+#   bash benchmarks/fmnist_long.sh vit 0.5 "0 1 2 3 4" tiled 0.3333
 set -euo pipefail
 cd "$(dirname "$0")/.."
-m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc|layeralloc|monarch|up|p1e2]}
+m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc|layeralloc|monarch|up|p1e2|tiled WIDTH]}
 b=${2:?budget, e.g. 0.5}
 seeds=${3:?seeds, e.g. "0 1 2"}
 mode=${4:-}
+width=${5:-}
 tag="${m}$(python -c "print(round(100 * $b))")"
 common=(--models "$m" --train-subset 20000 --epochs 8 --phase1-epochs 5 --batch-size 64 --threads 1 --no-report)
 run() { OMP_NUM_THREADS=1 python benchmarks/accuracy_fmnist.py "${common[@]}" "$@"; }
@@ -62,6 +69,12 @@ for s in $seeds; do
   if [ "$mode" = p1e2 ]; then
     run --methods gblr --budgets "$b" --seeds "$s" --phase1-epochs 2 --label "long20k,phase1=2" \
       --structures docs/fmnist/structures_long20k_p1e2 --json "docs/fmnist/long20k_gblrp1e2_${tag}_s$s.json"
+    continue
+  fi
+  if [ "$mode" = tiled ]; then
+    run --methods gblr --budgets "$b" --seeds "$s" --gblr-location-init tiled --gblr-width-init "${width:?tiled needs WIDTH}" \
+      --label "long20k,tiled=$width" --structures docs/fmnist/structures_long20k_tiled \
+      --json "docs/fmnist/long20k_gblrtiled_${tag}_s$s.json"
     continue
   fi
   if [ "$mode" = monarch ]; then

@@ -114,6 +114,10 @@ def test_unknown_init_and_width_init():
         module(init="pretrained", layer_kwargs={"width_init": "full"})
     with pytest.raises(ValueError, match="unknown location_init 'middle'"):
         GBLRLinear(8, 8, location_init="middle")
+    with pytest.raises(ValueError, match="location_init='tiled' needs a numeric width_init"):
+        module(init="random", layer_kwargs={"location_init": "tiled"})
+    with pytest.raises(ValueError, match="location_init='tiled' is a random-init layout"):
+        module(init="pretrained", layer_kwargs={"location_init": "tiled"})
 
 
 def test_rank_per_component_larger_than_min_side():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -144,6 +145,60 @@ def test_splr_init_costs_the_dense_flops(rank: int) -> None:
         assert (w[0, :n_full] == 1).all() and (w[0, n_full:] < 1).all()
         if k > n_full:
             assert torch.allclose(w[0, n_full:], w[0, n_full].expand(k - n_full))
+
+
+@pytest.mark.parametrize("in_f, out_f, width, b", [(96, 96, 0.25, 4), (96, 192, 1 / 3, 3), (49, 64, 0.2, 5),
+                                                   (64, 49, 0.2, 5), (12, 30, 0.5, 2), (7, 5, 0.1, 5)])
+def test_tiled_init_is_the_per_tile_truncated_svd_of_the_dense_init(in_f, out_f, width, b) -> None:
+    torch.manual_seed(3)
+    layer = GBLRLinear(in_f, out_f, width_init=width, location_init="tiled", init_std="fan_in")
+    # the dense matrix reset_parameters drew (the first draw from the generator after the seed)
+    torch.manual_seed(3)
+    std = 1 / in_f ** 0.5
+    dense = nn.init.trunc_normal_(torch.empty(out_f, in_f), std=std, a=-2 * std, b=2 * std).double()
+    # oracle: tiles from integer edges, component k on tile k mod b^2, each tile its own truncated SVD
+    k = min(in_f, out_f)
+    e_in = [i * in_f // b for i in range(b + 1)]
+    e_out = [i * out_f // b for i in range(b + 1)]
+    expected = torch.zeros(out_f, in_f, dtype=torch.float64)
+    covered = torch.zeros(out_f, in_f, dtype=torch.int64)
+    for t in range(b * b):
+        n_comp = len(range(t, k, b * b))
+        r0, r1, c0, c1 = e_out[t // b], e_out[t // b + 1], e_in[t % b], e_in[t % b + 1]
+        u, s, vh = np.linalg.svd(dense[r0:r1, c0:c1].numpy())
+        expected[r0:r1, c0:c1] = torch.from_numpy((u[:, :n_comp] * s[:n_comp]) @ vh[:n_comp])
+        covered[r0:r1, c0:c1] += 1
+    assert (covered == 1).all()  # the tiles partition the matrix
+    assert torch.allclose(layer.to_dense().double(), expected, atol=1e-5)
+    # every component's window is exactly its tile, on the grid
+    windows = torch.stack([layer.int_widths(), layer.int_locations()])  # (2: width/loc, 2: in/out, K)
+    t = torch.arange(k) % (b * b)
+    assert windows[1, 0].tolist() == [e_in[i] for i in (t % b).tolist()]
+    assert windows[1, 1].tolist() == [e_out[i] for i in (t // b).tolist()]
+    assert windows[0, 0].tolist() == [e_in[i + 1] - e_in[i] for i in (t % b).tolist()]
+    assert windows[0, 1].tolist() == [e_out[i + 1] - e_out[i] for i in (t // b).tolist()]
+
+
+def test_tiled_init_costs_monarchs_flops_and_restores() -> None:
+    from gsm_lightning.core.baselines import _monarch_flops
+
+    for in_f, out_f, b in [(96, 96, 4), (96, 192, 3), (192, 96, 3), (96, 384, 4)]:
+        layer = GBLRLinear(in_f, out_f, width_init=1 / b, location_init="tiled")
+        assert layer.flops() == _monarch_flops(in_f, out_f, b)  # the same block structure up to a row permutation
+    layer = GBLRLinear(24, 24, width_init=0.25, location_init="tiled")
+    w0, l0, d0 = layer.widths.detach().clone(), layer.locations.detach().clone(), layer.to_dense().detach().clone()
+    randomize_structure(layer)
+    torch.manual_seed(0)
+    layer.reset_parameters()
+    assert torch.equal(layer.widths, w0) and torch.equal(layer.locations, l0)
+    assert not torch.allclose(layer.to_dense(), d0)  # a new random matrix in the same layout
+
+
+def test_tiled_init_needs_a_numeric_width() -> None:
+    with pytest.raises(ValueError, match="location_init='tiled' needs a numeric width_init"):
+        GBLRLinear(8, 8, location_init="tiled")
+    with pytest.raises(ValueError, match="random-init layout"):
+        GBLRLinear.from_linear(nn.Linear(8, 8), budget=0.5, location_init="tiled")
 
 
 def test_full_width_init_reconstructs_the_trunc_normal_matrix() -> None:

@@ -31,11 +31,11 @@ from .windows import WindowPlan, window_margin, window_plan, windowed_product
 __all__ = ["GBLRLinear", "gblr_layers", "set_frozen_route"]
 
 WidthInit = Literal["splr", "full"] | float
-LocationInit = Literal["zero", "uniform", "random"]
+LocationInit = Literal["zero", "uniform", "random", "tiled"]
 ForwardMode = Literal["auto", "lowrank", "dense"]
 
 _WIDTH_INITS = ("splr", "full")
-_LOCATION_INITS = ("zero", "uniform", "random")
+_LOCATION_INITS = ("zero", "uniform", "random", "tiled")
 _FORWARD_MODES = ("auto", "lowrank", "dense")
 
 FrozenRoute = Callable[["GBLRLinear", Tensor], "Tensor | None"]
@@ -65,7 +65,13 @@ class GBLRLinear(StructuredCost, nn.Module):
         num_components: number of components ``K``; default ``min(in, out) // r``.
         sigma: Gaussian bandwidth of the masks; ``None``/``inf`` = pure Dirichlet (hard boxcar on the grid).
         width_init: ``"splr"`` (equal cost to dense), ``"full"`` (all widths 1) or a float in (0, 1].
-        location_init: ``"zero"``, ``"uniform"`` (evenly spaced) or ``"random"``.
+        location_init: ``"zero"``, ``"uniform"`` (evenly spaced), ``"random"`` or ``"tiled"``: a block-low-rank
+            start (Monarch's layout up to a row permutation).  The matrix is cut into a ``b x b`` grid of tiles,
+            ``b = round(1 / width_init)`` (a numeric ``width_init`` is required); component ``k`` covers tile
+            ``k mod b^2`` exactly (its widths are the tile's grid size), and the factors are each tile's truncated
+            SVD of the random dense matrix (the best approximation of it in that layout).  With ``K = min(in,
+            out)`` components the layer costs ``in * out * (in + out) / (b * max(in, out))``: ``2 / b`` of dense
+            when square.
         init_std: std of the trunc-normal dense matrix whose SVD initialises the factors: a float (the
             paper's 0.02), or ``"fan_in"`` for ``1 / sqrt(in_features)`` (LeCun-normal; what ``GSMModule`` uses
             for a random init with its budget learner: a factorised layer started at the paper's small scale
@@ -120,6 +126,9 @@ class GBLRLinear(StructuredCost, nn.Module):
             raise ValueError(f"a numeric width_init must be in (0, 1], got {width_init}")
         if location_init not in _LOCATION_INITS:
             raise ValueError(f"unknown location_init {location_init!r}; expected one of {_LOCATION_INITS}")
+        if location_init == "tiled" and not (isinstance(width_init, (int, float)) and not isinstance(width_init, bool)):
+            raise ValueError(f"location_init='tiled' needs a numeric width_init, the tile width 1/b of a b x b grid "
+                             f"(e.g. 0.25 for 4 x 4 tiles), got width_init={width_init!r}")
         if forward_mode not in _FORWARD_MODES:
             raise ValueError(f"unknown forward_mode {forward_mode!r}; expected one of {_FORWARD_MODES}")
         if window_tol is not None and (isinstance(window_tol, bool) or not isinstance(window_tol, numbers.Real)
@@ -182,6 +191,8 @@ class GBLRLinear(StructuredCost, nn.Module):
             self._set_factors_from_dense(dense)
             self.widths.copy_(self._initial_widths())
             self.locations.copy_(self._initial_locations())
+            if self.location_init == "tiled":
+                self._set_tiled(dense)
             if self.bias is not None:
                 bound = 1 / math.sqrt(self.in_features)
                 nn.init.uniform_(self.bias, -bound, bound)
@@ -205,6 +216,43 @@ class GBLRLinear(StructuredCost, nn.Module):
             nn.init.trunc_normal_(w_in[n_sv:], std=std * 0.1, a=-0.2 * std, b=0.2 * std)
         self.weight_out.copy_(w_out.view(k, r, self.out_features))
         self.weight_in.copy_(w_in.view(k, r, self.in_features))
+
+    def _tile_grid(self) -> tuple[int, Tensor, Tensor]:
+        """``(b, edges_in, edges_out)`` of the ``location_init="tiled"`` layout: ``b = round(1 / width_init)`` tiles per
+        side (at most the side's size), tile ``i`` of a side of ``n`` covering ``[edges[i], edges[i + 1])``."""
+        b = max(1, round(1.0 / float(self.width_init)))
+        b = min(b, self.in_features, self.out_features)
+        return (b, torch.div(torch.arange(b + 1) * self.in_features, b, rounding_mode="floor"),
+                torch.div(torch.arange(b + 1) * self.out_features, b, rounding_mode="floor"))
+
+    def _set_tiled(self, dense: Tensor) -> None:
+        """Widths, locations and in-window factors of the tiled (block-low-rank) start: component ``k`` on tile
+        ``k mod b^2`` (row-major: output block ``t // b``, input block ``t % b``); each tile's components take its
+        truncated SVD of ``dense`` (factors outside a component's window keep their full-matrix SVD values)."""
+        k, r = self.num_components, self.rank_per_component
+        if k == 0:
+            return
+        b, e_in, e_out = self._tile_grid()
+        tile = torch.arange(k) % (b * b)
+        rows, cols = tile // b, tile % b
+        n_in, n_out = self.in_features, self.out_features
+        dev = self.widths.device
+        self.widths.copy_(torch.stack([(e_in[cols + 1] - e_in[cols]) / n_in,
+                                       (e_out[rows + 1] - e_out[rows]) / n_out]).to(dev))
+        self.locations.copy_(torch.stack([e_in[cols] / n_in, e_out[rows] / n_out]).to(dev))
+        for t in range(min(k, b * b)):  # init only: at most b^2 tiles
+            comps = torch.nonzero(tile == t).flatten().to(dev)
+            i, j = t // b, t % b
+            o0, o1, i0, i1 = int(e_out[i]), int(e_out[i + 1]), int(e_in[j]), int(e_in[j + 1])
+            u, s, vh = torch.linalg.svd(dense[o0:o1, i0:i1].float(), full_matrices=False)
+            n_sv = min(comps.numel() * r, s.numel())
+            sq = s[:n_sv].sqrt()
+            w_out = self.weight_out.data[comps].reshape(-1, n_out)
+            w_in = self.weight_in.data[comps].reshape(-1, n_in)
+            w_out[:n_sv, o0:o1] = (u[:, :n_sv] * sq).t().to(w_out.dtype)
+            w_in[:n_sv, i0:i1] = (sq[:, None] * vh[:n_sv]).to(w_in.dtype)
+            self.weight_out.data[comps] = w_out.view(-1, r, n_out)
+            self.weight_in.data[comps] = w_in.view(-1, r, n_in)
 
     def _initial_widths(self) -> Tensor:
         k, r, n_in, n_out = self.num_components, self.rank_per_component, self.in_features, self.out_features
@@ -895,6 +943,9 @@ class GBLRLinear(StructuredCost, nn.Module):
         if "width_init" in kwargs:
             raise ValueError("width_init does not apply to from_linear/init='pretrained': widths start full and are "
                              "fitted to the budget")
+        if kwargs.get("location_init") == "tiled":
+            raise ValueError("location_init='tiled' is a random-init layout; from_linear/init='pretrained' fits the "
+                             "structure to the weights (use 'uniform', 'zero' or 'random')")
         kwargs.setdefault("sigma", None)
         kwargs.setdefault("location_init", "uniform")
         # 16-bit factors cannot be fitted (AdamW steps and the relative error overflow or round away): fit in
