@@ -39,9 +39,15 @@
 # long20k_gblrtiled_*, structures in docs/fmnist/structures_long20k_tiled):
 #
 #   bash benchmarks/fmnist_long.sh vit 0.5 "0 1 2 3 4" tiled 0.3333
+#
+# The same start with the windows held in their tiles: the locations' learning rate 100x smaller (2.5e-5) and the
+# width step unchanged (width_lr_scale 400 instead of 4), so the learner chooses each tile's widths and the
+# allocation, not where the blocks go (files long20k_gblrtiledfix_*, structures in ..._tiledfix):
+#
+#   bash benchmarks/fmnist_long.sh vit 0.5 "0 1 2 3 4" tiledfix 0.3333
 set -euo pipefail
 cd "$(dirname "$0")/.."
-m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc|layeralloc|monarch|up|p1e2|tiled WIDTH]}
+m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc|layeralloc|monarch|up|p1e2|tiled WIDTH|tiledfix WIDTH]}
 b=${2:?budget, e.g. 0.5}
 seeds=${3:?seeds, e.g. "0 1 2"}
 mode=${4:-}
@@ -75,6 +81,13 @@ for s in $seeds; do
     run --methods gblr --budgets "$b" --seeds "$s" --gblr-location-init tiled --gblr-width-init "${width:?tiled needs WIDTH}" \
       --label "long20k,tiled=$width" --structures docs/fmnist/structures_long20k_tiled \
       --json "docs/fmnist/long20k_gblrtiled_${tag}_s$s.json"
+    continue
+  fi
+  if [ "$mode" = tiledfix ]; then
+    run --methods gblr --budgets "$b" --seeds "$s" --gblr-location-init tiled --gblr-width-init "${width:?tiledfix needs WIDTH}" \
+      --gblr 'rule={"class_path":"gsm_lightning.learn.rules.BudgetRule","init_args":{"structure_lr":2.5e-5,"width_lr_scale":400}}' \
+      --label "long20k,tiled=$width,locations fixed" --structures docs/fmnist/structures_long20k_tiledfix \
+      --json "docs/fmnist/long20k_gblrtiledfix_${tag}_s$s.json"
     continue
   fi
   if [ "$mode" = monarch ]; then
