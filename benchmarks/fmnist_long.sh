@@ -45,9 +45,14 @@
 # allocation, not where the blocks go (files long20k_gblrtiledfix_*, structures in ..._tiledfix):
 #
 #   bash benchmarks/fmnist_long.sh vit 0.5 "0 1 2 3 4" tiledfix 0.3333
+#
+# The same with sharp masks from the first step (sigma 100 throughout instead of annealed from 1), so the layers
+# are block-low-rank from the start as Monarch is (files long20k_gblrtiledsharp_*):
+#
+#   bash benchmarks/fmnist_long.sh vit 0.5 "0 1 2 3 4" tiledsharp 0.3333
 set -euo pipefail
 cd "$(dirname "$0")/.."
-m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc|layeralloc|monarch|up|p1e2|tiled WIDTH|tiledfix WIDTH]}
+m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc|layeralloc|monarch|up|p1e2|tiled WIDTH|tiledfix WIDTH|tiledsharp WIDTH]}
 b=${2:?budget, e.g. 0.5}
 seeds=${3:?seeds, e.g. "0 1 2"}
 mode=${4:-}
@@ -88,6 +93,13 @@ for s in $seeds; do
       --gblr 'rule={"class_path":"gsm_lightning.learn.rules.BudgetRule","init_args":{"structure_lr":2.5e-5,"width_lr_scale":400}}' \
       --label "long20k,tiled=$width,locations fixed" --structures docs/fmnist/structures_long20k_tiledfix \
       --json "docs/fmnist/long20k_gblrtiledfix_${tag}_s$s.json"
+    continue
+  fi
+  if [ "$mode" = tiledsharp ]; then
+    run --methods gblr --budgets "$b" --seeds "$s" --gblr-location-init tiled --gblr-width-init "${width:?tiledsharp needs WIDTH}" \
+      --gblr 'rule={"class_path":"gsm_lightning.learn.rules.BudgetRule","init_args":{"structure_lr":2.5e-5,"width_lr_scale":400}}' \
+      sigma0=100 --label "long20k,tiled=$width,locations fixed,sigma 100" \
+      --structures docs/fmnist/structures_long20k_tiledsharp --json "docs/fmnist/long20k_gblrtiledsharp_${tag}_s$s.json"
     continue
   fi
   if [ "$mode" = monarch ]; then

@@ -67,11 +67,12 @@ class GBLRLinear(StructuredCost, nn.Module):
         width_init: ``"splr"`` (equal cost to dense), ``"full"`` (all widths 1) or a float in (0, 1].
         location_init: ``"zero"``, ``"uniform"`` (evenly spaced), ``"random"`` or ``"tiled"``: a block-low-rank
             start (Monarch's layout up to a row permutation).  The matrix is cut into a ``b x b`` grid of tiles,
-            ``b = round(1 / width_init)`` (a numeric ``width_init`` is required); component ``k`` covers tile
-            ``k mod b^2`` exactly (its widths are the tile's grid size), and the factors are each tile's truncated
-            SVD of the random dense matrix (the best approximation of it in that layout).  With ``K = min(in,
-            out)`` components the layer costs ``in * out * (in + out) / (b * max(in, out))``: ``2 / b`` of dense
-            when square.
+            ``b = round(1 / width_init)``, at most ``min(in, out)`` (a numeric ``width_init`` is required);
+            component ``k`` covers tile ``k mod b^2`` exactly (its widths are the tile's grid size), and the
+            factors are each tile's truncated SVD of the random dense matrix (the best approximation of it in
+            that layout).  With ``K = min(in, out)`` components the layer costs ``min(in, out) * (in + out) / b``
+            (exactly when ``b`` divides both sides): ``2 / b`` of dense when square, Monarch's FLOPs with
+            ``nblocks = b``.
         init_std: std of the trunc-normal dense matrix whose SVD initialises the factors: a float (the
             paper's 0.02), or ``"fan_in"`` for ``1 / sqrt(in_features)`` (LeCun-normal; what ``GSMModule`` uses
             for a random init with its budget learner: a factorised layer started at the paper's small scale
@@ -247,12 +248,12 @@ class GBLRLinear(StructuredCost, nn.Module):
             u, s, vh = torch.linalg.svd(dense[o0:o1, i0:i1].float(), full_matrices=False)
             n_sv = min(comps.numel() * r, s.numel())
             sq = s[:n_sv].sqrt()
-            w_out = self.weight_out.data[comps].reshape(-1, n_out)
-            w_in = self.weight_in.data[comps].reshape(-1, n_in)
+            w_out = self.weight_out[comps].reshape(-1, n_out)  # copies (advanced indexing)
+            w_in = self.weight_in[comps].reshape(-1, n_in)
             w_out[:n_sv, o0:o1] = (u[:, :n_sv] * sq).t().to(w_out.dtype)
             w_in[:n_sv, i0:i1] = (sq[:, None] * vh[:n_sv]).to(w_in.dtype)
-            self.weight_out.data[comps] = w_out.view(-1, r, n_out)
-            self.weight_in.data[comps] = w_in.view(-1, r, n_in)
+            self.weight_out[comps] = w_out.view(-1, r, n_out)
+            self.weight_in[comps] = w_in.view(-1, r, n_in)
 
     def _initial_widths(self) -> Tensor:
         k, r, n_in, n_out = self.num_components, self.rank_per_component, self.in_features, self.out_features
