@@ -82,24 +82,15 @@ for s in $seeds; do
       --structures docs/fmnist/structures_long20k_p1e2 --json "docs/fmnist/long20k_gblrp1e2_${tag}_s$s.json"
     continue
   fi
-  if [ "$mode" = tiled ]; then
-    run --methods gblr --budgets "$b" --seeds "$s" --gblr-location-init tiled --gblr-width-init "${width:?tiled needs WIDTH}" \
-      --label "long20k,tiled=$width" --structures docs/fmnist/structures_long20k_tiled \
-      --json "docs/fmnist/long20k_gblrtiled_${tag}_s$s.json"
-    continue
-  fi
-  if [ "$mode" = tiledfix ]; then
-    run --methods gblr --budgets "$b" --seeds "$s" --gblr-location-init tiled --gblr-width-init "${width:?tiledfix needs WIDTH}" \
-      --gblr 'rule={"class_path":"gsm_lightning.learn.rules.BudgetRule","init_args":{"structure_lr":2.5e-5,"width_lr_scale":400}}' \
-      --label "long20k,tiled=$width,locations fixed" --structures docs/fmnist/structures_long20k_tiledfix \
-      --json "docs/fmnist/long20k_gblrtiledfix_${tag}_s$s.json"
-    continue
-  fi
-  if [ "$mode" = tiledsharp ]; then
-    run --methods gblr --budgets "$b" --seeds "$s" --gblr-location-init tiled --gblr-width-init "${width:?tiledsharp needs WIDTH}" \
-      --gblr 'rule={"class_path":"gsm_lightning.learn.rules.BudgetRule","init_args":{"structure_lr":2.5e-5,"width_lr_scale":400}}' \
-      sigma0=100 --label "long20k,tiled=$width,locations fixed,sigma 100" \
-      --structures docs/fmnist/structures_long20k_tiledsharp --json "docs/fmnist/long20k_gblrtiledsharp_${tag}_s$s.json"
+  if [[ "$mode" == tiled* ]]; then  # tiled, tiledfix, tiledsharp
+    label="long20k,tiled=${width:?$mode needs WIDTH}"; extra=()
+    hold='rule={"class_path":"gsm_lightning.learn.rules.BudgetRule","init_args":{"structure_lr":2.5e-5,"width_lr_scale":400}}'
+    case "$mode" in
+      tiledfix) extra=(--gblr "$hold"); label+=",locations fixed" ;;
+      tiledsharp) extra=(--gblr "$hold" sigma0=100); label+=",locations fixed,sigma 100" ;;
+    esac
+    run --methods gblr --budgets "$b" --seeds "$s" --gblr-location-init tiled --gblr-width-init "$width" "${extra[@]}" \
+      --label "$label" --structures "docs/fmnist/structures_long20k_$mode" --json "docs/fmnist/long20k_gblr${mode}_${tag}_s$s.json"
     continue
   fi
   if [ "$mode" = monarch ]; then
