@@ -50,9 +50,14 @@
 # are block-low-rank from the start as Monarch is (files long20k_gblrtiledsharp_*):
 #
 #   bash benchmarks/fmnist_long.sh vit 0.5 "0 1 2 3 4" tiledsharp 0.3333
+#
+# The tiled start with every layer held to the budget on its own (BudgetRule(allocation="layer")): Monarch's uniform
+# allocation, with the structure within each layer learned (files long20k_gblrtiledlayer_*):
+#
+#   bash benchmarks/fmnist_long.sh vit 0.5 "0 1 2 3 4" tiledlayer 0.3333
 set -euo pipefail
 cd "$(dirname "$0")/.."
-m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc|layeralloc|monarch|up|p1e2|tiled WIDTH|tiledfix WIDTH|tiledsharp WIDTH]}
+m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc|layeralloc|monarch|up|p1e2|tiled WIDTH|tiledfix WIDTH|tiledsharp WIDTH|tiledlayer WIDTH]}
 b=${2:?budget, e.g. 0.5}
 seeds=${3:?seeds, e.g. "0 1 2"}
 mode=${4:-}
@@ -82,12 +87,14 @@ for s in $seeds; do
       --structures docs/fmnist/structures_long20k_p1e2 --json "docs/fmnist/long20k_gblrp1e2_${tag}_s$s.json"
     continue
   fi
-  if [[ "$mode" == tiled* ]]; then  # tiled, tiledfix, tiledsharp
+  if [[ "$mode" == tiled* ]]; then  # tiled, tiledfix, tiledsharp, tiledlayer
     label="long20k,tiled=${width:?$mode needs WIDTH}"; extra=()
     hold='rule={"class_path":"gsm_lightning.learn.rules.BudgetRule","init_args":{"structure_lr":2.5e-5,"width_lr_scale":400}}'
     case "$mode" in
       tiledfix) extra=(--gblr "$hold"); label+=",locations fixed" ;;
       tiledsharp) extra=(--gblr "$hold" sigma0=100); label+=",locations fixed,sigma 100" ;;
+      tiledlayer) extra=(--gblr 'rule={"class_path":"gsm_lightning.learn.rules.BudgetRule","init_args":{"allocation":"layer"}}')
+                  label+=",layer-alloc" ;;
     esac
     run --methods gblr --budgets "$b" --seeds "$s" --gblr-location-init tiled --gblr-width-init "$width" "${extra[@]}" \
       --label "$label" --structures "docs/fmnist/structures_long20k_$mode" --json "docs/fmnist/long20k_gblr${mode}_${tag}_s$s.json"
