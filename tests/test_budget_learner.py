@@ -388,3 +388,47 @@ def test_layer_allocation_leaves_a_layer_already_under_the_path_alone():
 def test_bad_allocation_is_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BudgetLearner(budget=0.3, path_steps=1, **kwargs)
+
+
+def _full_bisection_fits(widths, weights, n_in, n_out, rank, dense, target):
+    """``fits`` for :func:`bisect_threshold_batched`: the total grid cost of every component at each threshold."""
+    from gsm_lightning.core.flops import grid_cost
+
+    def fits_many(taus):
+        t = torch.tensor(taus, dtype=widths.dtype)[:, None, None]
+        return [c / dense <= target for c in grid_cost(widths - t * weights, n_in, n_out, rank).tolist()]
+
+    return fits_many
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cut_threshold_is_the_full_bisection_bit_for_bit(dtype):
+    """The bracket-shrinking cut (components that cost the same at both ends leave the problem, NumPy batches) returns
+    exactly the threshold of the plain batched bisection over the full grid cost, on random multi-layer problems."""
+    from gsm_lightning.core.flops import bisect_threshold_batched, cut_threshold, grid_cost
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        sizes = [(int(a), int(b), int(k), int(r)) for a, b, k, r in torch.randint(1, 200, (3, 4), generator=gen)]
+        sizes = [(a, b, 1 + k % 40, 1 + r % 3) for a, b, k, r in sizes]
+        n_in = torch.cat([torch.full((k,), float(a)) for a, _, k, _ in sizes]).to(dtype)
+        n_out = torch.cat([torch.full((k,), float(b)) for _, b, k, _ in sizes]).to(dtype)
+        rank = torch.cat([torch.full((k,), float(r)) for *_, k, r in sizes]).to(dtype)
+        widths = torch.rand(2, n_in.numel(), generator=gen, dtype=dtype)
+        widths[:, torch.rand(n_in.numel(), generator=gen) < 0.2] = 0.0  # some inactive components
+        weights = torch.rand(2, n_in.numel(), generator=gen, dtype=dtype) * 3 + 0.05
+        if trial % 3 == 0:
+            weights[:, ::5] = 1.0  # ties between components
+        dense = float((n_in * n_out).sum())
+        target = float(torch.rand((), generator=gen)) * float(grid_cost(widths, n_in, n_out, rank)) / dense
+        hi = float((widths / weights).max()) + 1e-6
+        fits_many = _full_bisection_fits(widths, weights, n_in, n_out, rank, dense, target)
+        fits = lambda c, dense=dense, target=target: c / dense <= target  # noqa: E731
+        for iters in (0, 3, 40):
+            want = bisect_threshold_batched(fits_many, 0.0, hi, iters)
+            assert cut_threshold(widths, weights, n_in, n_out, rank, fits, hi, iters) == want, (trial, iters)
+            assert cut_threshold(widths, weights, n_in, n_out, rank, fits, iters=iters) == want  # hi by default
+        # the threshold is the smallest cut that fits: a hair less does not (when the bisection resolved it)
+        assert fits_many([want]) == [True]
+        if want > 1e-9 * hi:
+            assert fits_many([want - 1e-6 * hi]) == [False]

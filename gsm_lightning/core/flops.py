@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["StructuredCost", "grid_cost", "component_grid_cost", "grid_widths", "structure_flops", "bisect_threshold", "bisect_threshold_batched", "project_widths_to_budget",
+__all__ = ["StructuredCost", "grid_cost", "component_grid_cost", "grid_widths", "structure_flops", "bisect_threshold", "bisect_threshold_batched", "cut_threshold",
+           "project_widths_to_budget",
            "layers_flops", "flops_ratio"]
 
 
@@ -83,10 +85,13 @@ def bisect_threshold(fits: Callable[[float], bool], lo: float, hi: float, iters:
 
 def _midpoints(lo: float, hi: float, depth: int) -> list[float]:
     """Every midpoint ``depth`` halvings of ``[lo, hi]`` can visit, computed as the bisection computes them."""
-    if depth == 0:
-        return []
-    mid = 0.5 * (lo + hi)
-    return [mid, *_midpoints(lo, mid, depth - 1), *_midpoints(mid, hi, depth - 1)]
+    points: list[float] = []
+    bounds = [lo, hi]  # the ends of the intervals of one level, in order
+    for _ in range(depth):
+        mids = [0.5 * (a + b) for a, b in zip(bounds[:-1], bounds[1:])]
+        points += mids
+        bounds = [x for pair in zip(bounds[:-1], mids) for x in pair] + [bounds[-1]]
+    return points
 
 
 def bisect_threshold_batched(fits: Callable[[list[float]], list[bool]], lo: float, hi: float, iters: int,
@@ -105,6 +110,64 @@ def bisect_threshold_batched(fits: Callable[[list[float]], list[bool]], lo: floa
                 hi = mid
             else:
                 lo = mid
+        done += depth
+    return hi
+
+
+def cut_threshold(widths: Tensor, weights: Tensor, in_features: Tensor, out_features: Tensor, rank: Tensor,
+                  fits: Callable[[float], bool], hi: float | None = None, iters: int = 40, levels: int = 4,
+                  max_levels: int = 8) -> float:
+    """The bisection of :func:`bisect_threshold_batched` on ``[0, hi]`` for the smallest ``tau`` whose cut widths
+    ``widths - tau * weights`` (``(2, K)``, ``weights >= 0``) have a total :func:`grid_cost` that ``fits``, bit for bit
+    (while the totals are exact in ``widths``' dtype: integers below ``2**24`` in float32), at a fraction of the cost.
+
+    * Every component's cost is non-increasing in ``tau`` (float rounding is monotone), so a component that costs the
+      same at both ends of the bracket costs that at every point inside: after each batch of ``2**levels - 1``
+      midpoints, such components leave the problem and only their sum is kept.
+    * The ten or so batches are small host computations, so they run in NumPy, with the same IEEE operations as
+      :func:`component_grid_cost` in the same order (products and differences rounded to ``widths``' dtype, round
+      half to even), without a kernel launch per operation.
+
+    Totals are summed exactly (float64) and ``fits`` is called with them.  ``in_features``, ``out_features`` and
+    ``rank`` are ``(K,)`` tensors (components of several layers side by side).  ``hi`` defaults to
+    ``max(widths / weights) + 1e-6`` over the positive weights (a cut that empties every such side; 0 when there is
+    none)."""
+    dtype = widths.dtype if widths.dtype in (torch.float32, torch.float64) else torch.float32
+    w, c = (t.detach().to(device="cpu", dtype=dtype).numpy() for t in (widths, weights))
+    n_in, n_out, r = (t.detach().to(device="cpu", dtype=dtype).numpy() for t in (in_features, out_features, rank))
+    np_dtype = w.dtype
+    if hi is None:
+        positive = c > 0
+        hi = float((w[positive] / c[positive]).max()) + 1e-6 if positive.any() else 0.0
+    work = (2 ** levels - 1) * w.shape[1]  # the first batch's size: no later batch is larger
+
+    def costs(taus: list[float]) -> np.ndarray:  # (len(taus), K left), as component_grid_cost computes them
+        t = np.asarray(taus, dtype=np_dtype)[:, None]
+        wi = np.rint(np.minimum(np.maximum(w[0] - t * c[0], 0), 1) * n_in)  # clamp(0, 1) of finite widths
+        wo = np.rint(np.minimum(np.maximum(w[1] - t * c[1], 0), 1) * n_out)
+        return (wi + wo) * ((wi > 0) & (wo > 0)) * r
+
+    lo, base = 0.0, 0.0  # base: the exact cost of the components that left the problem
+    cost_lo, cost_hi = costs([lo, hi])
+    done = 0
+    while done < iters:
+        keep = cost_lo != cost_hi
+        if not keep.all():
+            base += float(cost_lo[~keep].sum(dtype=np.float64))
+            w, c, n_in, n_out, r = w[:, keep], c[:, keep], n_in[keep], n_out[keep], r[keep]
+            cost_lo, cost_hi = cost_lo[keep], cost_hi[keep]
+        depth = levels if done == 0 else max(levels, min(max_levels, int(work / max(w.shape[1], 1) + 1).bit_length() - 1))
+        depth = min(depth, iters - done)
+        points = _midpoints(lo, hi, depth)
+        cost = costs(points)
+        totals = (cost.sum(-1, dtype=np.float64) + base).tolist()
+        row = {p: i for i, p in enumerate(points)}
+        for _ in range(depth):
+            mid = 0.5 * (lo + hi)
+            if fits(totals[row[mid]]):
+                hi, cost_hi = mid, cost[row[mid]]
+            else:
+                lo, cost_lo = mid, cost[row[mid]]
         done += depth
     return hi
 

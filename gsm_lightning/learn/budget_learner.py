@@ -48,7 +48,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..core.flops import bisect_threshold_batched, component_grid_cost, grid_cost
+from ..core.flops import component_grid_cost, cut_threshold, grid_cost
 from ..core.layer import GBLRLinear, gblr_layers
 from ..core.masks import boxcar_sums
 
@@ -393,15 +393,8 @@ class BudgetLearner:
     @staticmethod
     def _solve_tau(flat: _Flat, weights: Tensor, target: float, iters: int = 40) -> float:
         """Smallest ``tau`` (to bisection precision) with ``ratio(widths - tau * weights) <= target``."""
-        positive = weights > 0
-        hi = float((flat.widths[positive] / weights[positive]).max()) + 1e-6 if bool(positive.any()) else 0.0
-
-        def fits(taus: list[float]) -> list[bool]:  # the cost at several thresholds in one batch
-            t = torch.tensor(taus, dtype=flat.widths.dtype, device=flat.widths.device)[:, None, None]
-            costs = grid_cost(flat.widths - t * weights, flat.n[0], flat.n[1], flat.r).tolist()
-            return [c / flat.dense <= target for c in costs]
-
-        return bisect_threshold_batched(fits, 0.0, hi, iters)
+        return cut_threshold(flat.widths, weights, flat.n[0], flat.n[1], flat.r, lambda cost: cost / flat.dense <= target,
+                             iters=iters)
 
     @staticmethod
     def _layer_ratios(flat: _Flat, widths: Tensor) -> Tensor:
