@@ -432,3 +432,35 @@ def test_cut_threshold_is_the_full_bisection_bit_for_bit(dtype):
         assert fits_many([want]) == [True]
         if want > 1e-9 * hi:
             assert fits_many([want - 1e-6 * hi]) == [False]
+
+
+def _layer_taus_reference(flat, weights, target, layer_ratio, iters=40):
+    """The per-layer bisection written with torch ops (the implementation before the NumPy one), as the oracle."""
+    big = torch.where(weights > 0, flat.widths / weights.clamp_min(1e-30), torch.zeros_like(weights)).amax(0)
+    hi = torch.zeros(len(flat.sizes), dtype=big.dtype).scatter_reduce_(0, flat.segment, big, "amax") + 1e-6
+    lo = torch.zeros_like(hi)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        fits = BudgetLearner._layer_ratios(flat, flat.widths - mid.index_select(0, flat.segment) * weights) <= target
+        hi, lo = torch.where(fits, mid, hi), torch.where(fits, lo, mid)
+    return torch.where(layer_ratio > target, hi, torch.zeros_like(hi))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_taus_are_the_torch_bisection_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    for trial in range(6):
+        layers = [GBLRLinear(int(a), int(b), num_components=int(k), rank_per_component=int(r)).to(dtype)
+                  for a, b, k, r in zip(torch.randint(4, 90, (4,)), torch.randint(4, 90, (4,)), torch.randint(1, 30, (4,)),
+                                        torch.randint(1, 3, (4,)))]
+        with torch.no_grad():
+            for m in layers:
+                m.widths.copy_(torch.rand_like(m.widths))
+        flat = _Flat(layers)
+        weights = torch.rand_like(flat.widths) * 2 + 0.05
+        layer_ratio = BudgetLearner._layer_ratios(flat, flat.widths)
+        target = float(layer_ratio.median()) * (0.5 + 0.1 * trial)
+        want = _layer_taus_reference(flat, weights, target, layer_ratio)
+        got = BudgetLearner._solve_layer_taus(flat, weights, target, layer_ratio)
+        assert got.dtype == want.dtype and torch.equal(got, want), (trial, got, want)
+        assert (got > 0).sum() == (layer_ratio > target).sum()  # the layers above the target, and only they, are cut

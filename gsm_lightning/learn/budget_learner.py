@@ -45,6 +45,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -408,16 +409,35 @@ class BudgetLearner:
                           iters: int = 40) -> Tensor:
         """``allocation="layer"``: for every layer above ``target``, the smallest ``tau`` (to bisection precision)
         with the layer's ratio at ``widths - tau * weights`` at most ``target``; 0 for the others.  All layers are
-        bisected together, ``(L,)``."""
-        big = torch.where(weights > 0, flat.widths / weights.clamp_min(1e-30), torch.zeros_like(weights)).amax(0)
-        hi = torch.zeros(len(flat.sizes), device=big.device, dtype=big.dtype).scatter_reduce_(
-            0, flat.segment, big, "amax") + 1e-6
-        lo = torch.zeros_like(hi)
+        bisected together, ``(L,)``, in ``widths``' dtype (each midpoint rounded to it).
+
+        The ``iters`` rounds are small host computations, so they run in NumPy with the operations of
+        :meth:`_layer_ratios` in the same dtype and order (a kernel launch per operation would cost more than the
+        arithmetic); the per-layer sums of the integer-valued costs are exact."""
+        w, c = flat.widths.detach().cpu().numpy(), weights.detach().to(flat.widths.dtype).cpu().numpy()
+        dtype = w.dtype.type
+        n_in, n_out, r = (t.detach().cpu().numpy().astype(w.dtype) for t in (flat.n[0], flat.n[1], flat.r))
+        dense = flat.layer_dense.detach().cpu().numpy().astype(w.dtype)
+        starts = np.concatenate([[0], np.cumsum(flat.sizes)[:-1]])
+        segment = np.repeat(np.arange(len(flat.sizes)), flat.sizes)
+        big = np.where(c > 0, w / np.maximum(c, dtype(1e-30)), dtype(0)).max(0)
+        hi = np.maximum.reduceat(big, starts) + dtype(1e-6)
+        lo = np.zeros_like(hi)
+        limit = dtype(target)
+
+        def fits(mid: np.ndarray) -> np.ndarray:
+            cut = w - mid[segment] * c
+            wi = np.rint(np.minimum(np.maximum(cut[0], 0), 1) * n_in)  # clamp(0, 1) of finite widths
+            wo = np.rint(np.minimum(np.maximum(cut[1], 0), 1) * n_out)
+            cost = (wi + wo) * ((wi > 0) & (wo > 0)) * r
+            return (np.add.reduceat(cost.astype(np.float64), starts).astype(w.dtype) / dense) <= limit
+
         for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            fits = BudgetLearner._layer_ratios(flat, flat.widths - mid.index_select(0, flat.segment) * weights) <= target
-            hi, lo = torch.where(fits, mid, hi), torch.where(fits, lo, mid)
-        return torch.where(layer_ratio > target, hi, torch.zeros_like(hi))
+            mid = dtype(0.5) * (lo + hi)
+            ok = fits(mid)
+            hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid)
+        hi_t = torch.from_numpy(hi).to(flat.widths.device)
+        return torch.where(layer_ratio > target, hi_t, torch.zeros_like(hi_t))
 
     # ---------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
