@@ -124,3 +124,30 @@ def test_gsm_module_training_step_with_and_without_batched_masks_agree() -> None
     assert grads[0].keys() == grads[1].keys() and any(n.endswith("widths") for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_check_structures_leaves_each_layer_its_own_live_index(dtype) -> None:
+    """One pass over all layers gives every layer the live index its own live_components computes (dead components
+    on either side, a layer with all live, another dtype), cached for the layer's next forward."""
+    from gsm_lightning.core.mask_batch import check_structures
+
+    net = _model().to(dtype)
+    with torch.no_grad():
+        net[0].widths[1, 4:9] = 0.01  # the output side rounds to 0, the input side does not: still live
+        net[0].widths[:, 9:11] = 0.02  # both round to 0 (16 * 0.02 and 24 * 0.02 are below 0.5): dead
+        net[6].widths[:, 0] = 1.0 / 48  # half a grid step on both sides: rounds to 0 (half to even), dead
+    layers = [m for _, m in gblr_layers(net)]
+    want = []
+    for m in layers:
+        m._live_cache = None
+        want.append(m.live_components())
+        m._live_cache = None
+    check_structures(layers)
+    for m, w in zip(layers, want):
+        cached = m._live_cache[1]
+        assert m.live_components() is cached  # served from the cache check_structures left
+        assert (w is None and cached is None) or torch.equal(w, cached), (w, cached)
+    live0 = set(want[0].tolist())
+    assert {4, 5, 6, 7, 8} <= live0 and not {9, 10} & live0  # one side live is live; both rounding to 0 is dead
+    assert 0 not in want[3].tolist() and want[2] is None  # half a step rounds to 0; a layer with all live: None

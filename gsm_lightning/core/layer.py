@@ -349,9 +349,7 @@ class GBLRLinear(StructuredCost, nn.Module):
         One host read per change of the widths (the result is cached on their version)."""
         if torch.compiler.is_compiling() or self.is_frozen:
             return None
-        # an index made under inference_mode is an inference tensor that autograd cannot save: not reused outside it
-        key = (torch.is_inference_mode_enabled(), self.widths._version, self.widths.data_ptr(), self.widths.device,
-               self.num_components)
+        key = self._live_key()
         cache = self._live_cache
         if cache is not None and cache[0] == key:
             return cache[1]
@@ -360,6 +358,12 @@ class GBLRLinear(StructuredCost, nn.Module):
             index = None if bool(live.all()) else live.nonzero().flatten()
         self._live_cache = (key, index)
         return index
+
+    def _live_key(self) -> tuple:
+        """What :meth:`live_components`' cached index depends on.  An index made under inference_mode is an inference
+        tensor that autograd cannot save: not reused outside it."""
+        return (torch.is_inference_mode_enabled(), self.widths._version, self.widths.data_ptr(), self.widths.device,
+                self.num_components)
 
     def _live_masked_factors(self) -> tuple[Tensor, Tensor]:
         """:meth:`masked_factors` restricted to :meth:`live_components` (all of them when that is ``None``): what
