@@ -99,21 +99,26 @@ def _benchmark_run_one(teacher: str, student: str, seed: int = 0, **overrides):
 
 
 def test_full_recipe_recovers_the_low_rank_teacher():
-    """The benchmark's low-rank row on one seed (about 30 s): within 10x of the low-rank student.  With
-    ``energy_power=1`` (the default before 7a6fddf) this fails (3.0e-2 against 3.8e-7 on seed 4): the learner splits
-    the last direction over two partial windows, which the shorter recipe above does not show.
+    """The benchmark's low-rank row on three seeds (about 30 s each): the median within 10x of the low-rank student's,
+    as the benchmark's goal reads.  With ``energy_power=1`` (the default before 7a6fddf) the learner splits the last
+    direction over two partial windows (3.0e-2 against 3.8e-7 on seed 4), which the shorter recipe above does not
+    show.
 
     The outcome on this teacher is bimodal over seeds: either about 1e-6 or 1e-4 to 3e-2 (BENCHMARKS.md, structure
-    recovery, 10 seeds).  Any change of float rounding moves a seed from one mode to the other: the closed-form
-    masks (eager `gaudi_mask`, more exact than the op graph) moved seed 0, this test's seed before, from 3.8e-7 to
-    7.9e-4, and seed 4 the other way; ``cost_power: 0.3`` (the default since 2026-12-07) moved seed 4 to 1.1e-5 and
-    seed 3 to 1.1e-2 (8 of 10 seeds within 10x, against 9 of 10 before; the median stays within).  So the test pins a
-    seed that recovers today (5: 4.0e-7, and 4.3e-7 with the old cut); a change that makes it fail should be checked
-    against the 10-seed benchmark before the seed is moved again."""
-    lowrank = _benchmark_run_one("low_rank", "lowrank", seed=5)["rel_mse"]
-    gblr = _benchmark_run_one("low_rank", "gblr", seed=5)
-    assert gblr["phase1_end_ratio"] <= gblr["budget"] + 0.02 and gblr["projection"] == 0.0
-    assert gblr["rel_mse"] <= 10 * lowrank, (gblr["rel_mse"], lowrank)
+    recovery, 10 seeds), and any change of float rounding moves a seed from one mode to the other: a change of the
+    mask formula, of the cut, or of the CPU.  With ``cost_power: 0.3`` seeds 3 and 4 missed on the AMD EPYC the
+    benchmark ran on; on an Intel Xeon (AVX-512, the same torch) seeds 1, 2, 3 and 5 miss and seed 5, which this
+    test pinned alone, ends at 1.1e-2 (`python benchmarks/structure_recovery.py --teachers low_rank --students
+    gblr,lowrank --seeds 0,1,2,3,4,5,6,7,8,9`, 2026-12-07).  So the test takes the median of three seeds that recover
+    on both machines: one seed that flips mode does not fail it, a learner that no longer recovers (most seeds in the
+    high mode) does."""
+    seeds = (0, 6, 7)
+    lowrank = sorted(_benchmark_run_one("low_rank", "lowrank", seed=s)["rel_mse"] for s in seeds)
+    runs = [_benchmark_run_one("low_rank", "gblr", seed=s) for s in seeds]
+    for gblr in runs:
+        assert gblr["phase1_end_ratio"] <= gblr["budget"] + 0.02 and gblr["projection"] == 0.0
+    errors = sorted(r["rel_mse"] for r in runs)
+    assert errors[1] <= 10 * lowrank[1], (errors, lowrank)
 
 
 def test_full_recipe_recovers_the_block_diagonal_plus_low_rank_mix_and_the_old_cut_does_not():
