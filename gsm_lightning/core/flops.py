@@ -122,9 +122,11 @@ def cut_threshold(widths: Tensor, weights: Tensor, in_features: Tensor, out_feat
     (while the totals are exact in ``widths``' dtype: integers below ``2**24`` in float32), at a fraction of the cost.
 
     * Every component's cost is non-increasing in ``tau`` (float rounding is monotone), so a component that costs the
-      same at both ends of the bracket costs that at every point inside: after each batch of ``2**levels - 1``
-      midpoints, such components leave the problem and only their sum is kept.
-    * The ten or so batches are small host computations, so they run in NumPy, with the same IEEE operations as
+      same at both ends of the bracket costs that at every point inside: after each batch of midpoints, such
+      components leave the problem and only their sum is kept.
+    * The first batch asks about the ``2**levels - 1`` midpoints of the next ``levels`` halvings; later ones, on fewer
+      components, about up to ``2**max_levels - 1`` (no more work than the first), so fewer batches are needed.
+    * The batches are small host computations, so they run in NumPy, with the same IEEE operations as
       :func:`component_grid_cost` in the same order (products and differences rounded to ``widths``' dtype, round
       half to even), without a kernel launch per operation.
 
