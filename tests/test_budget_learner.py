@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -315,21 +316,19 @@ def test_side_width_step_of_all_layers_at_once_matches_the_per_layer_formula():
     torch.testing.assert_close(learner.mean_sq["1"], ms[1])
 
 
-def test_batched_bisection_is_the_sequential_bisection_bit_for_bit():
-    from gsm_lightning.core.flops import bisect_threshold, bisect_threshold_batched
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numpy_component_cost_is_the_torch_one_bit_for_bit(dtype):
+    from gsm_lightning.core.flops import component_grid_cost, np_component_grid_cost
 
-    calls: list[int] = []
-    for threshold in (0.0, 1e-9, 0.1234567, 0.5, 0.999999, 1.0, 3.7):
-
-        def fits_many(taus, t=threshold):
-            calls.append(len(taus))
-            return [tau >= t for tau in taus]
-
-        for iters in (0, 1, 5, 40):
-            want = bisect_threshold(lambda tau, t=threshold: tau >= t, 0.0, 4.0, iters)
-            calls.clear()
-            assert bisect_threshold_batched(fits_many, 0.0, 4.0, iters) == want
-            assert len(calls) == -(-iters // 4)
+    gen = torch.Generator().manual_seed(3)
+    widths = torch.rand(2, 5, 300, generator=gen, dtype=dtype) * 1.4 - 0.2  # also outside [0, 1]
+    widths[..., ::7] = 0.5 / 64  # half a grid step: rounds to even
+    n_in = torch.randint(1, 200, (300,), generator=gen).to(dtype)
+    n_out = torch.full((300,), 64.0, dtype=dtype)
+    rank = torch.randint(1, 4, (300,), generator=gen).to(dtype)
+    want = component_grid_cost(widths.transpose(0, 1), n_in, n_out, rank)  # (5, 2, K) -> (5, K)
+    got = np_component_grid_cost(widths.numpy(), n_in.numpy(), n_out.numpy(), rank.numpy())
+    assert got.dtype == want.numpy().dtype and np.array_equal(got, want.numpy())
 
 
 def _energetic_pair(seed: int = 0) -> nn.Sequential:
@@ -391,7 +390,7 @@ def test_bad_allocation_is_named(kwargs, match):
 
 
 def _full_bisection_fits(widths, weights, n_in, n_out, rank, dense, target):
-    """``fits`` for :func:`bisect_threshold_batched`: the total grid cost of every component at each threshold."""
+    """Whether the total grid cost of every component fits, at each of several thresholds (torch)."""
     from gsm_lightning.core.flops import grid_cost
 
     def fits_many(taus):
@@ -404,8 +403,9 @@ def _full_bisection_fits(widths, weights, n_in, n_out, rank, dense, target):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cut_threshold_is_the_full_bisection_bit_for_bit(dtype):
     """The bracket-shrinking cut (components that cost the same at both ends leave the problem, NumPy batches) returns
-    exactly the threshold of the plain batched bisection over the full grid cost, on random multi-layer problems."""
-    from gsm_lightning.core.flops import bisect_threshold_batched, cut_threshold, grid_cost
+    exactly the threshold of the plain sequential bisection over the full grid cost in torch, on random multi-layer
+    problems."""
+    from gsm_lightning.core.flops import bisect_threshold, cut_threshold, grid_cost
 
     gen = torch.Generator().manual_seed(0)
     for trial in range(30):
@@ -425,7 +425,7 @@ def test_cut_threshold_is_the_full_bisection_bit_for_bit(dtype):
         fits_many = _full_bisection_fits(widths, weights, n_in, n_out, rank, dense, target)
         fits = lambda c, dense=dense, target=target: c / dense <= target  # noqa: E731
         for iters in (0, 3, 40):
-            want = bisect_threshold_batched(fits_many, 0.0, hi, iters)
+            want = bisect_threshold(lambda tau, f=fits_many: f([tau])[0], 0.0, hi, iters)
             assert cut_threshold(widths, weights, n_in, n_out, rank, fits, hi, iters) == want, (trial, iters)
             assert cut_threshold(widths, weights, n_in, n_out, rank, fits, iters=iters) == want  # hi by default
         # the threshold is the smallest cut that fits: a hair less does not (when the bisection resolved it)

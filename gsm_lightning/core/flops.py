@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["StructuredCost", "grid_cost", "component_grid_cost", "grid_widths", "structure_flops", "bisect_threshold", "bisect_threshold_batched", "cut_threshold",
+__all__ = ["StructuredCost", "grid_cost", "component_grid_cost", "np_component_grid_cost", "grid_widths", "structure_flops", "bisect_threshold", "cut_threshold",
            "project_widths_to_budget",
            "layers_flops", "flops_ratio"]
 
@@ -69,6 +69,16 @@ def component_grid_cost(widths: Tensor, in_features: int | Tensor, out_features:
     return (wi + wo) * active * rank
 
 
+def np_component_grid_cost(widths: np.ndarray, in_features: np.ndarray, out_features: np.ndarray,
+                           rank: np.ndarray) -> np.ndarray:
+    """:func:`component_grid_cost` in NumPy, for the small host computations of the budget cut's bisections: the same
+    IEEE operations in the same order and dtype (round half to even), so the same numbers bit for bit, without a
+    kernel launch per operation.  ``widths`` is ``(2, ..., K)`` and finite."""
+    wi = np.rint(np.minimum(np.maximum(widths[0], 0), 1) * in_features)
+    wo = np.rint(np.minimum(np.maximum(widths[1], 0), 1) * out_features)
+    return (wi + wo) * ((wi > 0) & (wo > 0)) * rank
+
+
 def bisect_threshold(fits: Callable[[float], bool], lo: float, hi: float, iters: int) -> float:
     """Smallest threshold that ``fits``, to bisection precision: ``iters`` halvings of ``[lo, hi]`` (``fits``
     monotone, false at ``lo`` and true at ``hi``), each keeping the half whose upper end fits.  Returns the final
@@ -94,41 +104,21 @@ def _midpoints(lo: float, hi: float, depth: int) -> list[float]:
     return points
 
 
-def bisect_threshold_batched(fits: Callable[[list[float]], list[bool]], lo: float, hi: float, iters: int,
-                             levels: int = 4) -> float:
-    """:func:`bisect_threshold` with ``fits`` asked about ``2**levels - 1`` thresholds at once: every midpoint the
-    next ``levels`` halvings could visit (computed as the sequential bisection computes them), so the result is the
-    sequential one bit for bit, from ``ceil(iters / levels)`` calls instead of ``iters``."""
-    done = 0
-    while done < iters:
-        depth = min(levels, iters - done)
-        points = _midpoints(lo, hi, depth)
-        answer = dict(zip(points, fits(points)))
-        for _ in range(depth):
-            mid = 0.5 * (lo + hi)
-            if answer[mid]:
-                hi = mid
-            else:
-                lo = mid
-        done += depth
-    return hi
-
-
 def cut_threshold(widths: Tensor, weights: Tensor, in_features: Tensor, out_features: Tensor, rank: Tensor,
                   fits: Callable[[float], bool], hi: float | None = None, iters: int = 40, levels: int = 4,
                   max_levels: int = 8) -> float:
-    """The bisection of :func:`bisect_threshold_batched` on ``[0, hi]`` for the smallest ``tau`` whose cut widths
+    """The bisection of :func:`bisect_threshold` on ``[0, hi]`` for the smallest ``tau`` whose cut widths
     ``widths - tau * weights`` (``(2, K)``, ``weights >= 0``) have a total :func:`grid_cost` that ``fits``, bit for bit
     (while the totals are exact in ``widths``' dtype: integers below ``2**24`` in float32), at a fraction of the cost.
 
     * Every component's cost is non-increasing in ``tau`` (float rounding is monotone), so a component that costs the
       same at both ends of the bracket costs that at every point inside: after each batch of midpoints, such
       components leave the problem and only their sum is kept.
-    * The first batch asks about the ``2**levels - 1`` midpoints of the next ``levels`` halvings; later ones, on fewer
-      components, about up to ``2**max_levels - 1`` (no more work than the first), so fewer batches are needed.
-    * The batches are small host computations, so they run in NumPy, with the same IEEE operations as
-      :func:`component_grid_cost` in the same order (products and differences rounded to ``widths``' dtype, round
-      half to even), without a kernel launch per operation.
+    * Each batch asks about every midpoint the next few halvings could visit (computed as the sequential bisection
+      computes them), then walks those halvings: the first batch ``levels`` of them over all components, later ones,
+      on fewer components, up to ``max_levels`` (no more work than the first), so fewer batches are needed.
+    * The batches are small host computations, so they run in NumPy (:func:`np_component_grid_cost`; the products
+      and differences rounded to ``widths``' dtype as in torch).
 
     Totals are summed exactly (float64) and ``fits`` is called with them.  ``in_features``, ``out_features`` and
     ``rank`` are ``(K,)`` tensors (components of several layers side by side).  ``hi`` defaults to
@@ -143,11 +133,9 @@ def cut_threshold(widths: Tensor, weights: Tensor, in_features: Tensor, out_feat
         hi = float((w[positive] / c[positive]).max()) + 1e-6 if positive.any() else 0.0
     work = (2 ** levels - 1) * w.shape[1]  # the first batch's size: no later batch is larger
 
-    def costs(taus: list[float]) -> np.ndarray:  # (len(taus), K left), as component_grid_cost computes them
+    def costs(taus: list[float]) -> np.ndarray:  # (len(taus), K left)
         t = np.asarray(taus, dtype=np_dtype)[:, None]
-        wi = np.rint(np.minimum(np.maximum(w[0] - t * c[0], 0), 1) * n_in)  # clamp(0, 1) of finite widths
-        wo = np.rint(np.minimum(np.maximum(w[1] - t * c[1], 0), 1) * n_out)
-        return (wi + wo) * ((wi > 0) & (wo > 0)) * r
+        return np_component_grid_cost(w[:, None] - t * c[:, None], n_in, n_out, r)
 
     lo, base = 0.0, 0.0  # base: the exact cost of the components that left the problem
     cost_lo, cost_hi = costs([lo, hi])

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..core.flops import component_grid_cost, cut_threshold, grid_cost
+from ..core.flops import component_grid_cost, cut_threshold, grid_cost, np_component_grid_cost
 from ..core.layer import GBLRLinear, gblr_layers
 from ..core.masks import boxcar_sums
 
@@ -411,9 +411,9 @@ class BudgetLearner:
         with the layer's ratio at ``widths - tau * weights`` at most ``target``; 0 for the others.  All layers are
         bisected together, ``(L,)``, in ``widths``' dtype (each midpoint rounded to it).
 
-        The ``iters`` rounds are small host computations, so they run in NumPy with the operations of
-        :meth:`_layer_ratios` in the same dtype and order (a kernel launch per operation would cost more than the
-        arithmetic); the per-layer sums of the integer-valued costs are exact."""
+        The ``iters`` rounds are small host computations, so they run in NumPy (:func:`np_component_grid_cost`, then
+        the per-layer ratios of :meth:`_layer_ratios` in the same dtype); the per-layer sums of the integer-valued
+        costs are exact."""
         w, c = flat.widths.detach().cpu().numpy(), weights.detach().to(flat.widths.dtype).cpu().numpy()
         dtype = w.dtype.type
         n_in, n_out, r = (t.detach().cpu().numpy().astype(w.dtype) for t in (flat.n[0], flat.n[1], flat.r))
@@ -426,10 +426,7 @@ class BudgetLearner:
         limit = dtype(target)
 
         def fits(mid: np.ndarray) -> np.ndarray:
-            cut = w - mid[segment] * c
-            wi = np.rint(np.minimum(np.maximum(cut[0], 0), 1) * n_in)  # clamp(0, 1) of finite widths
-            wo = np.rint(np.minimum(np.maximum(cut[1], 0), 1) * n_out)
-            cost = (wi + wo) * ((wi > 0) & (wo > 0)) * r
+            cost = np_component_grid_cost(w - mid[segment] * c, n_in, n_out, r)
             return (np.add.reduceat(cost.astype(np.float64), starts).astype(w.dtype) / dense) <= limit
 
         for _ in range(iters):
