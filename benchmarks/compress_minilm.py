@@ -149,7 +149,8 @@ def rule(cfg: argparse.Namespace) -> StructureRule:
     """GBLR's structure rule: the budget learner, or ``--rule sensitivity`` (start ``--headroom`` times above the
     budget and remove whole components by Fisher sensitivity per FLOP during distillation)."""
     if cfg.rule == "sensitivity":
-        return SensitivityRule(headroom=cfg.headroom, path_fraction=getattr(cfg, "path_fraction", 0.6))
+        return SensitivityRule(headroom=cfg.headroom, path_fraction=getattr(cfg, "path_fraction", 0.6),
+                               fisher=getattr(cfg, "fisher", "empirical"))
     # cost_power 0: the plain energy cut every BudgetRule row of the table was measured with (the package default is 0.3
     # since 2026-12-07; a calibrated pretrained start is low-rank, where the plain cut is the safer one)
     return BudgetRule(structure_lr=cfg.structure_lr, width_norm=cfg.width_norm, cost_power=0.0)
@@ -202,6 +203,8 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
         name = f"{method}, sensitivity rule, headroom {cfg.headroom:g}"
         if getattr(cfg, "path_fraction", 0.6) != 0.6:
             name += f", path {cfg.path_fraction:g}"
+        if getattr(cfg, "fisher", "empirical") != "empirical":
+            name += f", {cfg.fisher} fisher"
     elif gblr and cfg.phase1_epochs == 0:
         name = f"{method}, structure fixed at the start"
     elif gblr and cfg.width_norm != "side":
@@ -369,6 +372,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the budget")
     p.add_argument("--path-fraction", type=float, default=0.6, help="--rule sensitivity: part of phase 1 over "
                    "which the ratio reaches the budget")
+    p.add_argument("--fisher", default="empirical", choices=["empirical", "output"],
+                   help="--rule sensitivity: the Fisher it removes by (SensitivityRule(fisher=...)): the loss's "
+                        "empirical Fisher, or the Gauss-Newton curvature of the model's output")
     p.add_argument("--hidden", nargs="+", default=None, metavar="PATTERN",
                    help="every method also distils these hidden states (Distillation(hidden=...)), e.g. "
                         "'model.encoder.layer.?' for the outputs of the six blocks")

@@ -67,7 +67,7 @@ class Dumper(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:  # runs before the module's hook (the switch)
         if trainer.current_epoch != PHASE1:
             return
-        if trainer.global_rank == 1 and self.tag not in ("ddp_sensitivity", "ddp_regrowth"):  # other components
+        if trainer.global_rank == 1 and self.tag not in ("ddp_sensitivity", "ddp_sensitivity_output", "ddp_regrowth"):  # other components
             with torch.no_grad():
                 for _, m in pl_module.gblr_layers:
                     active = m.active_components().nonzero().flatten()
@@ -96,10 +96,11 @@ def main(out: Path, mode: str) -> None:
     distill = Distillation(loss="kl", temperature=2.0, task_weight=0.5) if mode.endswith("distill") else None
     if mode.endswith("distill_hidden"):  # also the two GELU outputs, matched to the teacher's
         distill = Distillation(loss="kl", temperature=2.0, task_weight=0.5, hidden=["1", "3"])
-    if mode.endswith("sensitivity"):  # a pretrained conversion above the budget, components removed by measured Fisher
+    if "sensitivity" in mode:  # a pretrained conversion above the budget, components removed by measured Fisher
+        fisher = "output" if mode.endswith("output") else "empirical"  # output: the rule's own backward per step
         model = GSMModule(mlp(), num_classes=10, budget=0.35, phase1_epochs=PHASE1, optimizer=adamw(),
                           conversion=Conversion(include=["0", "2"], init="pretrained", fit_steps=0),
-                          rule=SensitivityRule(headroom=1.5, path_fraction=0.8, warmup=0.25),
+                          rule=SensitivityRule(headroom=1.5, path_fraction=0.8, warmup=0.25, fisher=fisher),
                           distillation=Distillation(loss="kl", temperature=2.0, task_weight=0.5))
     elif mode.endswith("regrowth"):  # windows grown by all-reduced gradients, above the budget, then cut back
         model = GSMModule(mlp(), num_classes=10, budget=0.35, include=["0", "2"], phase1_epochs=PHASE1,

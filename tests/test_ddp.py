@@ -122,11 +122,13 @@ def test_ddp_with_hidden_state_distillation_keeps_the_ranks_identical(tmp_path):
     assert any(not torch.equal(r0[k], plain[k]) for k in r0 if not k.startswith("_"))
 
 
-def test_ddp_sensitivity_rule_removes_the_same_components_on_every_rank(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp_sensitivity", "ddp_sensitivity_output"])
+def test_ddp_sensitivity_rule_removes_the_same_components_on_every_rank(tmp_path, mode):
     """Each rank measures the Fisher on its own half of the batch; the sums are all-reduced before each removal, so
-    the ranks remove the same components and stay bit-identical through phase 1 without the switch's broadcast."""
-    launch(tmp_path, "ddp_sensitivity")
-    r0, r1 = (load(tmp_path, f"ddp_sensitivity_pre_rank{r}") for r in (0, 1))
+    the ranks remove the same components and stay bit-identical through phase 1 without the switch's broadcast.
+    ``_output``: measured by the rule's own backward inside the DDP-wrapped training step."""
+    launch(tmp_path, mode)
+    r0, r1 = (load(tmp_path, f"{mode}_pre_rank{r}") for r in (0, 1))
     assert r0["_learner"]["removed"] > 0
     assert r0["_structure"] == r1["_structure"]
     assert r0["_learner"]["fisher"].keys() == r1["_learner"]["fisher"].keys()

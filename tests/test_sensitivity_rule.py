@@ -143,9 +143,9 @@ def test_the_conversion_starts_above_the_budget_and_phase_one_removes_down_the_p
     assert sum(layer.num_components for _, layer in m.gblr_layers) < sum(k_before.values())
 
 
-def fit(root: Path, ckpt_path: str | None = None, kill_at: int | None = None):
+def fit(root: Path, ckpt_path: str | None = None, kill_at: int | None = None, fisher: str = "empirical"):
     pl.seed_everything(0)
-    m, rec = embedding_module(SensitivityRule(headroom=1.5, path_fraction=0.6, warmup=0.2)), LossRecorder()
+    m, rec = embedding_module(SensitivityRule(headroom=1.5, path_fraction=0.6, warmup=0.2, fisher=fisher)), LossRecorder()
     callbacks = [rec]
     if kill_at is not None:
         callbacks += [ModelCheckpoint(dirpath=root, every_n_train_steps=4, save_top_k=-1, filename="{step}"),
@@ -161,21 +161,23 @@ def fit(root: Path, ckpt_path: str | None = None, kill_at: int | None = None):
     return m, rec
 
 
-def test_a_run_killed_while_removing_resumes_bit_identically(tmp_path):
-    full, full_rec = fit(tmp_path / "full")
+@pytest.mark.parametrize("fisher", ["empirical", "output"])
+def test_a_run_killed_while_removing_resumes_bit_identically(tmp_path, fisher):
+    full, full_rec = fit(tmp_path / "full", fisher=fisher)
     assert full.rule.removed > 0
-    fit(tmp_path / "killed", kill_at=6)
+    assert all(float(f.sum()) > 0 for f in full.rule.fisher.values())  # measured in the module's training steps
+    fit(tmp_path / "killed", kill_at=6, fisher=fisher)
     ckpt = torch.load(tmp_path / "killed" / "step=4.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["rule"]["class_path"] == "gsm_lightning.learn.sensitivity.SensitivityRule"
     assert set(ckpt["gsm_learner"]["fisher"]) == {n for n, _ in full.gblr_layers}
     # step 4 is mid-path (warmup 2 steps, path to step 7): the resumed run must remove exactly what the full one did
-    resumed, rec = fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "killed" / "step=4.ckpt"))
+    resumed, rec = fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "killed" / "step=4.ckpt"), fisher=fisher)
     assert_resumed_exactly(full, full_rec, resumed, rec, range(5, 19))
     assert resumed.rule.removed == full.rule.removed
 
 
 def test_the_rule_rebuilds_from_its_config():
-    rule = SensitivityRule(headroom=2.0, path_fraction=0.5, warmup=0.1, beta=0.5)
+    rule = SensitivityRule(headroom=2.0, path_fraction=0.5, warmup=0.1, beta=0.5, fisher="output", draws=3)
     back = build_rule(rule.config())
     assert isinstance(back, SensitivityRule) and back.init_args() == rule.init_args()
     assert back.conversion_budget(0.3) == pytest.approx(0.6) and back.conversion_budget(0.6) == 0.9
@@ -183,7 +185,48 @@ def test_the_rule_rebuilds_from_its_config():
 
 @pytest.mark.parametrize("bad, match", [({"headroom": 0.5}, "headroom"), ({"beta": 1.0}, "beta"),
                                         ({"warmup": 0.7, "path_fraction": 0.5}, "warmup"),
-                                        ({"path_fraction": 2}, "path_fraction"), ({"max_start": 0}, "max_start")])
+                                        ({"path_fraction": 2}, "path_fraction"), ({"max_start": 0}, "max_start"),
+                                        ({"fisher": "hessian"}, "fisher must be one of"), ({"draws": 0}, "draws")])
 def test_bad_arguments_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         SensitivityRule(**bad)
+
+
+def test_the_output_fisher_is_each_samples_squared_output_change_along_a_drawn_direction():
+    """``fisher="output"``: for the drawn ``z``, ``g_{k,b} = d(z_b . out_b) / d s_k``; oracle: one sample at a time
+    through the parameters' gradient (:func:`component_sensitivity`), not the activation products the rule uses.  The
+    loss's own backward adds nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(GBLRLinear(10, 12, rank_per_component=2, num_components=5, dtype=torch.float64), nn.Tanh(),
+                          GBLRLinear(12, 6, num_components=4, dtype=torch.float64))
+    with torch.no_grad():
+        model[0].widths.copy_(torch.rand(2, 5, dtype=torch.float64) * 0.7 + 0.3)
+        model[0].widths[1, 3] = 0.0  # inactive: never measured
+        model[2].widths.copy_(torch.rand(2, 4, dtype=torch.float64) * 0.7 + 0.3)
+    for m in (model[0], model[2]):
+        m.set_sigma(None)
+    rule = SensitivityRule(fisher="output", draws=2)
+    rule.start(100)  # removals to come: measuring
+    rule.steps = 3
+    rule.attach(model)
+    x = torch.randn(5, 10, dtype=torch.float64)
+    out = model(x)
+    rule.observe_output(out)
+    out.square().sum().backward()  # the loss's backward: not measured
+    got = {k: v.clone() for k, v in rule.pending.items()}
+    rule.detach()
+    gen = torch.Generator().manual_seed(1_000_003 + 3)
+    zs = [torch.randn(out.shape, generator=gen, dtype=out.dtype) for _ in range(2)]
+    want = {"0": torch.zeros(5, dtype=torch.float64), "2": torch.zeros(4, dtype=torch.float64)}
+    for z in zs:
+        for b in range(5):
+            model.zero_grad()
+            (model(x[b:b + 1]) * z[b:b + 1]).sum().backward()
+            for name in want:
+                want[name] += component_sensitivity(model[int(name)]).double().square() / 2
+    want["0"][3] = 0.0
+    assert set(got) == {"0", "2"}
+    for name in want:
+        torch.testing.assert_close(got[name].double(), want[name], rtol=1e-5, atol=1e-10)
+    assert float(got["0"][3]) == 0.0 and bool((got["2"] > 0).all())
+    rule.observe_output(out.detach())  # nothing captured, nothing added: no error

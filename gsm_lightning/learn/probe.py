@@ -35,7 +35,12 @@ class GradientProbe:
         index = layer.active_components().nonzero().flatten()
         if index.numel() == 0:
             return
-        output.register_hook(functools.partial(self.add, layer, inputs[0], index))
+        self.capture(layer, inputs[0], index, output)
+
+    def capture(self, layer: GBLRLinear, x: Tensor, index: Tensor, output: Tensor) -> None:
+        """What the forward hook keeps: by default a hook on the output's gradient that calls :meth:`add` in the
+        loss's backward."""
+        output.register_hook(functools.partial(self.add, layer, x, index))
 
     def add(self, layer: GBLRLinear, x: Tensor, index: Tensor, dy: Tensor) -> None:
         """Measure on one backward: ``x`` the layer's input, ``index`` its active components, ``dy`` the loss

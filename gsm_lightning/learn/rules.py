@@ -88,6 +88,11 @@ class StructureRule(ABC):
         """One update after a real optimizer step; ``lr`` is the structure group's current learning rate and
         ``active`` false before ``start_step``.  Returns scalars to log (``flops_ratio`` before the update, ...)."""
 
+    def observe_output(self, output: Any) -> None:
+        """Called in phase 1 after each training forward with the model's output, before the loss's backward: a rule
+        that measures with a backward pass of its own runs it here (the graph is kept for the loss's backward)."""
+        return None
+
     def target(self) -> float | None:
         """The FLOPs ratio the rule steers to now (for logging), or None."""
         return None

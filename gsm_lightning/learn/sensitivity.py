@@ -33,6 +33,8 @@ from .rules import StructureRule, _fraction
 
 __all__ = ["SensitivityRule", "component_sensitivity", "per_sample_sensitivity"]
 
+FISHERS = ("empirical", "output")
+
 
 def component_sensitivity(layer: GBLRLinear) -> Tensor | None:
     """``dL/ds_k`` per component ``(K,)``: the loss gradient along each component's own scale, from the gradients of
@@ -62,20 +64,35 @@ def per_sample_sensitivity(layer: GBLRLinear, x: Tensor, dy: Tensor, index: Tens
 class _Probe(GradientProbe):
     """Adds ``sum_b g_{k,b}^2`` of the active components to the rule's pending sums."""
 
-    def add(self, layer: GBLRLinear, x: Tensor, index: Tensor, dy: Tensor) -> None:
+    def add(self, layer: GBLRLinear, x: Tensor, index: Tensor, dy: Tensor, scale: float = 1.0) -> None:
         g = per_sample_sensitivity(layer, x, dy, index)
         pending = self.owner.pending.get(self.name)
         if pending is None or pending.shape[0] != layer.num_components:
             pending = self.owner.pending[self.name] = torch.zeros(layer.num_components, device=g.device)
-        pending.index_add_(0, index, g.square().sum(0))
+        pending.index_add_(0, index, g.square().sum(0) * scale)
+
+
+class _OutputProbe(_Probe):
+    """For ``fisher="output"``: keeps the layer's input, active components and output of the training forward, for
+    the rule's own backward from the model's output (:meth:`SensitivityRule.observe_output`); the loss's backward
+    is not measured."""
+
+    def capture(self, layer: GBLRLinear, x: Tensor, index: Tensor, output: Tensor) -> None:
+        self.owner.captured[self.name] = (self, layer, x, index, output)
 
 
 class SensitivityRule(StructureRule):
     """Start above the budget, distil, and remove whole components by their Fisher sensitivity per FLOP.
 
     While removals are still to come, a forward hook on every non-frozen GBLR layer measures, on each training
-    batch, the empirical Fisher ``sum_b g_{k,b}^2`` of each active component's scale over the batch's samples
-    (:func:`per_sample_sensitivity`).  After every real optimizer step the rule adds it to ``F_k`` (decayed by
+    batch, the Fisher ``sum_b g_{k,b}^2`` of each active component's scale over the batch's samples
+    (:func:`per_sample_sensitivity`): the empirical Fisher of the training loss (``fisher="empirical"``: ``g`` from
+    the loss's own gradient), or the Gauss-Newton curvature of the model's output (``fisher="output"``: ``g`` from a
+    backward of ``z . output`` with ``z ~ N(0, I)``, so ``E[g_k^2] = ||d output / d s_k||^2``, the squared change of
+    the output that removing the component makes, to first order; for L2-normalised embeddings exactly the
+    curvature of the cosine loss, ``1 - cos = ||s - t||^2 / 2``).  The empirical Fisher weighs each component by how
+    it aligns with the current error, which shrinks as the fit improves; the output curvature does not depend on the
+    error.  After every real optimizer step the rule adds it to ``F_k`` (decayed by
     ``beta`` per step).  After ``warmup`` of phase 1, while the converted layers' FLOPs ratio is above a cosine path
     from the starting ratio to the budget (reached after ``path_fraction`` of phase 1), it removes the active
     components of smallest ``F_k / flops_k`` over all layers until the ratio is on the path: both widths of a removed
@@ -98,6 +115,10 @@ class SensitivityRule(StructureRule):
         max_start: cap of the starting ratio (below 1: a layer at its dense cost gains nothing from being GBLR).
         structure_lr: learning rate of the locations (the widths have lr 0 in the optimizer).
         start_step: optimizer steps before any removal (on top of ``warmup``).
+        fisher: ``"empirical"`` (the loss's gradient, measured in the loss's backward) or ``"output"`` (one extra
+            backward per training step from the model's output, while removals are to come: about half a backward
+            more per step).
+        draws: ``fisher="output"``: draws of ``z`` per training step (one backward each).
 
     Examples::
 
@@ -108,8 +129,14 @@ class SensitivityRule(StructureRule):
     moves_widths = True
 
     def __init__(self, headroom: float = 1.5, path_fraction: float = 0.6, warmup: float = 0.1, beta: float = 0.9,
-                 max_start: float = 0.9, structure_lr: float = 1e-4, start_step: int = 0) -> None:
+                 max_start: float = 0.9, structure_lr: float = 1e-4, start_step: int = 0,
+                 fisher: str = "empirical", draws: int = 1) -> None:
         super().__init__(structure_lr, start_step)
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {', '.join(map(repr, FISHERS))}, got {fisher!r}")
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+            raise ValueError(f"draws must be an integer >= 1 (backward passes per step for fisher='output'), "
+                             f"got {draws!r}")
         if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 1 <= headroom <= 10:
             raise ValueError(f"headroom must be a number in [1, 10] (the conversion's budget over the module's), "
                              f"got {headroom!r}")
@@ -132,6 +159,9 @@ class SensitivityRule(StructureRule):
         self.fisher: dict[str, Tensor] = {}
         self.pending: dict[str, Tensor] = {}
         self.removed = 0
+        self.fisher_kind = fisher
+        self.draws = int(draws)
+        self.captured: dict[str, tuple[Any, ...]] = {}
         self._hooks: list[Any] = []
 
     # ------------------------------------------------------------ lifecycle
@@ -145,12 +175,30 @@ class SensitivityRule(StructureRule):
     def attach(self, model: nn.Module) -> None:
         self.detach()
         if self.measuring:
-            self._hooks = attach_probes(model, _Probe, self)
+            self._hooks = attach_probes(model, _OutputProbe if self.fisher_kind == "output" else _Probe, self)
 
     def detach(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self.captured = {}
+
+    def observe_output(self, output: Any) -> None:
+        """``fisher="output"``: backward ``z . output`` (``z ~ N(0, I)``, ``draws`` times) to the captured layer
+        outputs and add each component's ``g_{k,b}^2`` to the pending sums.  ``z`` comes from a generator seeded by
+        the step count, so a run and its resume draw the same; the training RNG is untouched."""
+        captured, self.captured = self.captured, {}
+        if self.fisher_kind != "output" or not captured or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        entries = list(captured.values())
+        gen = torch.Generator(device=output.device).manual_seed(1_000_003 + self.steps)
+        for _ in range(self.draws):
+            z = torch.randn(output.shape, generator=gen, device=output.device, dtype=output.dtype)
+            dys = torch.autograd.grad(output, [e[4] for e in entries], grad_outputs=z, retain_graph=True,
+                                      allow_unused=True)
+            for (probe, layer, x, index, _), dy in zip(entries, dys):
+                if dy is not None:
+                    probe.add(layer, x, index, dy, 1.0 / self.draws)
 
     @property
     def measuring(self) -> bool:
@@ -246,15 +294,16 @@ class SensitivityRule(StructureRule):
 
     def __getstate__(self) -> dict[str, Any]:  # hook handles and pending sums belong to one process's fit
         state = dict(self.__dict__)
-        state["_hooks"], state["pending"] = [], {}
+        state["_hooks"], state["pending"], state["captured"] = [], {}, {}
         return state
 
     def describe(self) -> str:
-        return f"headroom={self.headroom:g}, path_fraction={self.path_fraction:g}"
+        return f"headroom={self.headroom:g}, path_fraction={self.path_fraction:g}, fisher={self.fisher_kind}"
 
     def hint_for_projection(self) -> str:
         return "lower path_fraction or raise phase1_epochs"
 
     def init_args(self) -> dict[str, Any]:
         return {"headroom": self.headroom, "path_fraction": self.path_fraction, "warmup": self.warmup,
-                "beta": self.beta, "max_start": self.max_start, **super().init_args()}
+                "beta": self.beta, "max_start": self.max_start, **super().init_args(), "fisher": self.fisher_kind,
+                "draws": self.draws}

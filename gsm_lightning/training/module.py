@@ -502,6 +502,8 @@ class GSMModule(LightningModule):
             if self._hidden is not None:
                 self._hidden.begin(self.backbone, self.teacher)
             logits = self(x)
+            if self.method == "gblr" and not self.structure_frozen:
+                self.rule.observe_output(logits)  # a rule's own backward from the output (SensitivityRule)
             loss, _ = self._objective(x, logits, y, self.label_smoothing)
         except FloatingPointError as e:  # a GBLR layer's non-finite structure: add the rates and the likely cause
             raise FloatingPointError(f"{e} ({self._non_finite_hint(x)})") from None
