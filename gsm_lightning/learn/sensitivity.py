@@ -116,14 +116,15 @@ class SensitivityRule(StructureRule):
         structure_lr: learning rate of the locations (the widths have lr 0 in the optimizer).
         start_step: optimizer steps before any removal (on top of ``warmup``).
         fisher: ``"empirical"`` (the loss's gradient, measured in the loss's backward) or ``"output"`` (one extra
-            backward per training step from the model's output, while removals are to come: about half a backward
-            more per step).
+            backward per training step from the model's output to the converted layers, while removals are to
+            come; no weight gradients).
         draws: ``fisher="output"``: draws of ``z`` per training step (one backward each).
 
     Examples::
 
         GSMModule(encoder, budget=0.3, conversion=Conversion(init="pretrained", calibration=Calibration()),
-                  rule=SensitivityRule(headroom=1.5), distillation=Distillation(loss="cosine", label_free=True))
+                  rule=SensitivityRule(headroom=1.5, fisher="output"),
+                  distillation=Distillation(loss="cosine", label_free=True))
     """
 
     moves_widths = True
