@@ -9,11 +9,14 @@ on a calibrated start undo the fit: BENCHMARKS.md, the MiniLM compression table)
 
 The measure is Optimal Brain Damage's: scaling component ``k`` by ``s_k`` (``W = sum_k s_k W_k``, ``s = 1``), removing
 it (``s_k: 1 -> 0``) changes the loss by about ``-g_k + H_kk / 2`` with ``g_k = dL/ds_k``.  Near a fitted optimum
-``g_k`` is small and the curvature term decides; the rule estimates ``H_kk`` by the empirical Fisher over samples,
+``g_k`` is small and the curvature term decides; the rule estimates ``H_kk`` over samples as
 ``F_k = sum_b g_{k,b}^2``, where ``g_{k,b} = sum_{t in b} (U_k dy_t) . (V_k x_t)`` is sample ``b``'s own contribution
-(its tokens ``t``; ``dy`` the loss gradient at the layer's output).  A forward hook on each layer keeps its input and
-hooks its output's gradient; ``F_k`` is summed over the optimizer steps since the last removal with an exponential
-decay ``beta`` per step.  Components of smallest ``F_k / flops_k`` go first, ``flops_k = r * (w_in + w_out)``.
+(its tokens ``t``).  With ``fisher="empirical"`` ``dy`` is the loss gradient at the layer's output (the empirical
+Fisher: a forward hook keeps the layer's input and hooks its output's gradient); with ``fisher="output"`` it is the
+gradient of ``z . output`` for a drawn ``z ~ N(0, I)``, from a backward of the rule's own (the Gauss-Newton
+curvature of the output, which does not shrink with the student's error).  ``F_k`` is summed over the optimizer
+steps since the last removal with an exponential decay ``beta`` per step.  Components of smallest ``F_k / flops_k``
+go first, ``flops_k = r * (w_in + w_out)``.
 """
 
 from __future__ import annotations
