@@ -94,6 +94,50 @@ def test_growth_is_greedy_by_the_next_entrys_score_per_flop_and_keeps_the_functi
     torch.testing.assert_close(layer(x), before_out, rtol=0, atol=1e-6)  # added entries are zero (the FFT masks leak ~1e-8)
 
 
+@pytest.mark.parametrize("room", [13, 40, 1e9])
+def test_growth_across_layers_of_several_ranks_matches_an_enumeration(room):
+    # a rank-2 and a rank-1 layer: the rank-2 entries score more per FLOP, so they go first; once less than 2 FLOPs
+    # are left only the rank-1 layer's entries fit (the loop must not stop at the first entry that does not fit)
+    torch.manual_seed(1)
+    big = partial_layer()
+    small = GBLRLinear(10, 8, rank_per_component=1, num_components=3, bias=False)
+    with torch.no_grad():
+        small.widths.copy_(torch.tensor([[2, 5, 10], [3, 0, 1]], dtype=torch.float32) / torch.tensor([[10.0], [8.0]]))
+        small.locations.copy_(torch.tensor([[9, 1, 0], [6, 2, 7]], dtype=torch.float32) / torch.tensor([[10.0], [8.0]]))
+    layers = [big, small]
+    scores = [(10 * torch.rand(4, 12, dtype=torch.float64), 10 * torch.rand(4, 9, dtype=torch.float64)),
+              (torch.rand(3, 10, dtype=torch.float64), torch.rand(3, 8, dtype=torch.float64))]
+    state = [{k: list(w) for k, w in enumerate(windows(m)) if w[1] > 0 and w[3] > 0} for m in layers]
+    added = grow_edges(layers, room, scores)
+    # oracle: repeatedly take the best next entry per FLOP among those that still fit, until none does
+    spent = 0
+    while True:
+        best = None
+        for i, (m, st) in enumerate(zip(layers, state)):
+            r = m.rank_per_component
+            for k, (li, wi, lo, wo) in st.items():
+                for side, (loc, wid, n) in enumerate(((li, wi, m.in_features), (lo, wo, m.out_features))):
+                    if wid >= n or spent + r > room:
+                        continue
+                    for d, pos in ((-1, (loc - 1) % n), (1, (loc + wid) % n)):
+                        cand = (float(scores[i][side][k, pos]) / r, i, k, side, d)
+                        best = cand if best is None or cand[0] > best[0] else best
+        if best is None:
+            break
+        _, i, k, side, d = best
+        li, wi, lo, wo = state[i][k]
+        n = (layers[i].in_features, layers[i].out_features)[side]
+        state[i][k] = ([(li - 1) % n if d < 0 else li, wi + 1, lo, wo] if side == 0 else
+                       [li, wi, (lo - 1) % n if d < 0 else lo, wo + 1])
+        spent += layers[i].rank_per_component
+    assert added == spent
+    for m, st in zip(layers, state):
+        after = windows(m)
+        assert {k: tuple(v) for k, v in st.items()} == {k: after[k] for k in st}
+    if room == 13:
+        assert added == 13  # 12 by rank-2 steps, then one rank-1 step into the last FLOP
+
+
 def test_growth_stops_at_full_width_and_at_the_room_given():
     layer = partial_layer()
     ones = (torch.ones(4, 12), torch.ones(4, 9))
