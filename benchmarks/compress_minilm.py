@@ -150,7 +150,7 @@ def rule(cfg: argparse.Namespace) -> StructureRule:
     budget and remove whole components by Fisher sensitivity per FLOP during distillation)."""
     if cfg.rule == "sensitivity":
         return SensitivityRule(headroom=cfg.headroom, path_fraction=getattr(cfg, "path_fraction", 0.6),
-                               fisher=getattr(cfg, "fisher", "empirical"))
+                               fisher=getattr(cfg, "fisher", "empirical"), draws=getattr(cfg, "draws", 1))
     # cost_power 0: the plain energy cut every BudgetRule row of the table was measured with (the package default is 0.3
     # since 2026-12-07; a calibrated pretrained start is low-rank, where the plain cut is the safer one)
     return BudgetRule(structure_lr=cfg.structure_lr, width_norm=cfg.width_norm, cost_power=0.0)
@@ -207,6 +207,8 @@ def run_one(method: str, budget: float, seed: int, data: SentenceDataModule, den
             name += f", path {cfg.path_fraction:g}"
         if getattr(cfg, "fisher", "empirical") != "empirical":
             name += f", {cfg.fisher} fisher"
+            if getattr(cfg, "draws", 1) != 1:
+                name += f" x{cfg.draws} draws"
     elif gblr and cfg.phase1_epochs == 0:
         name = f"{method}, structure fixed at the start"
     elif gblr and cfg.width_norm != "side":
@@ -380,6 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fisher", default="empirical", choices=["empirical", "output"],
                    help="--rule sensitivity: the Fisher it removes by (SensitivityRule(fisher=...)): the loss's "
                         "empirical Fisher, or the Gauss-Newton curvature of the model's output")
+    p.add_argument("--draws", type=int, default=1, help="--fisher output: draws of z per step (SensitivityRule(draws=...))")
     p.add_argument("--hidden", nargs="+", default=None, metavar="PATTERN",
                    help="every method also distils these hidden states (Distillation(hidden=...)), e.g. "
                         "'model.encoder.layer.?' for the outputs of the six blocks")

@@ -318,8 +318,8 @@ class SentenceDataModule(_BaseDataModule):
     files in ``root``.  ``headword_fraction``: that part of the training texts are headwords and synonyms, the short
     texts a reverse dictionary embeds as its candidates (:func:`entry_headwords` of the train split: no val or test
     headword is trained on; drawn with the seed); 0, the default, trains on sentences only.  With ``num_train`` the
-    total stays ``num_train``; without it every sentence is kept and headwords are added to make up the fraction.  After ``setup``: ``self.sentences[split]`` (texts, in loader order for val/test) and
-    ``self.entries[split]``.
+    total stays ``num_train``; without it every sentence is kept and headwords are added to make up the fraction.
+    After ``setup``: ``self.sentences[split]`` (texts, in loader order for val/test) and ``self.entries[split]``.
     """
 
     def __init__(self, root: str | None = None, tokenizer: Any = None, max_length: int = 64, batch_size: int = 64,
