@@ -55,9 +55,13 @@
 # allocation, with the structure within each layer learned (files long20k_gblrtiledlayer_*):
 #
 #   bash benchmarks/fmnist_long.sh vit 0.5 "0 1 2 3 4" tiledlayer 0.3333
+# GBLR with components of rank 2 instead of 1 (half as many components, the same parameters; files long20k_gblrrank2_*,
+# structures in docs/fmnist/structures_long20k_rank2):
+#
+#   bash benchmarks/fmnist_long.sh vit 0.5 "0 1 2 3 4" rank2
 set -euo pipefail
 cd "$(dirname "$0")/.."
-m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc|layeralloc|monarch|up|p1e2|tiled WIDTH|tiledfix WIDTH|tiledsharp WIDTH|tiledlayer WIDTH]}
+m=${1:?usage: fmnist_long.sh vit|mixer BUDGET "SEEDS" [nodense|vsmonarch|dense16|lralloc|layeralloc|monarch|up|p1e2|rank2|tiled WIDTH|tiledfix WIDTH|tiledsharp WIDTH|tiledlayer WIDTH]}
 b=${2:?budget, e.g. 0.5}
 seeds=${3:?seeds, e.g. "0 1 2"}
 mode=${4:-}
@@ -85,6 +89,11 @@ for s in $seeds; do
   if [ "$mode" = p1e2 ]; then
     run --methods gblr --budgets "$b" --seeds "$s" --phase1-epochs 2 --label "long20k,phase1=2" \
       --structures docs/fmnist/structures_long20k_p1e2 --json "docs/fmnist/long20k_gblrp1e2_${tag}_s$s.json"
+    continue
+  fi
+  if [ "$mode" = rank2 ]; then
+    run --methods gblr --budgets "$b" --seeds "$s" --gblr 'layer_kwargs={"rank_per_component":2}' --label "long20k,rank 2" \
+      --structures docs/fmnist/structures_long20k_rank2 --json "docs/fmnist/long20k_gblrrank2_${tag}_s$s.json"
     continue
   fi
   if [[ "$mode" == tiled* ]]; then  # tiled, tiledfix, tiledsharp, tiledlayer
