@@ -399,9 +399,9 @@ class SentenceDataModule(_BaseDataModule):
             if not raw[split]:
                 raise ValueError(f"the {split} split of the WordNet corpus has no sentence (fractions "
                                  f"{self.fractions}); check the corpus files and the fractions")
-            self.sentences[split] = self._select(raw[split], caps[split], split)
-        if self.headword_fraction > 0:
-            self.sentences["train"] = self._with_headwords(raw["train"], held_out)
+            self.sentences[split] = (self._with_headwords(raw[split], held_out)
+                                     if split == "train" and self.headword_fraction > 0
+                                     else self._select(raw[split], caps[split], split))
         tok = self.tokenizer
         sets = {}
         for split in SPLITS:
