@@ -399,3 +399,54 @@ def test_the_layer_allocation_rule_rebuilds_from_its_config_and_holds_every_laye
     for _, layer in gblr_layers(module.backbone):
         cost = layers_flops([layer])
         assert 0.4 - 2 * layer.rank_per_component * 48 / cost["dense_flops"] < cost["flops"] / cost["dense_flops"] <= 0.4
+
+
+def probed_layer(in_features: int = 12, out_features: int = 9, **kwargs) -> GBLRLinear:
+    """Five components of rank 2: three active, one live on its output side only, one empty."""
+    torch.manual_seed(0)
+    layer = GBLRLinear(in_features, out_features, rank_per_component=2, num_components=5, bias=True,
+                       dtype=torch.float64, **kwargs)
+    n = torch.tensor([[in_features], [out_features]], dtype=torch.float64)
+    with torch.no_grad():
+        layer.widths.copy_(torch.tensor([[0, 3, 0, 6, 2], [0, 9, 5, 4, 2]]) / n)
+        layer.locations.copy_(torch.tensor([[0, 2, 4, 10, 7], [0, 0, 3, 7, 5]]) / n)
+    layer.set_sigma(8.0)
+    return layer
+
+
+@pytest.mark.parametrize("mode", ["lowrank", "dense", "windowed"])
+def test_the_probe_sums_the_edge_gradients_whichever_product_the_forward_ran(mode, monkeypatch):
+    """The full products (low-rank, materialised) hand the probe the gradients of their masked factors; a windowed
+    product does not compute them outside its tiles, and the probe computes them from the layer's input and output
+    gradient.  Either way the sums are :func:`edge_gradients` of the active components."""
+    import gsm_lightning.learn.regrowth as regrowth_module
+
+    if mode == "windowed":
+        layer = probed_layer(32, 24, window_tile=4)
+        layer.window_min_macs, layer.window_max_fraction = 0, 1.0
+        layer.set_sigma(None)
+    else:
+        layer = probed_layer(forward_mode=mode)
+    model = nn.Sequential(layer)
+    calls = []
+    monkeypatch.setattr(regrowth_module, "edge_gradients",
+                        lambda *a: calls.append(1) or edge_gradients(*a))
+    g = Regrowth(start=0.0, interval=0.5, measure=1.0)
+    g.begin(10)
+    g.attach(model)
+    assert g.measuring and layer.keep_factors
+    x = torch.randn(3, 7, layer.in_features, dtype=torch.float64)
+    t = torch.randn(3, 7, layer.out_features, dtype=torch.float64)
+    out = model(x)
+    assert layer._last_factors is None  # taken by the probe in the forward: no graph is kept on the layer
+    ((out - t) ** 2).sum().backward()
+    index = layer.active_components().nonzero().flatten()
+    assert index.tolist() == [1, 3, 4]
+    g_in, g_out = edge_gradients(layer, x, 2 * (out - t).detach(), index)
+    sums = g.sums["0"]
+    torch.testing.assert_close(sums[0][index], g_in.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sums[1][index], g_out.float(), rtol=1e-5, atol=1e-6)
+    assert float(sums[0][[0, 2]].abs().sum() + sums[1][[0, 2]].abs().sum()) == 0.0  # not active: nothing added
+    assert len(calls) == (1 if mode == "windowed" else 0)  # the full products cost no extra product
+    g.detach()
+    assert not layer.keep_factors and layer._last_factors is None

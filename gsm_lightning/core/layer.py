@@ -330,6 +330,12 @@ class GBLRLinear(StructuredCost, nn.Module):
     # the windowed product is taken when its multiply-adds are at most this fraction of the full product's
     window_max_fraction: float = 0.7
 
+    # Set by a probe that reads the gradients of the masked factors (Regrowth): each forward that runs the full
+    # product (every row of the live components' masked factors used over its whole side) then leaves
+    # ``(live index, v, u)`` in ``_last_factors`` for the probe's forward hook to take; other forwards leave None.
+    keep_factors: bool = False
+    _last_factors: tuple[Tensor | None, Tensor, Tensor] | None = None
+
     # ``None`` (the class default) also for a layer pickled before the cache existed.
     _live_cache: tuple[tuple, Tensor | None] | None = None
     _split_cache: tuple[tuple, SideSplit | None] | None = None
@@ -510,7 +516,12 @@ class GBLRLinear(StructuredCost, nn.Module):
         tokens = x.numel() // self.in_features if self.in_features else 0
         plan = self._window_plan(tokens, v.shape[0])
         split = self._side_split() if plan is None and not self._small_product(tokens, v.shape[0]) else None
-        if self._use_dense(tokens, v.shape[0], plan, split):
+        dense = self._use_dense(tokens, v.shape[0], plan, split)
+        if self.keep_factors:  # for a probe of this forward (Regrowth): the gradients of v and u are what it measures
+            full = dense or (plan is None and split is None)
+            self._last_factors = ((self.live_components(), v, u) if full and torch.is_grad_enabled()
+                                  and not torch.compiler.is_compiling() else None)
+        if dense:
             return F.linear(x, u.t() @ v, self.bias)
         if plan is not None:
             return windowed_product(x, v, u, plan, self.bias)

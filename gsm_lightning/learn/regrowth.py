@@ -23,6 +23,7 @@ Plain PyTorch; :class:`~gsm_lightning.learn.rules.BudgetRule` owns one (on by de
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Mapping
@@ -127,20 +128,54 @@ def grow_edges(layers: list[GBLRLinear], grow_flops: float, scores: list[tuple[T
 
 
 class _Probe(GradientProbe):
-    """Adds the entries' gradients of the active components to the regrowth's sums."""
+    """Adds the entries' gradients of the active components to the regrowth's sums.
+
+    When the layer's forward ran the full product (``GBLRLinear.keep_factors``: the live components' masked factors
+    ``v``, ``u`` used over their whole sides), those gradients are the gradients of ``v`` and ``u`` that the loss's
+    backward computes anyway: hooks on them add their active rows, at no extra product.  Otherwise (a windowed or
+    split product, which leaves the entries outside the windows without a gradient) :func:`edge_gradients` computes
+    them from the layer's input and output gradient (two products per side)."""
+
+    _found: tuple[Tensor | None, Tensor, Tensor] | None = None
+
+    def __call__(self, layer: GBLRLinear, inputs: tuple[Any, ...], output: Any) -> None:
+        self._found, layer._last_factors = layer._last_factors, None  # taken on every forward: no graph kept
+        try:
+            super().__call__(layer, inputs, output)
+        finally:
+            self._found = None
+
+    def capture(self, layer: GBLRLinear, x: Tensor, index: Tensor, output: Tensor) -> None:
+        found = self._found
+        if found is None or not (found[1].requires_grad and found[2].requires_grad):
+            return super().capture(layer, x, index, output)
+        live, v, u = found
+        r = layer.rank_per_component
+        pos = index if live is None else torch.searchsorted(live, index)  # the active rows among the live ones
+        rows = (pos[:, None] * r + torch.arange(r, device=pos.device)).flatten()
+        v.register_hook(functools.partial(self._add_side, layer, index, rows, 0))
+        u.register_hook(functools.partial(self._add_side, layer, index, rows, 1))
+
+    def _add_side(self, layer: GBLRLinear, index: Tensor, rows: Tensor, side: int, grad: Tensor) -> None:
+        n = (layer.in_features, layer.out_features)[side]
+        self._sums(layer, grad.device)[side].index_add_(0, index, grad.detach()[rows].view(-1, layer.rank_per_component, n).float())
 
     def add(self, layer: GBLRLinear, x: Tensor, index: Tensor, dy: Tensor) -> None:
         g_in, g_out = edge_gradients(layer, x, dy, index)
-        sums = self.owner.sums.get(self.name)
-        k, r = layer.num_components, layer.rank_per_component
-        if sums is not None and sums[0].device != g_in.device:  # restored from a checkpoint onto another device
-            sums = self.owner.sums[self.name] = (sums[0].to(g_in.device), sums[1].to(g_in.device))
-        if sums is None or sums[0].shape[0] != k:
-            sums = self.owner.sums[self.name] = (
-                torch.zeros(k, r, layer.in_features, device=g_in.device, dtype=torch.float32),
-                torch.zeros(k, r, layer.out_features, device=g_in.device, dtype=torch.float32))
+        sums = self._sums(layer, g_in.device)
         sums[0].index_add_(0, index, g_in.float())
         sums[1].index_add_(0, index, g_out.float())
+
+    def _sums(self, layer: GBLRLinear, device: torch.device) -> tuple[Tensor, Tensor]:
+        sums = self.owner.sums.get(self.name)
+        k, r = layer.num_components, layer.rank_per_component
+        if sums is not None and sums[0].device != device:  # restored from a checkpoint onto another device
+            sums = self.owner.sums[self.name] = (sums[0].to(device), sums[1].to(device))
+        if sums is None or sums[0].shape[0] != k:
+            sums = self.owner.sums[self.name] = (
+                torch.zeros(k, r, layer.in_features, device=device, dtype=torch.float32),
+                torch.zeros(k, r, layer.out_features, device=device, dtype=torch.float32))
+        return sums
 
 
 class Regrowth:
@@ -166,6 +201,8 @@ class Regrowth:
         GSMModule(backbone, budget=0.3, rule=BudgetRule(regrowth=Regrowth(start=0.7, overshoot=0.1)))
     """
 
+    _layers: list[GBLRLinear] = []  # (a Regrowth pickled before the attribute existed)
+
     def __init__(self, start: float = 0.65, interval: float = 0.03, overshoot: float = 0.0,
                  measure: float = 0.25) -> None:
         for name, value in (("start", start), ("interval", interval)):
@@ -186,6 +223,7 @@ class Regrowth:
         self.grown = 0.0
         self.sums: dict[str, tuple[Tensor, Tensor]] = {}
         self._hooks: list[Any] = []
+        self._layers: list[GBLRLinear] = []  # the layers whose forwards keep their factors for the probes
 
     # ------------------------------------------------------------ lifecycle
     def begin(self, phase1_steps: int, earliest: float = 0.0) -> None:
@@ -209,11 +247,17 @@ class Regrowth:
         self.detach()
         if self.end_step > 0 and self.steps < self.end_step:
             self._hooks = attach_probes(model, _Probe, self)
+            self._layers = [m for _, m in gblr_layers(model, include_frozen=False)]
+            for m in self._layers:
+                m.keep_factors = True
 
     def detach(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        for m in self._layers:
+            m.keep_factors, m._last_factors = False, None
+        self._layers = []
 
     @torch.no_grad()
     def step(self, model: nn.Module, budget: float, active: bool = True, per_layer: bool = False) -> float:
@@ -304,7 +348,7 @@ class Regrowth:
 
     def __getstate__(self) -> dict[str, Any]:  # hook handles belong to one process's fit
         state = dict(self.__dict__)
-        state["_hooks"] = []
+        state["_hooks"], state["_layers"] = [], []
         return state
 
     def init_args(self) -> dict[str, Any]:
