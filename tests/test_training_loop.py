@@ -102,8 +102,9 @@ def test_phase1_reaches_the_budget_by_the_learners_steps(tmp_path):
     assert not [s for s in msgs if "above the budget" in s or "projected onto the budget" in s], msgs
     # the structure is learned, not only cut: cuts only lower widths, so a width that grows took a gradient step;
     # the locations move too (they are only moved by the optimizer's structure group)
-    grew = sum(int((b > a).sum()) for a, b in zip(trace.widths, trace.widths[1:]))
-    moved = sum(int((b != a).sum()) for a, b in zip(trace.locations, trace.locations[1:]))
+    # (steps across an epoch start where empty components were dropped compare different components: skipped)
+    grew = sum(int((b > a).sum()) for a, b in zip(trace.widths, trace.widths[1:]) if a.shape == b.shape)
+    moved = sum(int((b != a).sum()) for a, b in zip(trace.locations, trace.locations[1:]) if a.shape == b.shape)
     assert grew > 0 and moved > 0, (grew, moved)
 
 

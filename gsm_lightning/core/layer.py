@@ -712,6 +712,31 @@ class GBLRLinear(StructuredCost, nn.Module):
         return self
 
     @torch.no_grad()
+    def drop_empty_components(self) -> Tensor | None:
+        """Drop the components whose two widths are 0 on the grid, of a layer still learning its structure.
+
+        Such a component adds nothing to the output and gets exactly zero gradient (:meth:`live_components`), and no
+        rule of this package widens a side of width 0, so it never comes back: dropping it leaves the layer's function
+        and every gradient as they are, and saves its factors' share of the optimizer's update and of the forward's
+        gathers.  Returns the indices of the components kept, or ``None`` when none is empty, or all are (the layer
+        is left as it is).  The parameters are replaced when components are dropped, so update the optimizer after
+        (``GSMModule`` does, with the kept rows' state), and the rule's per-component state (its
+        ``drop_components``)."""
+        if self.is_frozen:
+            return None
+        keep = self.live_components()
+        if keep is None or keep.numel() == 0:
+            return None
+        w_in, w_out = self.weight_in[keep].clone(), self.weight_out[keep].clone()
+        widths, locations = self.widths[:, keep].clone(), self.locations[:, keep].clone()
+        self._resize(keep.numel())
+        self.weight_in.copy_(w_in)
+        self.weight_out.copy_(w_out)
+        self.widths.copy_(widths)
+        self.locations.copy_(locations)
+        return keep
+
+    @torch.no_grad()
     def freeze_structure(self, align: int = 1) -> GBLRLinear:
         """Switch to hard integer boxcars, drop inactive components, stop structure gradients.
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -90,6 +91,7 @@ class _Flat:
         if static is None:
             static = _Flat.static(layers)
         self.n, self.r, self.dense = static
+        self.side_mean: Tensor | None = None  # the cut's FLOPs unit when components were dropped (None: the mean here)
         self.widths = torch.cat([m.widths.detach() for m in layers], dim=1)
         self.widths = self.widths.to(torch.promote_types(self.widths.dtype, torch.float32)).clamp(0, 1)
 
@@ -239,7 +241,11 @@ class BudgetLearner:
         self.steps = 0
         self.start_ratio: float | None = None
         self.mean_sq: dict[str, Tensor] = {}
+        # components a layer had before any was dropped (drop_components): the width step's mean square and the cut's
+        # FLOPs unit are over those, so that dropping empty components changes neither
+        self.slots: dict[str, int] = {}
         self._static: tuple[tuple, tuple[Tensor, Tensor, float]] | None = None
+        self._side_mean: tuple[tuple, Tensor] | None = None
 
     @property
     def moves_widths(self) -> bool:
@@ -267,9 +273,11 @@ class BudgetLearner:
         if self._static is None or self._static[0] != key:
             self._static = (key, _Flat.static(layers))
         flat = _Flat(layers, self._static[1])
+        flat.side_mean = self._nominal_side_mean(named, key)
         if self.moves_widths and self.width_norm == "model":
-            self._model_width_step(layers, lr * self.width_lr_scale)
+            self._model_width_step(named, lr * self.width_lr_scale)
             flat = _Flat(layers, self._static[1])
+            flat.side_mean = self._nominal_side_mean(named, key)
         elif self.moves_widths:
             flat.widths = self._side_width_step(named, flat, lr * self.width_lr_scale)
         ratio = flat.ratio(flat.widths)
@@ -296,6 +304,26 @@ class BudgetLearner:
         self.steps += 1
         return {"flops_ratio": ratio, "target": target, "cut": tau, "shrink": float(tau > 0)}
 
+    def drop_components(self, keeps: Mapping[str, Tensor], sizes: Mapping[str, int]) -> None:
+        """Layers ``keeps`` (name -> indices kept of ``sizes[name]`` components) are about to drop their components
+        empty on both sides: remember how many they had (:attr:`slots`), so that the width step's mean square and the
+        cut's FLOPs unit stay what they were (the dropped components' widths and gradients are 0)."""
+        for name in keeps:
+            self.slots.setdefault(name, int(sizes[name]))
+
+    def _nominal_side_mean(self, named: list[tuple[str, GBLRLinear]], key: tuple) -> Tensor | None:
+        """The mean FLOPs per unit width of a component side over the model's components before any was dropped
+        (the same tensor mean as with them), or None when none was (then the cut takes the mean itself)."""
+        counts = tuple(self.slots.get(name, m.num_components) for name, m in named)
+        if all(c == m.num_components for c, (_, m) in zip(counts, named)):
+            return None
+        if self._side_mean is None or self._side_mean[0] != (key, counts):
+            dev = named[0][1].widths.device
+            cost = torch.cat([torch.tensor([[float(m.in_features)], [float(m.out_features)]], device=dev).expand(2, c)
+                              * float(m.rank_per_component) for c, (_, m) in zip(counts, named)], dim=1)
+            self._side_mean = ((key, counts), cost.mean())
+        return self._side_mean[1]
+
     def _side_width_step(self, named: list[tuple[str, GBLRLinear]], flat: _Flat, lr: float) -> Tensor:
         """``width_norm="side"``, all layers at once: ``w -= lr * clip(g / rms_side, +-step_clip)`` with one running
         mean square of the gradient per layer side (a layer without a gradient keeps its widths and its state)."""
@@ -307,7 +335,9 @@ class BudgetLearner:
         sizes = torch.tensor([g.shape[1] for g in grads], device=dev)
         segment = torch.repeat_interleave(torch.arange(len(grads), device=dev), sizes)
         g = torch.cat(grads, dim=1)
-        sq = torch.zeros(2, len(grads), device=dev, dtype=g.dtype).index_add_(1, segment, g.pow(2)) / sizes
+        slots = sizes if not self.slots else torch.tensor(
+            [self.slots.get(name, int(gr.shape[1])) for (_, name, _), gr in zip(with_grad, grads)], device=dev)
+        sq = torch.zeros(2, len(grads), device=dev, dtype=g.dtype).index_add_(1, segment, g.pow(2)) / slots
         ms = torch.stack([self.mean_sq[name].to(device=dev, dtype=torch.float32) if name in self.mean_sq
                           else torch.zeros(2, device=dev) for _, name, _ in with_grad], dim=1)
         ms = ms * self.beta2 + (1 - self.beta2) * sq.float()
@@ -321,9 +351,10 @@ class BudgetLearner:
         columns = torch.cat([torch.arange(starts[i], starts[i + 1], device=dev) for i, _, _ in with_grad])
         return flat.widths.index_add(1, columns, -lr * step).clamp(0, 1)
 
-    def _model_width_step(self, layers: list[GBLRLinear], lr: float) -> None:
+    def _model_width_step(self, named: list[tuple[str, GBLRLinear]], lr: float) -> None:
         """``width_norm="model"``: ``w -= lr * clip(p / rms, +-step_clip)`` with ``p = g / (r n_side)`` the gradient
         per FLOP of each side and one running RMS of ``p`` over every width of the model."""
+        layers = [m for _, m in named]
         per_flop = []
         for layer in layers:
             g = layer.widths.grad
@@ -335,7 +366,12 @@ class BudgetLearner:
         present = [p for p in per_flop if p is not None]
         if not present:
             return
-        sq = torch.cat([p.flatten() for p in present]).pow(2).mean()
+        sq = torch.cat([p.flatten() for p in present]).pow(2)
+        if self.slots:  # over the components before any was dropped (theirs were 0)
+            sq = sq.sum() / (2 * sum(self.slots.get(n, m.num_components) for (n, m), p in zip(named, per_flop)
+                                     if p is not None))
+        else:
+            sq = sq.mean()
         ms = self.mean_sq.get("__model__")
         ms = torch.zeros((), device=sq.device) if ms is None else ms.to(sq.device)
         ms = ms * self.beta2 + (1 - self.beta2) * sq
@@ -351,7 +387,7 @@ class BudgetLearner:
             side = torch.ones_like(flat.widths)
         else:
             cost = flat.n * flat.r  # FLOPs per unit width fraction of each side
-            side = cost / cost.mean()
+            side = cost / (cost.mean() if flat.side_mean is None else flat.side_mean)
         if self.cut_weighting in ("flops", "uniform") or self.steps < self.energy_start_step:
             return side
         lo, hi = self.energy_clip
@@ -439,13 +475,14 @@ class BudgetLearner:
     # ---------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "start_ratio": self.start_ratio, "dual_tau": self.dual_tau,
-                "mean_sq": {k: v.detach().cpu().clone() for k, v in self.mean_sq.items()}}
+                "mean_sq": {k: v.detach().cpu().clone() for k, v in self.mean_sq.items()}, "slots": dict(self.slots)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
         self.start_ratio = state.get("start_ratio")
         self.dual_tau = float(state.get("dual_tau", 0.0))
         self.mean_sq = {k: v.clone() for k, v in state.get("mean_sq", {}).items()}
+        self.slots = {k: int(v) for k, v in state.get("slots", {}).items()}
 
     def __repr__(self) -> str:
         return (f"BudgetLearner(budget={self.budget:g}, path_steps={self.path_steps}, width_step={self.width_step!r}, "

@@ -335,6 +335,15 @@ class Regrowth:
             out[name] = (parts[0], parts[1])
         self.sums = out
 
+    def drop_components(self, keeps: Mapping[str, Tensor], sizes: Mapping[str, int]) -> None:
+        """Layers ``keeps`` (name -> indices kept of ``sizes[name]`` components) drop their other components: their
+        rows of the sums go too."""
+        for name, keep in keeps.items():
+            sums = self.sums.get(name)
+            if sums is not None and sums[0].shape[0] == sizes[name]:
+                self.sums[name] = (sums[0].index_select(0, keep.to(sums[0].device)),
+                                   sums[1].index_select(0, keep.to(sums[1].device)))
+
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "grown": self.grown,

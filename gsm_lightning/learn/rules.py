@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .budget_learner import Allocation, BudgetLearner, CutWeighting, Tracking, WidthNorm, WidthStep
 from .proximal import proximal_step
@@ -96,6 +96,13 @@ class StructureRule(ABC):
     def target(self) -> float | None:
         """The FLOPs ratio the rule steers to now (for logging), or None."""
         return None
+
+    def drop_components(self, keeps: Mapping[str, Tensor], sizes: Mapping[str, int]) -> bool:
+        """Called at the start of a phase-1 epoch, before the module drops the components empty on both sides from
+        layers ``keeps`` (name -> indices kept, of ``sizes[name]`` components).  A rule that supports it drops its own
+        state of those components and returns True; False (the default, for a rule whose per-component state or
+        width updates are not known to allow it) keeps them."""
+        return False
 
     def conversion_budget(self, budget: float) -> float:
         """The FLOPs ratio a pretrained conversion fits at, for the module's ``budget`` (the budget itself; a rule
@@ -223,6 +230,15 @@ class BudgetRule(StructureRule):
         if self.regrowth is None:
             return {}
         return {"regrown": self.regrowth.finish(model, self.budget, per_layer=self._per_layer)}
+
+    def drop_components(self, keeps: Mapping[str, Tensor], sizes: Mapping[str, int]) -> bool:
+        """Supported: a component empty on both sides gets no width step (zero gradient) and no cut or growth moves
+        it; the learner keeps its step and cut units over the components the layers had (:attr:`BudgetLearner.slots`),
+        regrowth drops their rows of its sums."""
+        self.learner.drop_components(keeps, sizes)
+        if self.regrowth is not None:
+            self.regrowth.drop_components(keeps, sizes)
+        return True
 
     @property
     def _per_layer(self) -> bool:

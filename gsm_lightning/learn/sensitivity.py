@@ -284,6 +284,16 @@ class SensitivityRule(StructureRule):
             m.invalidate_cache()
         return n
 
+    def drop_components(self, keeps: Mapping[str, Tensor], sizes: Mapping[str, int]) -> bool:
+        """Supported: a removed component has width 0 on both sides and nothing widens it again; its rows of the
+        Fisher sums go with it."""
+        for store in (self.fisher, self.pending):
+            for name, keep in keeps.items():
+                f = store.get(name)
+                if f is not None and f.shape[0] == sizes[name]:
+                    store[name] = f.index_select(0, keep.to(f.device))
+        return True
+
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "start_ratio": self.start_ratio, "removed": self.removed,

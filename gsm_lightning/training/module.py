@@ -156,6 +156,11 @@ class GSMModule(LightningModule):
     #: (:func:`~gsm_lightning.core.mask_batch.prepare_masks`; the same masks and gradients, fewer kernel launches);
     #: ``False`` computes them layer by layer, as before (kept for the benchmark's comparison)
     batch_masks: bool = True
+    #: at the start of each phase-1 epoch, components empty on both sides are dropped from the layers (they add
+    #: nothing, get no gradient and never come back: :meth:`GBLRLinear.drop_empty_components`), with their optimizer
+    #: and rule state, so the rest of phase 1 stops updating and gathering them; ``False`` keeps them to the switch
+    drop_empty: bool = True
+    _dropped_epoch: int = -1  # the epoch whose start dropped them (a resume within that epoch does not drop again)
 
     def __init__(
         self,
@@ -685,8 +690,38 @@ class GSMModule(LightningModule):
                 self.freeze_structure()
             except FloatingPointError as e:  # a non-finite structure at the switch: the rates and the likely cause
                 raise FloatingPointError(f"{e} ({self._non_finite_hint()})") from None
+        elif self.phase == 1 and self.drop_empty and epoch > self._dropped_epoch:
+            self._dropped_epoch = epoch
+            self.drop_empty_components()
         self._anneal_sigma()
         self.log("gsm/epoch_start_flops_ratio", self.flops_ratio(), on_step=False, on_epoch=True, prog_bar=True, sync_dist=False)
+
+    @torch.no_grad()
+    def drop_empty_components(self) -> int:
+        """Drop the components empty on both sides from every layer still learning its structure
+        (:meth:`GBLRLinear.drop_empty_components`: the function and every gradient stay as they are), with their rows
+        of the optimizer's state and the rule's per-component state; DDP re-wrapped for the new parameters.  Nothing
+        is dropped when the rule keeps per-component state it cannot drop (``rule.drop_components`` returns False).
+        Returns the number of components dropped."""
+        named = gblr_layers(self.backbone, include_frozen=False)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:  # the same components on every rank (rank 0's structure)
+            for _, m in named:
+                for t in (m.widths, m.locations):
+                    t.copy_(trainer.strategy.broadcast(t.detach().clone(), src=0))
+        sizes = {name: m.num_components for name, m in named}
+        found = {name: keep for name, m in named if (keep := m.live_components()) is not None and keep.numel() > 0}
+        if not found or not self.rule.drop_components(found, sizes):
+            return 0
+        old, keeps = {}, {}
+        for name, m in named:
+            if name in found:
+                old[m] = (m.weight_in, m.weight_out, m.widths, m.locations)
+                keeps[m] = m.drop_empty_components()
+        if trainer is not None and getattr(trainer, "strategy", None) is not None and trainer.optimizers:
+            self._update_optimizers(trainer.optimizers, old, keeps, structure_kept=True)
+            self._rewrap_ddp(trainer)
+        return sum(sizes[name] - int(keep.numel()) for name, keep in found.items())
 
     @torch.no_grad()
     def freeze_structure(self) -> None:
@@ -734,27 +769,30 @@ class GSMModule(LightningModule):
             self._update_optimizers(trainer.optimizers, old, keeps)
             self._rewrap_ddp(trainer)
 
-    def _update_optimizers(self, optimizers: list, old: dict, keeps: dict) -> None:
+    def _update_optimizers(self, optimizers: list, old: dict, keeps: dict, structure_kept: bool = False) -> None:
+        """Put each layer's new parameters in place of ``old`` ones in the optimizers, with the state of the kept
+        components (rows ``keeps[m]`` of the factors; columns of the widths and locations with ``structure_kept``,
+        which are dropped from the optimizers otherwise: frozen)."""
         for opt in optimizers:
-            replace: dict[int, tuple[nn.Parameter, nn.Parameter | None, Tensor | None]] = {}
+            replace: dict[int, tuple[nn.Parameter, nn.Parameter | None, Tensor | None, int]] = {}
             for m, (w_in, w_out, widths, locs) in old.items():
-                replace[id(w_in)] = (w_in, m.weight_in, keeps[m])
-                replace[id(w_out)] = (w_out, m.weight_out, keeps[m])
-                replace[id(widths)] = (widths, None, None)
-                replace[id(locs)] = (locs, None, None)
+                replace[id(w_in)] = (w_in, m.weight_in, keeps[m], 0)
+                replace[id(w_out)] = (w_out, m.weight_out, keeps[m], 0)
+                replace[id(widths)] = (widths, m.widths if structure_kept else None, keeps[m], 1)
+                replace[id(locs)] = (locs, m.locations if structure_kept else None, keeps[m], 1)
             for group in opt.param_groups:
                 new_params = []
                 for p in group["params"]:
                     if id(p) not in replace:
                         new_params.append(p)
                         continue
-                    old_p, new_p, keep = replace[id(p)]
+                    old_p, new_p, keep, dim = replace[id(p)]
                     state = opt.state.pop(old_p, None)
                     if new_p is None:
                         continue
                     if state:
                         opt.state[new_p] = {
-                            k: (v[keep].clone() if torch.is_tensor(v) and v.shape == old_p.shape else v)
+                            k: (v.index_select(dim, keep) if torch.is_tensor(v) and v.shape == old_p.shape else v)
                             for k, v in state.items()
                         }
                     new_params.append(new_p)
@@ -773,6 +811,7 @@ class GSMModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gsm_structure"] = {name: m.structure() for name, m in self.gblr_layers}
         checkpoint["gsm_real_optimizer_steps"] = self.real_optimizer_steps
+        checkpoint["gsm_dropped_epoch"] = self._dropped_epoch
         checkpoint["gsm_phase1"] = {"end_ratio": self.phase1_end_ratio, "projection_delta": self.projection_delta}
         # The budget also in a key of our own: load_from_checkpoint(..., budget=x) overwrites the checkpoint's
         # hyper_parameters with x before on_load_checkpoint sees them.
@@ -811,6 +850,7 @@ class GSMModule(LightningModule):
             warnings.warn(f"checkpoint was trained with budget {ck_budget:g}; this module targets {self.budget:g}. "
                           "The structure is restored from the checkpoint.", stacklevel=_user_stacklevel())
         self.real_optimizer_steps = int(checkpoint.get("gsm_real_optimizer_steps", 0))
+        self._dropped_epoch = int(checkpoint.get("gsm_dropped_epoch", -1))
         phase1 = checkpoint.get("gsm_phase1", {})
         self.phase1_end_ratio, self.projection_delta = phase1.get("end_ratio"), phase1.get("projection_delta")
         if self.teacher is not None and "gsm_teacher" in checkpoint:
