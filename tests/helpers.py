@@ -54,6 +54,25 @@ def assert_resumed_exactly(full, full_rec: LossRecorder, resumed, rec: LossRecor
         assert torch.equal(a, b), name
 
 
+def killed_and_resumed(fit, root, kill_at: int = 42, ckpt_step: int = 40):
+    """``fit(callbacks, root, ckpt_path)`` (which returns the module) run in full, killed after ``kill_at`` optimizer
+    steps with a checkpoint every 10, and resumed from the checkpoint of ``ckpt_step``: returns ``(full, full_rec,
+    resumed, rec, checkpoint)``, for :func:`assert_resumed_exactly`."""
+    import pytest
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from .test_resume import Kill
+
+    full_rec, rec = LossRecorder(), LossRecorder()
+    full = fit([full_rec], root / "full", None)
+    checkpoints = ModelCheckpoint(dirpath=root / "killed", every_n_train_steps=10, save_top_k=-1, filename="{step}")
+    with pytest.raises(RuntimeError, match="killed"):
+        fit([LossRecorder(), checkpoints, Kill(kill_at)], root / "killed", None)
+    path = root / "killed" / f"step={ckpt_step}.ckpt"
+    resumed = fit([rec], root / "resumed", str(path))
+    return full, full_rec, resumed, rec, torch.load(path, weights_only=True)
+
+
 def hand_layer():
     """10 -> 12, three components: #0 wraps on both sides, #1 spans every input, #2 is inactive (output width 0)."""
     from gsm_lightning import GBLRLinear

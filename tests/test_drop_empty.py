@@ -5,24 +5,20 @@ the uninterrupted run for a resume; the optimizer's state before the drop."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch import nn
+from lightning.pytorch.callbacks import Callback
 
 from gsm_lightning.core.layer import GBLRLinear, gblr_layers
-from gsm_lightning.data.teacher import TeacherStudentDataModule, make_teacher
 from gsm_lightning.learn.regrowth import Regrowth
 from gsm_lightning.learn.rules import BudgetRule, PaperRule
 from gsm_lightning.learn.sensitivity import SensitivityRule
 from gsm_lightning.training.module import GSMModule
 
-from .helpers import LossRecorder, assert_resumed_exactly
-from .test_resume import Kill
+from .helpers import LossRecorder, assert_resumed_exactly, killed_and_resumed
+from .test_regrowth import teacher_fit as regrowth_teacher_fit
 
 
 def empty_layer() -> GBLRLinear:
@@ -86,23 +82,11 @@ class Components(Callback):
 
 def teacher_fit(drop: bool, rule=None, callbacks=(), root: Path | None = None, ckpt_path: str | None = None,
                 epochs: int = 8, phase1: int = 6) -> GSMModule:
-    teacher = make_teacher("low_rank", seed=0)
-    pl.seed_everything(0)
-    data = TeacherStudentDataModule(teacher.weight, num_train=1024, num_val=64, num_test=512, noise_std=0.01,
-                                    batch_size=64, seed=0)
-    module = GSMModule(nn.Sequential(nn.Linear(128, 128, bias=False)), task="regression", include=["0"],
-                       budget=teacher.flops_ratio, phase1_epochs=phase1, warmup_epochs=1.0,
-                       optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.01),
-                       rule=rule if rule is not None else BudgetRule(path_fraction=0.3,
-                                                                     regrowth=Regrowth(start=0.5, interval=0.1)))
-    module.drop_empty = drop
-    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=root is not None,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, deterministic=True, callbacks=list(callbacks), default_root_dir=root)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return module
+    """The low-rank teacher's student (``tests/test_regrowth.py``), by default with the default cut, a path over 30 %
+    of phase 1 and regrowth from half-way."""
+    rule = rule if rule is not None else BudgetRule(path_fraction=0.3, regrowth=Regrowth(start=0.5, interval=0.1))
+    return regrowth_teacher_fit(None, callbacks=callbacks, root=root, ckpt_path=ckpt_path, epochs=epochs,
+                                phase1=phase1, rule=rule, drop_empty=drop)[0]
 
 
 def test_a_fit_that_drops_empty_components_matches_one_that_keeps_them():
@@ -159,24 +143,12 @@ def test_the_optimizer_keeps_the_state_of_the_components_kept():
 
 
 def test_a_run_killed_after_a_drop_resumes_bit_identically(tmp_path):
-    def run(root, ckpt_path=None, kill_at=None):
-        rec = LossRecorder()
-        callbacks = [rec]
-        if kill_at is not None:
-            callbacks += [ModelCheckpoint(dirpath=root, every_n_train_steps=10, save_top_k=-1, filename="{step}"),
-                          Kill(kill_at)]
-        if kill_at is None:
-            return teacher_fit(True, callbacks=callbacks, root=root, ckpt_path=ckpt_path), rec
-        with pytest.raises(RuntimeError, match="killed"):
-            teacher_fit(True, callbacks=callbacks, root=root)
-        return None, rec
+    def fit(callbacks, root, ckpt_path):
+        return teacher_fit(True, callbacks=callbacks, root=root, ckpt_path=ckpt_path)
 
-    full, full_rec = run(tmp_path / "full")
-    run(tmp_path / "killed", kill_at=42)
-    ckpt = torch.load(tmp_path / "killed" / "step=40.ckpt", weights_only=True)
+    full, full_rec, resumed, rec, ckpt = killed_and_resumed(fit, tmp_path)
     assert ckpt["gsm_dropped_epoch"] == 2 and ckpt["gsm_learner"]["slots"] == {"0": 128}
     assert ckpt["state_dict"]["backbone.0.weight_in"].shape[0] < 128  # dropped at the start of epoch 2
-    resumed, rec = run(tmp_path / "resumed", ckpt_path=str(tmp_path / "killed" / "step=40.ckpt"))
     assert_resumed_exactly(full, full_rec, resumed, rec, range(41, 129))
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from gsm_lightning.core.flops import layers_flops
@@ -20,8 +19,7 @@ from gsm_lightning.learn.regrowth import Regrowth, edge_gradients, grow_edges
 from gsm_lightning.learn.rules import BudgetRule, build_rule
 from gsm_lightning.training.module import GSMModule
 
-from .helpers import LossRecorder, assert_resumed_exactly
-from .test_resume import Kill
+from .helpers import assert_resumed_exactly, killed_and_resumed
 from .test_structure_recovery import fit as recovery_fit
 
 
@@ -158,7 +156,9 @@ class Ratios(pl.Callback):
 
 
 def teacher_fit(regrowth: Regrowth | None, seed: int = 0, callbacks=(), root: Path | None = None,
-                ckpt_path: str | None = None, epochs: int = 24, phase1: int = 18):
+                ckpt_path: str | None = None, epochs: int = 24, phase1: int = 18, rule=None, drop_empty: bool = True):
+    """The low-rank teacher's student, with ``BudgetRule(regrowth=regrowth, cost_power=0)`` unless ``rule`` is given;
+    ``drop_empty``: ``GSMModule.drop_empty``.  Returns the module and its test error (None when resumed)."""
     teacher = make_teacher("low_rank", seed=seed)
     pl.seed_everything(seed)
     data = TeacherStudentDataModule(teacher.weight, num_train=1024, num_val=64, num_test=512, noise_std=0.01,
@@ -168,7 +168,8 @@ def teacher_fit(regrowth: Regrowth | None, seed: int = 0, callbacks=(), root: Pa
                        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0),
                        # the plain energy cut (cost_power 0, the default before 2026-12-07): what the overshoot's
                        # take-back relies on; with 0.3 a partial window keeps its share and 9 components remain
-                       rule=BudgetRule(regrowth=regrowth, cost_power=0.0))
+                       rule=rule if rule is not None else BudgetRule(regrowth=regrowth, cost_power=0.0))
+    module.drop_empty = drop_empty
     trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=root is not None,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0, deterministic=True, callbacks=list(callbacks), default_root_dir=root)
@@ -230,27 +231,13 @@ def test_overshoot_rises_above_the_budget_then_the_cut_takes_it_back():
 
 
 def test_a_run_killed_while_regrowing_resumes_bit_identically(tmp_path):
-    def run(root, ckpt_path=None, kill_at=None):
-        rec = LossRecorder()
-        callbacks = [rec]
-        if kill_at is not None:
-            callbacks += [ModelCheckpoint(dirpath=root, every_n_train_steps=10, save_top_k=-1, filename="{step}"),
-                          Kill(kill_at)]
-        kwargs = dict(callbacks=callbacks, root=root, ckpt_path=ckpt_path, epochs=6, phase1=4)
-        if kill_at is None:
-            module, _ = teacher_fit(Regrowth(start=0.5, interval=0.1, measure=1.0), **kwargs)
-        else:
-            with pytest.raises(RuntimeError, match="killed"):
-                teacher_fit(Regrowth(start=0.5, interval=0.1, measure=1.0), **kwargs)
-            module = None
-        return module, rec
+    def fit(callbacks, root, ckpt_path):
+        return teacher_fit(Regrowth(start=0.5, interval=0.1, measure=1.0), callbacks=callbacks, root=root,
+                           ckpt_path=ckpt_path, epochs=6, phase1=4)[0]
 
-    full, full_rec = run(tmp_path / "full")
-    run(tmp_path / "killed", kill_at=42)
-    ckpt = torch.load(tmp_path / "killed" / "step=40.ckpt", weights_only=True)
+    full, full_rec, resumed, rec, ckpt = killed_and_resumed(fit, tmp_path)
     sums = ckpt["gsm_learner"]["regrowth"]["sums"]
     assert set(sums) == {"0"} and float(sums["0"][0].abs().sum()) > 0  # mid-measurement (growths at 32, 38, 44, ...)
-    resumed, rec = run(tmp_path / "resumed", ckpt_path=str(tmp_path / "killed" / "step=40.ckpt"))
     assert_resumed_exactly(full, full_rec, resumed, rec, range(41, 97))
     assert resumed.rule.regrowth.grown == full.rule.regrowth.grown
 

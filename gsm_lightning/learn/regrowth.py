@@ -158,7 +158,8 @@ class _Probe(GradientProbe):
 
     def _add_side(self, layer: GBLRLinear, index: Tensor, rows: Tensor, side: int, grad: Tensor) -> None:
         n = (layer.in_features, layer.out_features)[side]
-        self._sums(layer, grad.device)[side].index_add_(0, index, grad.detach()[rows].view(-1, layer.rank_per_component, n).float())
+        rows_of_active = grad.detach()[rows].view(-1, layer.rank_per_component, n)
+        self._sums(layer, grad.device)[side].index_add_(0, index, rows_of_active.float())
 
     def add(self, layer: GBLRLinear, x: Tensor, index: Tensor, dy: Tensor) -> None:
         g_in, g_out = edge_gradients(layer, x, dy, index)
