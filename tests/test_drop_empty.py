@@ -70,7 +70,7 @@ def test_a_frozen_or_fully_live_or_fully_empty_layer_is_left_as_it_is():
 
 
 class Components(Callback):
-    """Each epoch's number of components (at its first batch) and the Adam state of layer 0 right after a drop."""
+    """The number of components of layer 0 at the first batch of each epoch."""
 
     def __init__(self) -> None:
         self.counts: list[int] = []
