@@ -28,7 +28,7 @@ from ..core.align import side_alignment
 from ..core.calibration import padding_mask
 from ..core.conversion_spec import Conversion
 from ..core.flops import flops_ratio
-from ..core.layer import gblr_layers
+from ..core.layer import GBLRLinear, gblr_layers
 from ..core.mask_batch import prepare_masks, release_masks
 from ..learn.groups import param_groups
 from ..learn.proximal import project_model_to_budget
@@ -704,11 +704,7 @@ class GSMModule(LightningModule):
         is dropped when the rule keeps per-component state it cannot drop (``rule.drop_components`` returns False).
         Returns the number of components dropped."""
         named = gblr_layers(self.backbone, include_frozen=False)
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:  # the same components on every rank (rank 0's structure)
-            for _, m in named:
-                for t in (m.widths, m.locations):
-                    t.copy_(trainer.strategy.broadcast(t.detach().clone(), src=0))
+        self._broadcast_structure([m for _, m in named])  # the same components on every rank
         sizes = {name: m.num_components for name, m in named}
         found = {name: keep for name, m in named if (keep := m.live_components()) is not None and keep.numel() > 0}
         if not found or not self.rule.drop_components(found, sizes):
@@ -718,9 +714,7 @@ class GSMModule(LightningModule):
             if name in found:
                 old[m] = (m.weight_in, m.weight_out, m.widths, m.locations)
                 keeps[m] = m.drop_empty_components()
-        if trainer is not None and getattr(trainer, "strategy", None) is not None and trainer.optimizers:
-            self._update_optimizers(trainer.optimizers, old, keeps, structure_kept=True)
-            self._rewrap_ddp(trainer)
+        self._replace_parameters(old, keeps, structure_kept=True)
         return sum(sizes[name] - int(keep.numel()) for name, keep in found.items())
 
     @torch.no_grad()
@@ -731,11 +725,7 @@ class GSMModule(LightningModule):
         layers = [m for _, m in gblr_layers(self.backbone, include_frozen=False)]
         if not layers:
             return
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            for m in layers:
-                for t in (m.widths, m.locations, m.sigma):
-                    t.copy_(trainer.strategy.broadcast(t.detach().clone(), src=0))
+        self._broadcast_structure(layers)
         self.rule.finish(self.backbone)
         before = flops_ratio(layers)
         self.phase1_end_ratio, self.projection_delta = before, 0.0
@@ -765,8 +755,22 @@ class GSMModule(LightningModule):
         for m in layers:
             keeps[m] = m.active_components().nonzero().flatten()
             m.freeze_structure(align=align)
+        self._replace_parameters(old, keeps)
+
+    def _broadcast_structure(self, layers: list[GBLRLinear]) -> None:
+        """Under DDP, rank 0's widths, locations and sigma on every rank (a no-op in one process)."""
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            for m in layers:
+                for t in (m.widths, m.locations, m.sigma):
+                    t.copy_(trainer.strategy.broadcast(t.detach().clone(), src=0))
+
+    def _replace_parameters(self, old: dict, keeps: dict, structure_kept: bool = False) -> None:
+        """After layers replaced their parameters (``old[m]`` -> ``m``'s, components ``keeps[m]`` kept): the optimizers
+        take the new ones with the kept state (:meth:`_update_optimizers`) and DDP is re-wrapped around them."""
+        trainer = self._trainer
         if trainer is not None and getattr(trainer, "strategy", None) is not None and trainer.optimizers:
-            self._update_optimizers(trainer.optimizers, old, keeps)
+            self._update_optimizers(trainer.optimizers, old, keeps, structure_kept)
             self._rewrap_ddp(trainer)
 
     def _update_optimizers(self, optimizers: list, old: dict, keeps: dict, structure_kept: bool = False) -> None:
